@@ -1,0 +1,57 @@
+"""Throughput of the multi-crop data pipeline (decode/draw + augment + collate), apart from the model.
+
+    python benchmarks/data.py --preset shapes
+    python benchmarks/data.py --preset cifar10 --data.root=data/cifar10 --workers=0,1,2
+
+Prints one JSON line per worker count: images/s and images/s per worker. Compare with
+`benchmarks/step.py` to see whether the data pipeline or the model limits a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from minidino import config as C  # noqa: E402
+from minidino.augment import MultiCropAugmentation  # noqa: E402
+from minidino.data import build_dataset  # noqa: E402
+
+
+def main(argv: list[str]) -> list[dict]:
+    workers, batches = [0, 2], 10
+    rest = []
+    for a in argv:
+        if a.startswith("--workers="):
+            workers = [int(w) for w in a.split("=", 1)[1].split(",")]
+        elif a.startswith("--batches="):
+            batches = int(a.split("=", 1)[1])
+        else:
+            rest.append(a)
+    cfg, _, _ = C.parse_args(rest)
+    ds = build_dataset(cfg.data, "train", MultiCropAugmentation.from_config(cfg.data), cfg.run.seed)
+    results = []
+    for w in workers:
+        loader = DataLoader(ds, batch_size=cfg.optim.batch_size, shuffle=True, num_workers=w, drop_last=True)
+        it = iter(loader)
+        next(it)  # worker start-up is not part of the throughput
+        t0, n = time.perf_counter(), 0
+        for _ in range(batches):
+            crops, _, _ = next(it)
+            n += crops[0].shape[0]
+        dt = time.perf_counter() - t0
+        r = {"benchmark": "data", "dataset": cfg.data.dataset, "num_workers": w, "batch_size": cfg.optim.batch_size,
+             "crops": f"2x{cfg.data.global_crops_size}+{cfg.data.local_crops_number}x{cfg.data.local_crops_size}",
+             "images_per_s": round(n / dt, 1), "images_per_s_per_worker": round(n / dt / max(w, 1), 1)}
+        print(json.dumps(r))
+        results.append(r)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,91 @@
+"""Throughput and peak memory of the full DINO training step, on synthetic crops (data loading timed apart).
+
+    python benchmarks/step.py --preset shapes
+    python benchmarks/step.py --preset imagenet --optim.batch_size=128 --steps=20
+
+One step = teacher forward, student forward/backward, clipping, optimiser step, EMA update and centre
+update, exactly `train.train_step`. Prints one JSON line: images/s and peak memory (CUDA allocator peak on
+GPU, the process's peak RSS on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import train  # noqa: E402
+from minidino import config as C  # noqa: E402
+from minidino.losses import DINOLoss  # noqa: E402
+from minidino.meta_arch import build_student_teacher  # noqa: E402
+from minidino.schedules import schedules  # noqa: E402
+
+
+def synthetic_crops(cfg: C.Config, device) -> list[torch.Tensor]:
+    b, d = cfg.optim.batch_size, cfg.data
+    return ([torch.randn(b, 3, d.global_crops_size, d.global_crops_size, device=device) for _ in range(2)]
+            + [torch.randn(b, 3, d.local_crops_size, d.local_crops_size, device=device)
+               for _ in range(d.local_crops_number)])
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def main(argv: list[str]) -> dict:
+    steps, warmup = 10, 3
+    rest = []
+    for a in argv:
+        if a.startswith("--steps="):
+            steps = int(a.split("=", 1)[1])
+        elif a.startswith("--warmup="):
+            warmup = int(a.split("=", 1)[1])
+        else:
+            rest.append(a)
+    cfg, _, _ = C.parse_args(rest)
+    device = train.resolve_device(cfg.run.device)
+    torch.manual_seed(0)
+    student, teacher = build_student_teacher(cfg)
+    student.to(device)
+    teacher.to(device)
+    loss = DINOLoss(cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum).to(device)
+    opt = torch.optim.AdamW(train.param_groups(student), lr=1e-4)
+    crops = synthetic_crops(cfg, device)
+    sched = schedules(0, 100, 10, cfg.optim, cfg.loss, 1e-4)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            train.train_step(student, teacher, loss, opt, crops, sched, cfg, False, autocast)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    run(warmup)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    run(steps)
+    dt = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    result = {"benchmark": "step", "preset_args": " ".join(rest), "arch": cfg.model.arch,
+              "patch_size": cfg.model.patch_size, "batch_size": cfg.optim.batch_size,
+              "crops": f"2x{cfg.data.global_crops_size}+{cfg.data.local_crops_number}x{cfg.data.local_crops_size}",
+              "device": device_name(device), "images_per_s": round(cfg.optim.batch_size * steps / dt, 2),
+              "step_ms": round(1000 * dt / steps, 2), "peak_memory_mb": round(peak / 2**20, 1)}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

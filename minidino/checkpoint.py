@@ -1,0 +1,53 @@
+"""Checkpoints: atomic save, safe load, and export of the backbone as a plain ViT state_dict.
+
+A checkpoint is a dict of tensors and plain Python values only, so it loads with
+`torch.load(path, weights_only=True)` (no pickled code runs when a file from elsewhere is opened).
+Saving writes to a temporary file in the same folder, flushes it to disk, then renames it over the old one:
+a crash, a full disk or a Ctrl-C during the save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def save_checkpoint(state: dict, path: str) -> None:
+    """Write `state` to `path` atomically (write a temporary file, fsync, rename)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load a checkpoint written by `save_checkpoint`, with a one-line error for a missing or bad file."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, unpickling refused...
+        raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {e})") from None
+
+
+def backbone_state_dict(model_state: dict) -> dict:
+    """The backbone part of an `SSLModel` state_dict, with plain ViT key names (cls_token, blocks.0.attn.qkv...)."""
+    return {k.removeprefix("backbone."): v for k, v in model_state.items() if k.startswith("backbone.")}
+
+
+def load_model_state(model: torch.nn.Module, state: dict, what: str) -> None:
+    """load_state_dict with a one-line error when the checkpoint holds another architecture."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        detail = (f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}"
+                  if wrong else f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}")
+        raise ValueError(f"{what} does not match this architecture: {detail}")
+    model.load_state_dict(state)

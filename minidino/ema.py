@@ -1,0 +1,25 @@
+"""The momentum teacher (DINO, arXiv 2104.14294, Sec. 3.1): theta_t <- lambda theta_t + (1 - lambda) theta_s.
+
+lambda follows a cosine schedule from 0.996 to 1 (`schedules.cosine`). The teacher never receives gradients;
+it is a running average of past students, "a form of model ensembling" (Sec. 5.2). The update is one fused
+`_foreach_lerp_` over all parameters instead of a Python loop of small kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """theta_t <- m theta_t + (1 - m) theta_s for every parameter; m=0 copies the student, m=1 keeps the teacher.
+
+    Buffers are not averaged (the ViT has none that train); both modules must have the same parameter names.
+    """
+    t_params = [p for _, p in teacher.named_parameters()]
+    s_params = [p.detach() for _, p in student.named_parameters()]
+    if len(t_params) != len(s_params):
+        raise ValueError(f"teacher has {len(t_params)} parameters, student {len(s_params)}: not the same model")
+    # lerp(t, s, w) = t + w (s - t) = (1 - w) t + w s, with w = 1 - m
+    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)

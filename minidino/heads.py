@@ -1,0 +1,44 @@
+"""The DINO projection head (Caron et al. 2021, arXiv 2104.14294, Sec. 3.1 and App. B).
+
+    features (C) -> MLP (n_layers, hidden 2048, GELU) -> bottleneck (256) -> L2-normalise
+                 -> weight-normalised linear layer to K prototypes (no bias)
+
+The prototype layer is written as weight normalisation by hand: W = g * V / ||V|| per prototype. With
+`norm_last_layer=True` (the paper's default) the gain g is fixed to 1, so the layer is a cosine similarity
+between the bottleneck feature and K unit-norm prototypes. Writing it out (instead of torch's weight_norm
+parametrisation) keeps the state_dict simple and the layer easy to freeze during the first epoch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class DINOHead(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 n_layers: int = 3, norm_last_layer: bool = True):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (n_layers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i in range(n_layers):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < n_layers - 1:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        # the prototypes: V (K, bottleneck) and the per-prototype gain g (K, 1)
+        self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
+        self.last_layer_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def prototypes(self) -> Tensor:
+        """The effective prototype matrix W = g * V / ||V||, (K, bottleneck)."""
+        return self.last_layer_g * F.normalize(self.last_layer.weight, dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.normalize(self.mlp(x), dim=-1, eps=1e-6)  # (B, bottleneck), unit norm
+        return F.linear(x, self.prototypes())  # (B, K) logits

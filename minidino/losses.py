@@ -1,0 +1,82 @@
+"""DINO's self-distillation loss with centering and sharpening (Caron et al. 2021, arXiv 2104.14294).
+
+Paper Eq. (1)-(2): for teacher global views x in {x1_g, x2_g} and every student view x' != x,
+
+    loss = sum_x sum_{x' != x} H(P_t(x), P_s(x')),     H(a, b) = -sum_k a_k log b_k
+    P_s(x') = softmax(g_s(x') / tau_s)                  (student, tau_s = 0.1)
+    P_t(x)  = softmax((g_t(x) - c) / tau_t)             (teacher: centred by c, sharpened by tau_t < tau_s)
+    c <- m c + (1 - m) mean_batch g_t                   (Eq. 4, m = 0.9, after each step)
+
+Centering alone pushes the teacher towards the uniform distribution and sharpening alone towards one
+prototype; together they balance (Sec. 5.3). The loss is averaged over the n_pairs view pairs (as the
+official code does) so its scale does not depend on the crop count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def dino_loss(student_logits: list[Tensor], teacher_probs: list[Tensor], student_temp: float) -> Tensor:
+    """Mean over pairs (teacher global view i, student view j != i) of the batch-mean cross-entropy.
+
+    student_logits: one (B, K) tensor per student crop, the global crops first in the teacher's order.
+    teacher_probs:  one (B, K) distribution per teacher (global) crop, already centred and sharpened.
+    """
+    student_logp = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student_logits]
+    total, n_pairs = 0.0, 0
+    for i, t in enumerate(teacher_probs):
+        for j, s in enumerate(student_logp):
+            if i == j:  # the same view seen by both: skipped, otherwise predicting it is trivial
+                continue
+            total = total + torch.sum(-t * s, dim=-1).mean()
+            n_pairs += 1
+    return total / n_pairs
+
+
+def entropy_stats(probs: Tensor) -> dict[str, float]:
+    """Collapse signals of the teacher distribution (B, K) (DINO Sec. 5.3, Fig. 7).
+
+    entropy: mean per-sample entropy; near ln K means uniform collapse, near 0 means confident.
+    kl_uniform: KL(mean_batch P || uniform) = ln K - H(mean P); near ln K means one prototype wins for every
+    image (mode collapse), near 0 means the batch spreads over prototypes.
+    """
+    probs = probs.float()
+    ent = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
+    mean = probs.mean(0)
+    kl = math.log(probs.shape[-1]) + (mean * torch.log(mean.clamp_min(1e-12))).sum()
+    return {"teacher_entropy": ent.item(), "teacher_kl_uniform": kl.item(), "ln_K": math.log(probs.shape[-1])}
+
+
+class DINOLoss(nn.Module):
+    """Holds the centre c (a buffer, so it is checkpointed) and applies DINO's centering and sharpening."""
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 centering: str = "center"):
+        super().__init__()
+        self.student_temp, self.center_momentum, self.centering = student_temp, center_momentum, centering
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @torch.no_grad()
+    def teacher_probs(self, teacher_logits: list[Tensor], teacher_temp: float) -> list[Tensor]:
+        """P_t = softmax((g_t - c) / tau_t) for each teacher crop."""
+        c = self.center if self.centering == "center" else 0.0
+        return [F.softmax((t.float() - c) / teacher_temp, dim=-1) for t in teacher_logits]
+
+    def forward(self, student_logits: list[Tensor], teacher_probs: list[Tensor]) -> Tensor:
+        return dino_loss(student_logits, teacher_probs, self.student_temp)
+
+    @torch.no_grad()
+    def update_center(self, teacher_logits: list[Tensor]) -> None:
+        """c <- m c + (1 - m) mean over all teacher outputs of the step, over all processes when distributed."""
+        t = torch.cat(teacher_logits).float()  # (n_global * B, K)
+        batch_sum, count = t.sum(0, keepdim=True), torch.tensor(float(t.shape[0]), device=t.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_sum)
+            dist.all_reduce(count)
+        self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)

@@ -1,0 +1,248 @@
+"""Vision Transformer backbone (Dosovitskiy et al. 2020, arXiv 2010.11929) as used by DINO and DINOv2.
+
+What DINO needs beyond a plain classifier ViT:
+  * position embeddings interpolated to any crop size (224 px global and 96 px local crops share one table);
+  * a forward over a *list* of crops that runs each resolution as one batch (DINO's multi-crop, Sec. 3.1);
+  * CLS and patch tokens both returned (CLS for the DINO loss, patches for iBOT and dense evaluation);
+  * the last block's attention, for the paper's attention maps, without storing attention while training.
+DINOv2 options (arXiv 2304.07193, Sec. 5): LayerScale, register tokens (arXiv 2309.16588), SwiGLU, a learnable
+mask token for iBOT, stochastic depth.
+
+Parameter names follow the common ViT layout (timm and the official DINO/DINOv2 checkpoints):
+cls_token, pos_embed, patch_embed.proj, blocks.{i}.norm1, blocks.{i}.attn.qkv, blocks.{i}.attn.proj,
+blocks.{i}.ls1.gamma, blocks.{i}.norm2, blocks.{i}.mlp.fc1/fc2, norm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+ARCHS = {  # name -> (embed_dim, depth, num_heads); mlp ratio 4 throughout
+    "vit_nano": (128, 4, 4),  # not a standard size: small enough to train on a laptop CPU in minutes
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+}
+
+
+def attention_ref(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(D)) v written out; q, k, v: (B, H, N, D)."""
+    attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, N)
+    return attn.softmax(dim=-1) @ v
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, attn_impl: str = "sdpa"):
+        super().__init__()
+        self.num_heads, self.attn_impl = num_heads, attn_impl
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, return_attention: bool = False) -> Tensor:
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        if return_attention:  # materialise the (B, H, N, N) attention: used for maps only, never in training
+            attn = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1)
+            return attn
+        if self.attn_impl == "ref":
+            out = attention_ref(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020, arXiv 2002.05202): fc2(silu(x W1) * (x W2)).
+
+    Hidden width 2/3 of the MLP's (rounded up to a multiple of 8) so the parameter count matches, as in DINOv2.
+    """
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch, initialised small (Touvron et al. 2021, CaiT; DINOv2: 1e-5)."""
+
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
+    """Stochastic depth (Huang et al. 2016): zero the branch of a random subset of samples, scale the rest by
+    1/(1-p) so the expectation is unchanged. x: (B, N, C)."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - p)  # (B, 1, 1)
+    return x * keep / (1 - p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + drop(ls1(attn(norm1 x))), then the same with the MLP."""
+
+    def __init__(self, dim: int, num_heads: int, drop_path: float = 0.0, layerscale: float = 0.0,
+                 ffn: str = "mlp", attn_impl: str = "sdpa"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, attn_impl)
+        self.ls1 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = (SwiGLU if ffn == "swiglu" else Mlp)(dim, 4 * dim)
+        self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
+        self.drop_path = drop_path
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path, self.training)
+        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into non-overlapping patches and project each to `dim` (one strided conv)."""
+
+    def __init__(self, patch_size: int, dim: int, in_chans: int = 3):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rearrange(self.proj(x), "b c h w -> b (h w) c")  # (B, N, C)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, arch: str = "vit_small", patch_size: int = 16, img_size: int = 224,
+                 drop_path: float = 0.0, drop_path_schedule: str = "linear", attn_impl: str = "sdpa",
+                 layerscale: float = 0.0, n_registers: int = 0, ffn: str = "mlp"):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}: expected one of {', '.join(ARCHS)}")
+        dim, depth, heads = ARCHS[arch]
+        self.embed_dim, self.num_heads, self.patch_size, self.n_registers = dim, heads, patch_size, n_registers
+        self.patch_embed = PatchEmbed(patch_size, dim)
+        n_patches = (img_size // patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n_patches, dim))  # registers get no position
+        self.register_tokens = nn.Parameter(torch.zeros(1, n_registers, dim)) if n_registers else None
+        self.mask_token = nn.Parameter(torch.zeros(1, dim))  # iBOT: replaces masked patch embeddings
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)] if drop_path_schedule == "linear" \
+            else [drop_path] * depth
+        self.blocks = nn.ModuleList(Block(dim, heads, r, layerscale, ffn, attn_impl) for r in rates)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def set_attn_impl(self, impl: str) -> None:
+        for blk in self.blocks:
+            blk.attn.attn_impl = impl
+
+    def interpolate_pos_encoding(self, h: int, w: int) -> Tensor:
+        """Position embeddings for an h x w patch grid: bicubic resize of the stored square grid."""
+        pos_cls, pos_patch = self.pos_embed[:, :1], self.pos_embed[:, 1:]  # (1, 1, C), (1, n*n, C)
+        n = int(math.sqrt(pos_patch.shape[1]))
+        if (h, w) == (n, n):
+            return self.pos_embed
+        grid = rearrange(pos_patch, "1 (h w) c -> 1 c h w", h=n)
+        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(grid.dtype)
+        return torch.cat([pos_cls, rearrange(grid, "1 c h w -> 1 (h w) c")], dim=1)  # (1, 1 + h*w, C)
+
+    def prepare_tokens(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
+        """Image (B, 3, H, W) -> tokens (B, 1 + R + N, C): [CLS, registers, patches] with positions.
+
+        masks: optional bool (B, N); True patches are replaced by the mask token before positions are added.
+        """
+        B, _, H, W = x.shape
+        x = self.patch_embed(x)  # (B, N, C)
+        if masks is not None:
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, C)
+        x = x + self.interpolate_pos_encoding(H // self.patch_size, W // self.patch_size)
+        if self.register_tokens is not None:  # after the CLS token, with no position (Darcet et al.)
+            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
+        return x
+
+    def forward_features(self, x: Tensor, masks: Tensor | None = None) -> dict[str, Tensor]:
+        """One resolution: returns {'cls': (B, C), 'patch': (B, N, C)} after the final norm."""
+        x = self.prepare_tokens(x, masks)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return {"cls": x[:, 0], "patch": x[:, 1 + self.n_registers:]}
+
+    def forward(self, crops: Tensor | list[Tensor], masks: list[Tensor | None] | None = None) -> list[dict]:
+        """A list of crops (each (B, 3, H, W)) -> one features dict per crop.
+
+        Consecutive crops of equal size are concatenated and run as one batch (DINO's multi-crop trick): with
+        2 global + 10 local crops the backbone runs twice, not twelve times.
+        """
+        if isinstance(crops, Tensor):
+            crops = [crops]
+        masks = masks if masks is not None else [None] * len(crops)
+        out, i = [], 0
+        while i < len(crops):
+            j = i
+            while j < len(crops) and crops[j].shape[-2:] == crops[i].shape[-2:]:
+                j += 1
+            group_masks = self._cat_masks(crops[i:j], masks[i:j])
+            feats = self.forward_features(torch.cat(crops[i:j]), group_masks)
+            sizes = [c.shape[0] for c in crops[i:j]]
+            out += [dict(zip(feats, parts)) for parts in zip(*(feats[k].split(sizes) for k in feats))]
+            i = j
+        return out
+
+    def _cat_masks(self, crops: list[Tensor], masks: list[Tensor | None]) -> Tensor | None:
+        """Masks of same-size crops as one (sum B, N) bool tensor; None entries become all-False."""
+        if all(m is None for m in masks):
+            return None
+        n = (crops[0].shape[-2] // self.patch_size) * (crops[0].shape[-1] // self.patch_size)
+        return torch.cat([m if m is not None else torch.zeros(c.shape[0], n, dtype=torch.bool, device=c.device)
+                          for c, m in zip(crops, masks)])
+
+    @torch.no_grad()
+    def get_last_selfattention(self, x: Tensor) -> Tensor:
+        """Attention of the last block, (B, H, T, T) with T = 1 + R + N; computed only on request."""
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        return self.blocks[-1].attn(self.blocks[-1].norm1(x), return_attention=True)
+
+
+def build_vit(cfg) -> VisionTransformer:
+    """Backbone from a `ModelConfig`."""
+    return VisionTransformer(cfg.arch, cfg.patch_size, cfg.img_size, cfg.drop_path, cfg.drop_path_schedule,
+                             cfg.attn_impl, cfg.layerscale, cfg.n_registers, cfg.ffn)

@@ -1,0 +1,65 @@
+import json
+
+import pytest
+
+from minidino import config as C
+
+
+def test_presets_and_overrides_are_typed():
+    cfg, resume, wants_help = C.parse_args(["--preset", "cifar10", "--optim.epochs=7", "--data.global_crops_scale=0.3,0.9",
+                                            "--head.norm_last_layer=false", "--optim.lr", "1e-3"])
+    assert resume is None and not wants_help
+    assert cfg.data.dataset == "cifar10" and cfg.model.patch_size == 4
+    assert cfg.optim.epochs == 7 and cfg.optim.lr == 1e-3
+    assert cfg.data.global_crops_scale == (0.3, 0.9) and cfg.head.norm_last_layer is False
+
+
+def test_imagenet_preset_is_the_paper_recipe():
+    c = C.imagenet()
+    assert (c.model.arch, c.model.patch_size, c.model.drop_path) == ("vit_small", 16, 0.1)
+    assert (c.data.global_crops_size, c.data.global_crops_scale) == (224, (0.4, 1.0))
+    assert (c.data.local_crops_number, c.data.local_crops_size, c.data.local_crops_scale) == (10, 96, (0.05, 0.4))
+    assert c.head.out_dim == 65536 and c.loss.student_temp == 0.1 and c.loss.center_momentum == 0.9
+    assert (c.loss.warmup_teacher_temp, c.loss.teacher_temp, c.loss.warmup_teacher_temp_epochs) == (0.04, 0.07, 30)
+    assert (c.optim.lr, c.optim.warmup_epochs, c.optim.weight_decay, c.optim.weight_decay_end) == (5e-4, 10, 0.04, 0.4)
+    assert (c.optim.momentum_teacher, c.optim.clip_grad, c.optim.freeze_last_layer) == (0.996, 3.0, 1)
+
+
+def test_unknown_key_names_closest():
+    with pytest.raises(C.ConfigError, match=r"unknown option --optim.epoch.*--optim.epochs"):
+        C.parse_args(["--optim.epoch=3"])
+    with pytest.raises(C.ConfigError, match=r"--optim.epochs"):
+        C.parse_args(["--epochs=3"])
+
+
+def test_wrong_type_and_bad_values():
+    with pytest.raises(C.ConfigError, match=r"--optim.epochs: expected int, got 'ten'"):
+        C.parse_args(["--optim.epochs=ten"])
+    with pytest.raises(C.ConfigError, match=r"--optim.epochs: expected int"):
+        C.parse_args(["--optim.epochs=2.5"])
+    with pytest.raises(C.ConfigError, match=r"--head.norm_last_layer: expected bool"):
+        C.parse_args(["--head.norm_last_layer=maybe"])
+    with pytest.raises(C.ConfigError, match=r"--model.arch: expected one of"):
+        C.parse_args(["--model.arch=vit_huge"])
+    with pytest.raises(C.ConfigError, match=r"multiple of --model.patch_size"):
+        C.parse_args(["--data.local_crops_size=18"])
+    with pytest.raises(C.ConfigError, match=r"unknown preset 'cifar'.*cifar10"):
+        C.parse_args(["--preset=cifar"])
+    with pytest.raises(C.ConfigError, match=r"needs a value"):
+        C.parse_args(["--optim.epochs"])
+
+
+def test_help_lists_every_field_with_its_comment():
+    text = C.help_text(C.shapes())
+    for key, (_, _, _, comment) in C.flat_fields(C.shapes()).items():
+        assert f"--{key}=" in text
+        assert comment, f"field {key} has no comment"
+    assert "tau_s, student softmax temperature" in text
+
+
+def test_round_trip_through_json(tmp_path):
+    cfg = C.cifar10()
+    cfg.optim.epochs = 3
+    C.save_json(cfg, tmp_path / "config.json")
+    back = C.from_dict(json.loads((tmp_path / "config.json").read_text()))
+    assert back == cfg

@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minidino.augment import MultiCropAugmentation, eval_transform
+from minidino.config import DataConfig
+from minidino.data import SHAPES, DataError, ShapesDataset, build_dataset, image_folder, load_rgb
+
+
+def test_shapes_are_deterministic_with_masks_and_disjoint_splits():
+    a, b = ShapesDataset(16, 32, "train"), ShapesDataset(16, 32, "train")
+    test = ShapesDataset(16, 32, "test")
+    for i in (0, 5, 13):
+        img_a, label_a, mask_a = a.sample(i)
+        img_b, label_b, mask_b = b.sample(i)
+        assert np.array_equal(np.asarray(img_a), np.asarray(img_b)) and np.array_equal(mask_a, mask_b)
+        assert label_a == label_b == i % len(SHAPES)
+        assert mask_a.dtype == bool and mask_a.shape == (32, 32)
+        assert 0.03 < mask_a.mean() < 0.6  # the shape is there and is not the whole image
+        assert not np.array_equal(np.asarray(img_a), np.asarray(test.sample(i)[0]))
+    assert len(SHAPES) >= 8 and sorted(a.targets[:8]) == list(range(8))
+
+
+def test_shapes_foreground_differs_from_background():
+    img, _, mask = ShapesDataset(4, 32).sample(3)
+    arr = np.asarray(img).astype(float)
+    assert np.abs(arr[mask].mean(0) - arr[~mask].mean(0)).mean() > 20
+
+
+def test_multicrop_sizes_and_count():
+    aug = MultiCropAugmentation(32, (0.4, 1.0), 5, 16, (0.05, 0.4))
+    img, _, _ = ShapesDataset(1, 32).sample(0)
+    crops = aug(img)
+    assert len(crops) == 7
+    assert [c.shape for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 5
+    assert all(c.dtype == torch.float32 for c in crops)
+
+
+def test_image_smaller_than_crop_is_upsampled():
+    tiny = Image.fromarray(np.random.default_rng(0).integers(0, 255, (5, 7, 3), dtype=np.uint8))
+    crops = MultiCropAugmentation(32, (0.4, 1.0), 2, 16, (0.05, 0.4))(tiny)
+    assert crops[0].shape == (3, 32, 32) and crops[2].shape == (3, 16, 16)
+    assert eval_transform(32)(tiny).shape == (3, 32, 32)
+
+
+def _write(path, mode, size=(12, 10)):
+    rng = np.random.default_rng(0)
+    if mode == "I;16":
+        arr = rng.integers(0, 65535, size[::-1], dtype=np.uint16)
+        Image.fromarray(arr).save(path)  # 16-bit grayscale PNG
+    else:
+        Image.new("RGB", size, (200, 30, 30)).convert(mode).save(path)
+
+
+@pytest.mark.parametrize("mode,ext", [("L", "png"), ("RGBA", "png"), ("CMYK", "jpg"), ("P", "png"), ("I;16", "png")])
+def test_any_image_mode_becomes_8bit_rgb(tmp_path, mode, ext):
+    path = str(tmp_path / f"x.{ext}")
+    _write(path, mode)
+    img = load_rgb(path)
+    assert img.mode == "RGB" and img.size == (12, 10)
+    arr = np.asarray(img)
+    if mode == "I;16":  # rescaled, not clipped to white
+        assert 60 < arr.mean() < 200 and arr.std() > 30
+
+
+def test_image_folder_skips_and_counts_corrupt_files(tmp_path, capsys):
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            _write(str(tmp_path / c / f"{i}.png"), "RGB")
+    (tmp_path / "a" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    good = (tmp_path / "b" / "0.png").read_bytes()
+    (tmp_path / "b" / "1.png").write_bytes(good[: len(good) // 2])  # truncated
+    ds = image_folder(str(tmp_path), transform=eval_transform(8))
+    assert ds.classes == ("a", "b") and len(ds) == 4
+    results = [ds[i] for i in range(4)]
+    # item 0 (corrupt) falls through to item 1; item 3 (truncated) wraps to item 0 (corrupt), then item 1
+    assert [r[2] for r in results] == [1, 0, 0, 2]
+    assert all(r[0].shape == (3, 8, 8) for r in results)
+    assert "skipping unreadable image" in capsys.readouterr().out
+
+
+def test_missing_and_empty_data_folders_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match=r"does not exist"):
+        build_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path / "nope")), "train")
+    with pytest.raises(DataError, match=r"has no images"):
+        build_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path)), "train")
+    with pytest.raises(DataError, match=r"cifar10 not found under .*cifar-10-batches-py.*nothing is downloaded"):
+        build_dataset(DataConfig(dataset="cifar10", root=str(tmp_path)), "train")
+    with pytest.raises(DataError, match=r"--data.root is empty"):
+        build_dataset(DataConfig(dataset="folder", root=""), "train")
+
+
+def test_train_test_image_folder_pair(tmp_path):
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            (tmp_path / split / c).mkdir(parents=True)
+            _write(str(tmp_path / split / c / "0.jpg"), "RGB")
+    cfg = DataConfig(dataset="cifar10", root=str(tmp_path))
+    assert len(build_dataset(cfg, "train")) == 2 and build_dataset(cfg, "test").classes == ("cat", "dog")

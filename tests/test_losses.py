@@ -1,0 +1,62 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from minidino.losses import DINOLoss, dino_loss, entropy_stats
+
+
+def test_dino_loss_hand_computed_and_same_view_excluded():
+    # student temperature 1 and logits = log-probabilities, so log_softmax returns them unchanged
+    s = [torch.tensor([[0.5, 0.3, 0.2]]), torch.tensor([[0.1, 0.6, 0.3]]), torch.tensor([[0.2, 0.2, 0.6]])]
+    t = [torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.0]])]
+    loss = dino_loss([x.log() for x in s], t, student_temp=1.0)
+    # pairs (t1, s2), (t1, s3), (t2, s1), (t2, s3); (t1, s1) and (t2, s2) are the same views and excluded
+    expected = (math.log(10) + math.log(5) + math.log(10 / 3) + math.log(5)) / 4
+    assert abs(loss.item() - expected) < 1e-6
+
+
+def test_dino_loss_matches_loop_reference_on_odd_shapes():
+    torch.manual_seed(0)
+    B, K, tau = 5, 37, 0.1
+    student = [torch.randn(B, K) for _ in range(6)]
+    teacher = [F.softmax(torch.randn(B, K) / 0.04, -1) for _ in range(2)]
+    ref, n = 0.0, 0
+    for i in range(2):
+        for j in range(6):
+            if i != j:
+                for b in range(B):
+                    p = torch.exp(student[j][b] / tau) / torch.exp(student[j][b] / tau).sum()
+                    ref += -(teacher[i][b] * torch.log(p)).sum().item() / B
+                n += 1
+    assert abs(dino_loss(student, teacher, tau).item() - ref / n) < 1e-4
+
+
+def test_teacher_probs_center_and_sharpen():
+    loss = DINOLoss(4, center_momentum=0.9)
+    loss.center.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    g = torch.tensor([[2.0, 1.0, 0.0, 0.0]])
+    p = loss.teacher_probs([g], teacher_temp=0.5)[0]
+    torch.testing.assert_close(p, F.softmax((g - loss.center) / 0.5, -1))
+    assert torch.allclose(p.sum(-1), torch.ones(1))
+    # lower temperature -> sharper (lower entropy)
+    assert entropy_stats(loss.teacher_probs([g], 0.1)[0])["teacher_entropy"] < entropy_stats(p)["teacher_entropy"]
+
+
+def test_center_update_is_ema_of_batch_mean():
+    loss = DINOLoss(3, center_momentum=0.9)
+    loss.center.fill_(1.0)
+    t1, t2 = torch.tensor([[0.0, 3.0, 6.0], [2.0, 1.0, 0.0]]), torch.tensor([[4.0, 2.0, 0.0], [2.0, 2.0, 2.0]])
+    loss.update_center([t1, t2])
+    mean = torch.cat([t1, t2]).mean(0, keepdim=True)
+    torch.testing.assert_close(loss.center, 0.9 * torch.ones(1, 3) + 0.1 * mean)
+
+
+def test_entropy_stats_limits():
+    K = 50
+    uniform = torch.full((8, K), 1.0 / K)
+    s = entropy_stats(uniform)
+    assert abs(s["teacher_entropy"] - math.log(K)) < 1e-5 and abs(s["teacher_kl_uniform"]) < 1e-5
+    one_mode = F.one_hot(torch.zeros(8, dtype=torch.long), K).float()
+    s = entropy_stats(one_mode)
+    assert s["teacher_entropy"] < 1e-5 and abs(s["teacher_kl_uniform"] - math.log(K)) < 1e-5

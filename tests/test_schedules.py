@@ -1,0 +1,44 @@
+import math
+
+import pytest
+
+from minidino.config import imagenet
+from minidino.schedules import cosine, linear_warmup, schedules
+
+
+def test_cosine_at_start_end_of_warmup_and_last_step():
+    total, warm = 100, 10
+    assert cosine(0, total, 1.0, 0.1, warm) == 0.0
+    assert abs(cosine(5, total, 1.0, 0.1, warm) - 0.5) < 1e-12
+    assert cosine(warm, total, 1.0, 0.1, warm) == 1.0
+    assert abs(cosine(total - 1, total, 1.0, 0.1, warm) - 0.1) < 1e-12
+    mid = warm + (total - 1 - warm) / 2
+    assert abs(cosine(int(mid), total, 1.0, 0.0, warm) - 0.5 * (1 + math.cos(math.pi * (int(mid) - warm) / 89))) < 1e-12
+
+
+def test_cosine_is_monotone_after_warmup():
+    vals = [cosine(s, 50, 0.996, 1.0) for s in range(50)]
+    assert vals[0] == 0.996 and vals[-1] == 1.0
+    assert all(a <= b for a, b in zip(vals, vals[1:]))
+
+
+def test_teacher_temperature_warmup():
+    assert linear_warmup(0, 30, 0.04, 0.07) == 0.04
+    assert abs(linear_warmup(15, 30, 0.04, 0.07) - 0.055) < 1e-12
+    assert linear_warmup(30, 30, 0.04, 0.07) == 0.07 and linear_warmup(99, 30, 0.04, 0.07) == 0.07
+    assert linear_warmup(0, 0, 0.04, 0.07) == 0.07  # no warm-up
+
+
+def test_paper_schedules_from_imagenet_preset():
+    cfg = imagenet()
+    spe = 10
+    total = cfg.optim.epochs * spe
+    peak = cfg.optim.lr * 1024 / 256
+    s0 = schedules(0, total, spe, cfg.optim, cfg.loss, peak)
+    assert s0 == pytest.approx({"lr": 0.0, "wd": 0.04, "teacher_temp": 0.04, "momentum": 0.996})
+    s_w = schedules(cfg.optim.warmup_epochs * spe, total, spe, cfg.optim, cfg.loss, peak)
+    assert abs(s_w["lr"] - peak) < 1e-12
+    s_t = schedules(30 * spe, total, spe, cfg.optim, cfg.loss, peak)
+    assert s_t["teacher_temp"] == 0.07
+    s_end = schedules(total - 1, total, spe, cfg.optim, cfg.loss, peak)
+    assert abs(s_end["lr"] - 1e-6) < 1e-12 and abs(s_end["wd"] - 0.4) < 1e-12 and s_end["momentum"] == 1.0

@@ -1,0 +1,111 @@
+import json
+import os
+
+import pytest
+import torch
+
+import train
+from conftest import tiny_run
+from minidino import config as C
+from minidino.checkpoint import load_checkpoint
+from minidino.losses import DINOLoss
+
+
+def _log(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def test_end_to_end_writes_run_folder(tmp_path, capsys):
+    result = train.main(tiny_run(tmp_path / "run"))
+    run = tmp_path / "run"
+    for name in ("config.json", "log.jsonl", "checkpoint.pt", "curves.png", "knn.json"):
+        assert (run / name).exists(), name
+    rows = _log(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "wd", "teacher_temp", "momentum", "teacher_entropy", "teacher_kl_uniform",
+                "ln_K", "images_per_s", "epoch", "skipped_images"):
+        assert key in rows[0], key
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["config"]["optim"]["epochs"] == 2
+    out = capsys.readouterr().out
+    assert "k-NN top-1 (k=20" in out and "random init" in out
+    assert 0 <= result["knn_top1"] <= 100 and 0 <= result["knn_top1_random_init"] <= 100
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    train.main(tiny_run(tmp_path / "a"))
+    train.main(tiny_run(tmp_path / "b", "--run.max_steps=2"))
+    assert [r["step"] for r in _log(tmp_path / "b")] == [1, 2]
+    train.main(["--resume", str(tmp_path / "b"), "--run.max_steps=0"])
+    a, b = _log(tmp_path / "a"), _log(tmp_path / "b")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bit-identical losses
+    ta, tb = (load_checkpoint(str(tmp_path / d))["teacher"] for d in "ab")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_finished_run_resumed_does_nothing(tmp_path, capsys):
+    train.main(tiny_run(tmp_path / "a"))
+    before = os.path.getmtime(tmp_path / "a" / "checkpoint.pt")
+    assert train.main(["--resume", str(tmp_path / "a")]) == {"step": 4}
+    assert "already finished" in capsys.readouterr().out
+    assert os.path.getmtime(tmp_path / "a" / "checkpoint.pt") == before
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path):
+    train.main(tiny_run(tmp_path / "a", "--run.max_steps=1", "--run.eval_at_end=false"))
+    with pytest.raises(C.ConfigError, match=r"already holds a checkpoint: continue it with --resume"):
+        train.main(tiny_run(tmp_path / "a"))
+
+
+def test_checkpoint_from_another_architecture_is_a_clear_error(tmp_path):
+    train.main(tiny_run(tmp_path / "a", "--run.max_steps=1", "--run.eval_at_end=false"))
+    with pytest.raises(ValueError, match=r"does not match this architecture"):
+        train.main(["--resume", str(tmp_path / "a"), "--model.arch=vit_tiny"])
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypatch):
+    train.main(tiny_run(tmp_path / "a", "--run.max_steps=2", "--run.eval_at_end=false"))
+    saved = (tmp_path / "a" / "checkpoint.pt").read_bytes()
+    real = DINOLoss.forward
+    monkeypatch.setattr(DINOLoss, "forward", lambda self, s, t: real(self, s, t) * float("nan"))
+    with pytest.raises(train.NonFiniteLoss, match=r"loss is nan at step 2: stopping; the last good checkpoint"):
+        train.main(["--resume", str(tmp_path / "a"), "--run.max_steps=0"])
+    assert (tmp_path / "a" / "checkpoint.pt").read_bytes() == saved
+
+
+def test_teacher_gets_no_gradient_and_moves_only_by_ema(tmp_path):
+    cfg, _, _ = C.parse_args(tiny_run(tmp_path / "a", "--optim.momentum_teacher=1.0"))
+    from minidino.meta_arch import build_student_teacher
+    from minidino.schedules import schedules
+    import contextlib
+
+    student, teacher = build_student_teacher(cfg)
+    loss = DINOLoss(cfg.head.out_dim)
+    opt = torch.optim.AdamW(train.param_groups(student), lr=1e-2)
+    crops = [torch.randn(4, 3, 32, 32) for _ in range(2)] + [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    sched = dict(schedules(0, 10, 1, cfg.optim, cfg.loss, 1e-2), lr=1e-2, momentum=1.0)
+    for g in opt.param_groups:
+        g["lr"] = 1e-2
+    train.train_step(student, teacher, loss, opt, crops, sched, cfg, False, contextlib.nullcontext())
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # m = 1: unchanged
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())  # the student moved
+
+
+def test_frozen_last_layer_does_not_move(tmp_path):
+    cfg, _, _ = C.parse_args(tiny_run(tmp_path / "a"))
+    from minidino.meta_arch import build_student_teacher
+    import contextlib
+
+    student, teacher = build_student_teacher(cfg)
+    opt = torch.optim.AdamW(train.param_groups(student), lr=1e-2)
+    crops = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    w = student.head.last_layer.weight.clone()
+    sched = {"teacher_temp": 0.04, "momentum": 0.99}
+    train.train_step(student, teacher, DINOLoss(cfg.head.out_dim), opt, crops, sched, cfg, True,
+                     contextlib.nullcontext())
+    assert torch.equal(student.head.last_layer.weight, w)

@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from minidino.heads import DINOHead
+from minidino.vit import VisionTransformer, attention_ref
+
+
+def _vit(**kw):
+    torch.manual_seed(0)
+    return VisionTransformer("vit_nano", patch_size=4, img_size=32, **kw).eval()
+
+
+def test_two_resolutions_in_one_call_match_separate_calls():
+    vit = _vit()
+    g, loc = torch.randn(3, 3, 32, 32), torch.randn(3, 3, 16, 16)
+    out = vit([g, g.flip(-1), loc, loc * 0.5])
+    assert [o["cls"].shape for o in out] == [(3, 128)] * 4
+    assert out[0]["patch"].shape == (3, 64, 128) and out[2]["patch"].shape == (3, 16, 128)
+    alone = vit.forward_features(loc * 0.5)
+    torch.testing.assert_close(out[3]["cls"], alone["cls"], atol=1e-5, rtol=1e-5)
+
+
+def test_position_embedding_interpolation():
+    vit = _vit()
+    assert vit.interpolate_pos_encoding(8, 8) is vit.pos_embed  # native grid: untouched
+    pe = vit.interpolate_pos_encoding(4, 6)
+    assert pe.shape == (1, 1 + 24, 128)
+    torch.testing.assert_close(pe[:, 0], vit.pos_embed[:, 0])  # the CLS position is never resized
+    # a constant grid stays constant under bicubic resizing
+    with torch.no_grad():
+        vit.pos_embed[:, 1:] = 0.3
+    torch.testing.assert_close(vit.interpolate_pos_encoding(3, 5)[:, 1:], torch.full((1, 15, 128), 0.3))
+
+
+def test_sdpa_and_reference_attention_agree():
+    q, k, v = (torch.randn(2, 3, 37, 16) for _ in range(3))
+    torch.testing.assert_close(attention_ref(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                               atol=1e-5, rtol=1e-5)
+    vit = _vit()
+    x = torch.randn(2, 3, 32, 32)
+    a = vit.forward_features(x)["cls"]
+    vit.set_attn_impl("ref")
+    torch.testing.assert_close(vit.forward_features(x)["cls"], a, atol=1e-5, rtol=1e-5)
+
+
+def test_last_selfattention_rows_are_distributions():
+    vit = _vit()
+    attn = vit.get_last_selfattention(torch.randn(2, 3, 32, 32))
+    assert attn.shape == (2, 4, 65, 65)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 4, 65))
+
+
+def test_crop_not_multiple_of_patch_is_rejected_by_shapes():
+    vit = _vit()
+    out = vit(torch.randn(1, 3, 20, 28))  # 5 x 7 patches: interpolation handles non-square grids
+    assert out[0]["patch"].shape == (1, 35, 128)
+
+
+@pytest.mark.parametrize("norm_last_layer", [True, False])
+def test_head_normalisation(norm_last_layer):
+    torch.manual_seed(0)
+    head = DINOHead(128, out_dim=97, hidden_dim=64, bottleneck_dim=32, norm_last_layer=norm_last_layer)
+    with torch.no_grad():
+        head.last_layer.weight.mul_(5.0)  # the raw prototype norm must not matter
+    logits = head(torch.randn(11, 128))
+    assert logits.shape == (11, 97)
+    torch.testing.assert_close(head.prototypes().norm(dim=1), torch.ones(97))
+    assert logits.abs().max() <= 1.0 + 1e-5  # cosine similarity between unit vectors
+    assert head.last_layer_g.requires_grad == (not norm_last_layer)

@@ -1,0 +1,311 @@
+"""Train a ViT with DINO (Caron et al. 2021, arXiv 2104.14294): self-distillation with no labels.
+
+    python train.py                                   # embedded shapes data, CPU, a few minutes
+    python train.py --preset cifar10 --data.root=data/cifar10 --run.max_steps=200
+    python train.py --preset imagenet --data.root=/data/imagenet      # one GPU
+    python train.py --resume runs/shapes              # continue a stopped run (a finished one does nothing)
+    python train.py --help                            # every option with its meaning
+
+`main()` reads in the paper's order: data -> student and teacher -> loss -> optimiser -> schedules ->
+resume -> loop -> evaluation. `train_step()` follows DINO's Algorithm 1. A run folder gets config.json,
+log.jsonl (one JSON object per logging step), checkpoint.pt (atomic, every epoch) and curves.png.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from minidino import config as C
+from minidino.augment import MultiCropAugmentation, eval_transform
+from minidino.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from minidino.data import DataError, build_dataset
+from minidino.dist import print0
+from minidino.ema import ema_update
+from minidino.evaluate import knn_eval
+from minidino.losses import DINOLoss, entropy_stats
+from minidino.meta_arch import build_student_teacher
+from minidino.schedules import schedules
+from minidino.visualize import plot_training_curves
+from minidino.vit import build_vit
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data order and augmentation randomness that depend only on (seed, epoch, index)
+
+
+class SeededViews(Dataset):
+    """Seeds the augmentation of item i from (seed, epoch, i), so the crops of a step do not depend on the
+    number of DataLoader workers or on where a run was resumed. The global RNG is restored afterwards."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            return self.dataset[index]
+
+
+class EpochSampler(Sampler):
+    """A permutation seeded by (seed, epoch); skips the first `start` samples when resuming mid-epoch."""
+
+    def __init__(self, n: int, seed: int, epoch: int, start: int = 0):
+        self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g)[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimisation helpers
+
+
+def param_groups(model: torch.nn.Module) -> list[dict]:
+    """Weight decay on weight matrices only; none on biases, norms and tokens (DINO's get_params_groups)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith("_token") or "pos_embed" in name else decay).append(p)
+    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False}]
+
+
+@torch.no_grad()
+def clip_gradients(model: torch.nn.Module, clip: float) -> None:
+    """DINO clips each parameter tensor's gradient norm to `clip` separately (not one global norm)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norms = torch._foreach_norm(grads)
+    torch._foreach_mul_(grads, [(clip / (n + 1e-6)).clamp(max=1.0) for n in norms])
+
+
+def train_step(student, teacher, dino_loss, optimizer, crops, sched: dict, cfg: C.Config,
+               freeze_last_layer: bool, autocast) -> dict:
+    """One DINO step, in the order of the paper's Algorithm 1."""
+    n_global = 2
+    with autocast:
+        # teacher: global views only, no gradient; centre and sharpen its outputs
+        with torch.no_grad():
+            teacher_logits = teacher(crops[:n_global])["logits"]
+            teacher_probs = dino_loss.teacher_probs(teacher_logits, sched["teacher_temp"])
+        # student: every view
+        student_logits = student(crops)["logits"]
+        loss = dino_loss(student_logits, teacher_probs)  # H(P_t(x), P_s(x')) over pairs x != x'
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"loss is {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.optim.clip_grad:
+        clip_gradients(student, cfg.optim.clip_grad)
+    if freeze_last_layer:  # the prototypes stay fixed in the first epoch(s): DINO finds this stabilises training
+        for p in student.head.last_layer.parameters():
+            p.grad = None
+        student.head.last_layer_g.grad = None
+    optimizer.step()
+    ema_update(teacher, student, sched["momentum"])  # theta_t <- m theta_t + (1 - m) theta_s
+    dino_loss.update_center(teacher_logits)  # c <- m c + (1 - m) mean(g_t)
+    return {"loss": loss.detach(), "teacher_probs": torch.cat(teacher_probs)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise C.ConfigError("option --run.device=cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, resume, wants_help = C.parse_args(sys.argv[1:] if argv is None else argv)
+    if wants_help:
+        print(C.help_text(cfg))
+        return {}
+    device = resolve_device(cfg.run.device)
+    run_dir = resume or cfg.run.out_dir
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    if resume is None and os.path.exists(ckpt_path):
+        raise C.ConfigError(f"run folder {run_dir} already holds a checkpoint: continue it with --resume "
+                            f"{run_dir}, or choose another --run.out_dir")
+    os.makedirs(run_dir, exist_ok=True)
+    C.save_json(cfg, os.path.join(run_dir, "config.json"))
+    torch.manual_seed(cfg.run.seed)
+    random.seed(cfg.run.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # 1. data: multi-crop views of unlabelled images
+    train_set = SeededViews(build_dataset(cfg.data, "train", MultiCropAugmentation.from_config(cfg.data),
+                                          cfg.run.seed), cfg.run.seed)
+    steps_per_epoch = len(train_set) // cfg.optim.batch_size
+    if steps_per_epoch == 0:
+        raise C.ConfigError(f"option --optim.batch_size={cfg.optim.batch_size} is larger than the data set "
+                            f"({len(train_set)} images)")
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    last_step = min(total_steps, cfg.run.max_steps) if cfg.run.max_steps else total_steps
+
+    # 2. student and teacher: same architecture, same initial weights; the teacher gets no gradient
+    student, teacher = build_student_teacher(cfg)
+    student.to(device)
+    teacher.to(device)
+
+    # 3. the DINO loss, holding the centre c
+    dino_loss = DINOLoss(cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum,
+                         cfg.loss.centering).to(device)
+
+    # 4. optimiser: AdamW, lr and weight decay set every step from the schedules
+    optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, betas=(0.9, 0.999))
+    lr_peak = cfg.optim.lr * cfg.optim.batch_size / 256  # linear scaling rule
+
+    # 5. resume: weights, optimiser, centre, step and RNG states
+    step, skipped_images = 0, 0
+    if resume is not None and os.path.exists(ckpt_path):
+        state = load_checkpoint(ckpt_path)
+        load_model_state(student, state["student"], f"checkpoint {ckpt_path} (student)")
+        load_model_state(teacher, state["teacher"], f"checkpoint {ckpt_path} (teacher)")
+        optimizer.load_state_dict(state["optimizer"])
+        dino_loss.load_state_dict(state["dino_loss"])
+        step, skipped_images = state["step"], state["skipped_images"]
+        set_rng_state(state["rng"])
+        print0(f"resumed {run_dir} at step {step}/{last_step}")
+        if step >= last_step:
+            print0(f"run {run_dir} is already finished ({step} steps): nothing to do")
+            return {"step": step}
+    log_path = os.path.join(run_dir, "log.jsonl")
+    _truncate_log(log_path, step)
+
+    def save() -> None:
+        save_checkpoint({"student": student.state_dict(), "teacher": teacher.state_dict(),
+                         "optimizer": optimizer.state_dict(), "dino_loss": dino_loss.state_dict(),
+                         "step": step, "epoch": step // steps_per_epoch, "config": C.to_dict(cfg),
+                         "skipped_images": skipped_images, "rng": rng_state()}, ckpt_path)
+        if os.path.exists(log_path) and os.path.getsize(log_path):
+            plot_training_curves(log_path, os.path.join(run_dir, "curves.png"))
+
+    # 6. the loop
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    print0(f"training {cfg.model.arch}/{cfg.model.patch_size} with {cfg.method} on {cfg.data.dataset} "
+           f"({len(train_set)} images, {steps_per_epoch} steps/epoch, {last_step} steps) on {device}")
+    pbar = tqdm(total=last_step, initial=step, dynamic_ncols=True, desc="train")
+    t_last, n_images = time.perf_counter(), 0
+    while step < last_step:
+        epoch = step // steps_per_epoch
+        train_set.epoch = epoch
+        start = (step - epoch * steps_per_epoch) * cfg.optim.batch_size
+        loader = DataLoader(train_set, batch_size=cfg.optim.batch_size, drop_last=True,
+                            sampler=EpochSampler(len(train_set), cfg.run.seed, epoch, start),
+                            num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                            persistent_workers=False)
+        for crops, _, skipped in loader:
+            crops = [c.to(device, non_blocking=True) for c in crops]
+            skipped_images += int(skipped.sum())
+            sched = schedules(step, total_steps, steps_per_epoch, cfg.optim, cfg.loss, lr_peak)
+            for group in optimizer.param_groups:
+                group["lr"] = sched["lr"]
+                group["weight_decay"] = sched["wd"] if group["apply_wd"] else 0.0
+            try:
+                out = train_step(student, teacher, dino_loss, optimizer, crops, sched, cfg,
+                                 epoch < cfg.optim.freeze_last_layer, autocast)
+            except NonFiniteLoss as e:
+                pbar.close()
+                kept = f"the last good checkpoint {ckpt_path} is intact" if os.path.exists(ckpt_path) \
+                    else "no checkpoint was written yet"
+                raise NonFiniteLoss(f"{e} at step {step}: stopping; {kept}") from None
+            step += 1
+            n_images += crops[0].shape[0]
+            pbar.update(1)
+            if step % cfg.run.log_every == 0 or step == last_step:
+                now = time.perf_counter()
+                row = {"step": step, "epoch": epoch, "loss": out["loss"].item(), **sched,
+                       **entropy_stats(out["teacher_probs"]), "images_per_s": n_images / (now - t_last),
+                       "skipped_images": skipped_images}
+                t_last, n_images = now, 0
+                with open(log_path, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                pbar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{sched['lr']:.1e}",
+                                 img_s=f"{row['images_per_s']:.0f}")
+            if step % steps_per_epoch == 0 or step == last_step:
+                save()
+            if step >= last_step:
+                break
+    pbar.close()
+    print0(f"saved {ckpt_path} and {os.path.join(run_dir, 'curves.png')}"
+           + (f"; skipped {skipped_images} unreadable images" if skipped_images else ""))
+
+    # 7. evaluation: weighted k-NN of the teacher's CLS features, next to the same ViT at random init
+    result = {"step": step}
+    if cfg.run.eval_at_end:
+        result.update(evaluate_knn(cfg, teacher.backbone, device))
+        with open(os.path.join(run_dir, "knn.json"), "w") as fh:
+            json.dump(result, fh, indent=2)
+    return result
+
+
+def evaluate_knn(cfg: C.Config, backbone: torch.nn.Module, device: torch.device) -> dict:
+    try:
+        tf = eval_transform(cfg.data.eval_size)
+        train_set, test_set = (build_dataset(cfg.data, s, tf, cfg.run.seed) for s in ("train", "test"))
+    except DataError as e:
+        print0(f"no k-NN evaluation: {e}")
+        return {}
+    k = cfg.run.knn_k
+    kw = dict(ks=(k,), device=device, num_workers=cfg.data.num_workers)
+    trained = knn_eval(backbone, train_set, test_set, **kw)[k]
+    torch.manual_seed(cfg.run.seed)  # the student's initial weights
+    random_init = knn_eval(build_vit(cfg.model).to(device), train_set, test_set, **kw)[k]
+    print0(f"k-NN top-1 (k={k}, {len(test_set)} held-out images): trained {trained:.1f}% | "
+           f"random init {random_init:.1f}% | gain {trained - random_init:+.1f} points")
+    return {"knn_k": k, "knn_top1": trained, "knn_top1_random_init": random_init}
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint (a crashed run may have logged past it)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as fh:
+        rows = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as fh:
+        fh.writelines(rows)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (C.ConfigError, DataError, NonFiniteLoss, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
