@@ -21,17 +21,20 @@ import sys
 import time
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from minidino import config as C
-from minidino.augment import MultiCropAugmentation, eval_transform
+from minidino.augment import BatchMultiCrop, MultiCropAugmentation, eval_transform, to_tensor_image
 from minidino.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from minidino.data import DataError, build_dataset
 from minidino.dist import print0
 from minidino.ema import ema_update
 from minidino.evaluate import knn_eval
-from minidino.losses import DINOLoss, entropy_stats
+from minidino.koleo import koleo_loss
+from minidino.losses import DINOLoss, IBOTLoss, entropy_stats
+from minidino.masking import ibot_masks
 from minidino.meta_arch import build_student_teacher
 from minidino.schedules import schedules
 from minidino.visualize import plot_training_curves
@@ -80,14 +83,35 @@ class EpochSampler(Sampler):
 # Optimisation helpers
 
 
-def param_groups(model: torch.nn.Module) -> list[dict]:
-    """Weight decay on weight matrices only; none on biases, norms and tokens (DINO's get_params_groups)."""
-    decay, no_decay = [], []
+def layer_id(name: str, depth: int) -> int:
+    """Depth of a parameter for layer-wise lr decay: embeddings 0, block i -> i + 1, the rest depth + 1."""
+    name = name.removeprefix("backbone.")
+    if name.startswith(("patch_embed", "cls_token", "pos_embed", "register_tokens", "mask_token")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups(model: torch.nn.Module, optim: C.OptimConfig | None = None) -> list[dict]:
+    """Optimiser groups, each with an lr multiplier and a weight-decay flag.
+
+    No weight decay on biases, norms, tokens and position embeddings (DINO's get_params_groups). DINOv2 adds
+    layer-wise lr decay (block i of L gets decay^(L + 1 - i)) and a smaller lr for the patch embedding.
+    """
+    decay = optim.layer_decay if optim else 1.0
+    patch_mult = optim.patch_embed_lr_mult if optim else 1.0
+    depth = len(model.backbone.blocks) if hasattr(model, "backbone") else 0
+    groups: dict[tuple[float, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith("_token") or "pos_embed" in name else decay).append(p)
-    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False}]
+        mult = decay ** (depth + 1 - layer_id(name, depth))
+        if "patch_embed" in name:
+            mult *= patch_mult
+        no_wd = p.ndim <= 1 or name.endswith("_token") or name.endswith("_tokens") or "pos_embed" in name
+        groups.setdefault((mult, not no_wd), []).append(p)
+    return [{"params": ps, "lr_mult": m, "apply_wd": wd} for (m, wd), ps in groups.items()]
 
 
 @torch.no_grad()
@@ -98,18 +122,33 @@ def clip_gradients(model: torch.nn.Module, clip: float) -> None:
     torch._foreach_mul_(grads, [(clip / (n + 1e-6)).clamp(max=1.0) for n in norms])
 
 
-def train_step(student, teacher, dino_loss, optimizer, crops, sched: dict, cfg: C.Config,
-               freeze_last_layer: bool, autocast) -> dict:
-    """One DINO step, in the order of the paper's Algorithm 1."""
-    n_global = 2
+def train_step(student, teacher, losses: dict, optimizer, crops, sched: dict, cfg: C.Config,
+               freeze_last_layer: bool, autocast, masks: Tensor | None = None) -> dict:
+    """One step, in the order of DINO's Algorithm 1 (+ DINOv2's iBOT and KoLeo terms when enabled).
+
+    losses: {'dino': DINOLoss, 'ibot': IBOTLoss (if ibot_weight > 0)}; masks: (2B, N) bool iBOT masks of the
+    two global crops (student side only) or None.
+    """
+    n_global, w = 2, cfg.loss
     with autocast:
-        # teacher: global views only, no gradient; centre and sharpen its outputs
+        # teacher: global views only, unmasked, no gradient; centred and sharpened targets
         with torch.no_grad():
-            teacher_logits = teacher(crops[:n_global])["logits"]
-            teacher_probs = dino_loss.teacher_probs(teacher_logits, sched["teacher_temp"])
-        # student: every view
-        student_logits = student(crops)["logits"]
-        loss = dino_loss(student_logits, teacher_probs)  # H(P_t(x), P_s(x')) over pairs x != x'
+            t_out = teacher(crops[:n_global])
+            t_probs = losses["dino"].teacher_probs(t_out["logits"], sched["teacher_temp"])
+            if masks is not None:
+                t_patch_logits = teacher.patch_logits(torch.cat(t_out["patch"]), masks)  # (M, K)
+                t_patch_probs = losses["ibot"].teacher_probs([t_patch_logits], sched["teacher_temp"])[0]
+        # student: every view; masked patches of the global views replaced by the mask token
+        s_masks = list(masks.chunk(n_global)) if masks is not None else None
+        s_out = student(crops, s_masks + [None] * (len(crops) - n_global) if s_masks else None)
+        terms = {"loss_dino": losses["dino"](s_out["logits"], t_probs)}  # H(P_t(x), P_s(x')), x != x'
+        if masks is not None:
+            s_patch_logits = student.patch_logits(torch.cat(s_out["patch"][:n_global]), masks)
+            terms["loss_ibot"] = losses["ibot"](s_patch_logits, t_patch_probs, masks)
+        if w.koleo_weight:  # per global crop, on backbone CLS features (before the head)
+            terms["loss_koleo"] = sum(koleo_loss(c) for c in s_out["cls"][:n_global]) / n_global
+        weights = {"loss_dino": w.dino_weight, "loss_ibot": w.ibot_weight, "loss_koleo": w.koleo_weight}
+        loss = sum(weights[k] * v for k, v in terms.items())
     if not torch.isfinite(loss):
         raise NonFiniteLoss(f"loss is {loss.item()}")
     optimizer.zero_grad(set_to_none=True)
@@ -117,13 +156,15 @@ def train_step(student, teacher, dino_loss, optimizer, crops, sched: dict, cfg: 
     if cfg.optim.clip_grad:
         clip_gradients(student, cfg.optim.clip_grad)
     if freeze_last_layer:  # the prototypes stay fixed in the first epoch(s): DINO finds this stabilises training
-        for p in student.head.last_layer.parameters():
-            p.grad = None
-        student.head.last_layer_g.grad = None
+        for head in (student.head, student.ibot_head):
+            if head is not None:
+                head.last_layer.weight.grad, head.last_layer_g.grad = None, None
     optimizer.step()
     ema_update(teacher, student, sched["momentum"])  # theta_t <- m theta_t + (1 - m) theta_s
-    dino_loss.update_center(teacher_logits)  # c <- m c + (1 - m) mean(g_t)
-    return {"loss": loss.detach(), "teacher_probs": torch.cat(teacher_probs)}
+    losses["dino"].update_center(t_out["logits"])  # c <- m c + (1 - m) mean(g_t)
+    if masks is not None:
+        losses["ibot"].update_center([t_patch_logits])
+    return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}, "teacher_probs": torch.cat(t_probs)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -170,9 +211,10 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # 1. data: multi-crop views of unlabelled images
-    train_set = SeededViews(build_dataset(cfg.data, "train", MultiCropAugmentation.from_config(cfg.data),
-                                          cfg.run.seed), cfg.run.seed)
+    # 1. data: multi-crop views of unlabelled images, made per image in the workers or per batch on `device`
+    batch_augment = BatchMultiCrop.from_config(cfg.data) if cfg.data.batch_augment else None
+    per_image = to_tensor_image(cfg.data.image_size) if batch_augment else MultiCropAugmentation.from_config(cfg.data)
+    train_set = SeededViews(build_dataset(cfg.data, "train", per_image, cfg.run.seed), cfg.run.seed)
     steps_per_epoch = len(train_set) // cfg.optim.batch_size
     if steps_per_epoch == 0:
         raise C.ConfigError(f"option --optim.batch_size={cfg.optim.batch_size} is larger than the data set "
@@ -185,13 +227,19 @@ def main(argv: list[str] | None = None) -> dict:
     student.to(device)
     teacher.to(device)
 
-    # 3. the DINO loss, holding the centre c
-    dino_loss = DINOLoss(cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum,
-                         cfg.loss.centering).to(device)
+    # 3. losses, holding the teacher centres: DINO on CLS tokens, iBOT on masked patches (DINOv2)
+    L = cfg.loss
+    losses = {"dino": DINOLoss(cfg.head.out_dim, L.student_temp, L.center_momentum, L.centering, L.sinkhorn_iters)}
+    if L.ibot_weight:
+        losses["ibot"] = IBOTLoss(cfg.head.out_dim, L.student_temp, L.center_momentum, L.centering, L.sinkhorn_iters)
+    for loss_module in losses.values():
+        loss_module.to(device)
 
     # 4. optimiser: AdamW, lr and weight decay set every step from the schedules
-    optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, betas=(0.9, 0.999))
-    lr_peak = cfg.optim.lr * cfg.optim.batch_size / 256  # linear scaling rule
+    optimizer = torch.optim.AdamW(param_groups(student, cfg.optim), lr=0.0, betas=(0.9, 0.999))
+    global_batch = cfg.optim.batch_size
+    lr_peak = (cfg.optim.lr * global_batch / 256 if cfg.optim.lr_scaling == "linear"  # DINO's linear rule
+               else cfg.optim.lr * (global_batch / 1024) ** 0.5)  # DINOv2's square-root rule
 
     # 5. resume: weights, optimiser, centre, step and RNG states
     step, skipped_images = 0, 0
@@ -200,7 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
         load_model_state(student, state["student"], f"checkpoint {ckpt_path} (student)")
         load_model_state(teacher, state["teacher"], f"checkpoint {ckpt_path} (teacher)")
         optimizer.load_state_dict(state["optimizer"])
-        dino_loss.load_state_dict(state["dino_loss"])
+        for name, loss_module in losses.items():
+            loss_module.load_state_dict(state["losses"][name])
         step, skipped_images = state["step"], state["skipped_images"]
         set_rng_state(state["rng"])
         print0(f"resumed {run_dir} at step {step}/{last_step}")
@@ -212,11 +261,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     def save() -> None:
         save_checkpoint({"student": student.state_dict(), "teacher": teacher.state_dict(),
-                         "optimizer": optimizer.state_dict(), "dino_loss": dino_loss.state_dict(),
+                         "optimizer": optimizer.state_dict(),
+                         "losses": {k: v.state_dict() for k, v in losses.items()},
                          "step": step, "epoch": step // steps_per_epoch, "config": C.to_dict(cfg),
                          "skipped_images": skipped_images, "rng": rng_state()}, ckpt_path)
         if os.path.exists(log_path) and os.path.getsize(log_path):
             plot_training_curves(log_path, os.path.join(run_dir, "curves.png"))
+
+    knn_sets = eval_sets(cfg) if cfg.run.knn_every else None
 
     # 6. the loop
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -233,15 +285,25 @@ def main(argv: list[str] | None = None) -> dict:
                             num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
                             persistent_workers=False)
         for crops, _, skipped in loader:
-            crops = [c.to(device, non_blocking=True) for c in crops]
+            if batch_augment:  # crops is a batch of whole images here; its views depend on (seed, step) only
+                g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)
+                crops = batch_augment(crops.to(device, non_blocking=True), g)
+            else:
+                crops = [c.to(device, non_blocking=True) for c in crops]
             skipped_images += int(skipped.sum())
             sched = schedules(step, total_steps, steps_per_epoch, cfg.optim, cfg.loss, lr_peak)
             for group in optimizer.param_groups:
-                group["lr"] = sched["lr"]
+                group["lr"] = sched["lr"] * group["lr_mult"]
                 group["weight_decay"] = sched["wd"] if group["apply_wd"] else 0.0
+            masks = None
+            if L.ibot_weight:  # iBOT block masks for the 2B global crops, seeded by the step like the views
+                g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step + 7)
+                side = cfg.data.global_crops_size // cfg.model.patch_size
+                masks = ibot_masks(2 * crops[0].shape[0], side, side, g, L.mask_ratio, L.mask_probability)
+                masks = masks.to(device) if masks.any() else None
             try:
-                out = train_step(student, teacher, dino_loss, optimizer, crops, sched, cfg,
-                                 epoch < cfg.optim.freeze_last_layer, autocast)
+                out = train_step(student, teacher, losses, optimizer, crops, sched, cfg,
+                                 epoch < cfg.optim.freeze_last_layer, autocast, masks)
             except NonFiniteLoss as e:
                 pbar.close()
                 kept = f"the last good checkpoint {ckpt_path} is intact" if os.path.exists(ckpt_path) \
@@ -250,12 +312,16 @@ def main(argv: list[str] | None = None) -> dict:
             step += 1
             n_images += crops[0].shape[0]
             pbar.update(1)
-            if step % cfg.run.log_every == 0 or step == last_step:
+            knn_now = bool(knn_sets) and step % (cfg.run.knn_every * steps_per_epoch) == 0
+            if step % cfg.run.log_every == 0 or step == last_step or knn_now:
                 now = time.perf_counter()
-                row = {"step": step, "epoch": epoch, "loss": out["loss"].item(), **sched,
+                row = {"step": step, "epoch": epoch, "loss": out["loss"].item(),
+                       **{k: v.item() for k, v in out.items() if k.startswith("loss_")}, **sched,
                        **entropy_stats(out["teacher_probs"]), "images_per_s": n_images / (now - t_last),
                        "skipped_images": skipped_images}
-                t_last, n_images = now, 0
+                if knn_now:  # a k-NN curve, if asked
+                    row["knn_top1"] = knn_eval(teacher.backbone, *knn_sets, device, (cfg.run.knn_k,))[cfg.run.knn_k]
+                t_last, n_images = time.perf_counter(), 0
                 with open(log_path, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
                 pbar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{sched['lr']:.1e}",
@@ -277,13 +343,22 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def evaluate_knn(cfg: C.Config, backbone: torch.nn.Module, device: torch.device) -> dict:
+def eval_sets(cfg: C.Config):
+    """(train, held-out) datasets with the deterministic evaluation transform, or None if there is no held-out
+    split."""
     try:
         tf = eval_transform(cfg.data.eval_size)
-        train_set, test_set = (build_dataset(cfg.data, s, tf, cfg.run.seed) for s in ("train", "test"))
+        return tuple(build_dataset(cfg.data, s, tf, cfg.run.seed) for s in ("train", "test"))
     except DataError as e:
         print0(f"no k-NN evaluation: {e}")
+        return None
+
+
+def evaluate_knn(cfg: C.Config, backbone: torch.nn.Module, device: torch.device) -> dict:
+    sets = eval_sets(cfg)
+    if sets is None:
         return {}
+    train_set, test_set = sets
     k = cfg.run.knn_k
     kw = dict(ks=(k,), device=device, num_workers=cfg.data.num_workers)
     trained = knn_eval(backbone, train_set, test_set, **kw)[k]

@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
 from minidino import config as C  # noqa: E402
-from minidino.losses import DINOLoss  # noqa: E402
+from minidino.losses import DINOLoss, IBOTLoss  # noqa: E402
+from minidino.masking import ibot_masks  # noqa: E402
 from minidino.meta_arch import build_student_teacher  # noqa: E402
 from minidino.schedules import schedules  # noqa: E402
 
@@ -58,15 +59,22 @@ def main(argv: list[str]) -> dict:
     student, teacher = build_student_teacher(cfg)
     student.to(device)
     teacher.to(device)
-    loss = DINOLoss(cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum).to(device)
-    opt = torch.optim.AdamW(train.param_groups(student), lr=1e-4)
+    L = cfg.loss
+    losses = {"dino": DINOLoss(cfg.head.out_dim, L.student_temp, L.center_momentum, L.centering).to(device)}
+    masks = None
+    if L.ibot_weight:
+        losses["ibot"] = IBOTLoss(cfg.head.out_dim, L.student_temp, L.center_momentum, L.centering).to(device)
+        side = cfg.data.global_crops_size // cfg.model.patch_size
+        masks = ibot_masks(2 * cfg.optim.batch_size, side, side, torch.Generator().manual_seed(0),
+                           L.mask_ratio, L.mask_probability).to(device)
+    opt = torch.optim.AdamW(train.param_groups(student, cfg.optim), lr=1e-4)
     crops = synthetic_crops(cfg, device)
     sched = schedules(0, 100, 10, cfg.optim, cfg.loss, 1e-4)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     def run(n: int) -> None:
         for _ in range(n):
-            train.train_step(student, teacher, loss, opt, crops, sched, cfg, False, autocast)
+            train.train_step(student, teacher, losses, opt, crops, sched, cfg, False, autocast, masks)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -78,7 +86,7 @@ def main(argv: list[str]) -> dict:
     dt = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    result = {"benchmark": "step", "preset_args": " ".join(rest), "arch": cfg.model.arch,
+    result = {"benchmark": "step", "preset_args": " ".join(rest), "method": cfg.method, "arch": cfg.model.arch,
               "patch_size": cfg.model.patch_size, "batch_size": cfg.optim.batch_size,
               "crops": f"2x{cfg.data.global_crops_size}+{cfg.data.local_crops_number}x{cfg.data.local_crops_size}",
               "device": device_name(device), "images_per_s": round(cfg.optim.batch_size * steps / dt, 2),

@@ -16,6 +16,8 @@ The blur's kernel and sigma (0.1-2.0 at 224 px) scale with the crop size so 32 p
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torchvision.transforms import v2
 
@@ -70,3 +72,106 @@ def eval_transform(size: int) -> v2.Transform:
     """Deterministic view for evaluation: resize the short side to `size`, centre crop, normalise."""
     return v2.Compose([v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
                        v2.CenterCrop(size), _to_tensor()])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The same augmentations on a whole batch at once (any device): for data sets of equal-size images (shapes,
+# CIFAR), where per-image PIL work in DataLoader workers costs more than the model on a small machine.
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=g)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """Luma (ITU-R 601), (B, 1, H, W)."""
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _rotate_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """Shift the hue by `turns` (fraction of the colour wheel) as a rotation of the chroma plane of YIQ."""
+    to_yiq = x.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    yiq = torch.einsum("ij,bjhw->bihw", to_yiq, x)
+    cos, sin = torch.cos(2 * torch.pi * turns), torch.sin(2 * torch.pi * turns)  # (B,)
+    i, q = yiq[:, 1], yiq[:, 2]
+    yiq = torch.stack([yiq[:, 0], cos[:, None, None] * i - sin[:, None, None] * q,
+                       sin[:, None, None] * i + cos[:, None, None] * q], dim=1)
+    return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(to_yiq), yiq)
+
+
+class BatchMultiCrop:
+    """Multi-crop of a batch of images (B, 3, H, W) in [0, 1], all random draws from one generator.
+
+    Same distributions as `MultiCropAugmentation`: random resized crop (area `scale`, aspect 3/4-4/3, bicubic
+    resampling through `grid_sample`), flip, colour jitter applied in a fixed order (brightness, contrast,
+    saturation, hue), grayscale, Gaussian blur with a per-image sigma, solarize on the second global crop.
+    """
+
+    def __init__(self, global_crops_size: int = 224, global_crops_scale: tuple[float, float] = (0.4, 1.0),
+                 local_crops_number: int = 10, local_crops_size: int = 96,
+                 local_crops_scale: tuple[float, float] = (0.05, 0.4), hue: float = 0.1):
+        self.gsize, self.gscale, self.hue = global_crops_size, global_crops_scale, hue
+        self.nlocal, self.lsize, self.lscale = local_crops_number, local_crops_size, local_crops_scale
+
+    @classmethod
+    def from_config(cls, data) -> "BatchMultiCrop":
+        return cls(data.global_crops_size, data.global_crops_scale, data.local_crops_number,
+                   data.local_crops_size, data.local_crops_scale, data.hue)
+
+    def __call__(self, images: torch.Tensor, g: torch.Generator) -> list[torch.Tensor]:
+        crops = [self.view(images, self.gsize, self.gscale, 1.0, 0.0, g),
+                 self.view(images, self.gsize, self.gscale, 0.1, 0.2, g)]
+        return crops + [self.view(images, self.lsize, self.lscale, 0.5, 0.0, g) for _ in range(self.nlocal)]
+
+    def view(self, x: torch.Tensor, size: int, scale: tuple[float, float], p_blur: float, p_solarize: float,
+             g: torch.Generator) -> torch.Tensor:
+        B, dev = x.shape[0], x.device
+
+        def draw(lo, hi):  # B uniform numbers, drawn on the CPU generator, used on x's device
+            return _uniform(B, lo, hi, g).to(dev)
+
+        # random resized crop + flip: one affine map per image from the output grid to the input
+        area, log_ratio = draw(*scale), draw(math.log(3 / 4), math.log(4 / 3))
+        w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # crop width and height as image fractions
+        h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+        cx, cy = (draw(0, 1) * (1 - w) + w / 2) * 2 - 1, (draw(0, 1) * (1 - h) + h / 2) * 2 - 1
+        flip = torch.where(draw(0, 1) < 0.5, -1.0, 1.0)
+        theta = torch.zeros(B, 2, 3, device=dev)
+        theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
+        grid = torch.nn.functional.affine_grid(theta, [B, 3, size, size], align_corners=False)
+        x = torch.nn.functional.grid_sample(x, grid, mode="bicubic", padding_mode="border",
+                                            align_corners=False).clamp(0, 1)  # (B, 3, size, size)
+
+        # colour jitter with probability 0.8: brightness 0.4, contrast 0.4, saturation 0.2, hue
+        jitter = (draw(0, 1) < 0.8)[:, None, None, None]
+        y = x * draw(0.6, 1.4)[:, None, None, None]
+        mean = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
+        y = ((y - mean) * draw(0.6, 1.4)[:, None, None, None] + mean).clamp(0, 1)
+        gray = _gray(y)
+        y = ((y - gray) * draw(0.8, 1.2)[:, None, None, None] + gray).clamp(0, 1)
+        y = _rotate_hue(y, draw(-self.hue, self.hue)).clamp(0, 1)
+        x = torch.where(jitter, y, x)
+        x = torch.where((draw(0, 1) < 0.2)[:, None, None, None], _gray(x).expand_as(x), x)  # grayscale
+
+        # Gaussian blur: separable, one sigma per image, as a grouped convolution over (B * 3) channels
+        s = size / 224
+        k = max(3, int(0.1 * size) // 2 * 2 + 1)
+        sigma = draw(0.1 * s, 2.0 * s)
+        t = torch.arange(k, device=dev, dtype=x.dtype) - k // 2
+        kern = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None] ** 2))
+        kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(3, 0)  # (B * 3, k)
+        flat = torch.nn.functional.pad(x.reshape(1, B * 3, size, size), [k // 2] * 4, mode="reflect")
+        flat = torch.nn.functional.conv2d(flat, kern[:, None, :, None], groups=B * 3)
+        flat = torch.nn.functional.conv2d(flat, kern[:, None, None, :], groups=B * 3)
+        x = torch.where((draw(0, 1) < p_blur)[:, None, None, None], flat.reshape(B, 3, size, size), x)
+
+        if p_solarize:
+            x = torch.where((draw(0, 1) < p_solarize)[:, None, None, None] & (x >= 0.5), 1 - x, x)
+        mean, std = x.new_tensor(IMAGENET_MEAN)[:, None, None], x.new_tensor(IMAGENET_STD)[:, None, None]
+        return (x - mean) / std
+
+
+def to_tensor_image(size: int) -> v2.Transform:
+    """PIL -> (3, size, size) float in [0, 1]: the per-image part of the batched path."""
+    return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.ToImage(),
+                       v2.ToDtype(torch.float32, scale=True)])

@@ -30,6 +30,7 @@ class ModelConfig:
     img_size: int = 224  # crop size the position embeddings are created for; other sizes interpolate
     drop_path: float = 0.1  # stochastic depth rate (DINO ViT-S: 0.1)
     drop_path_schedule: str = "linear"  # how the rate grows with depth: linear (0 -> drop_path) or uniform
+    pos_embed_init: str = "random"  # random (trunc. normal, DINO) or sincos (2-D sine-cosine start; small data)
     attn_impl: str = "sdpa"  # attention implementation: sdpa (torch built-in) or ref (plain matmul/softmax)
     layerscale: float = 0.0  # LayerScale init (DINOv2: 1e-5); 0 disables LayerScale
     n_registers: int = 0  # register tokens (Darcet et al. 2023, arXiv 2309.16588); DINOv2 uses 4
@@ -43,6 +44,8 @@ class HeadConfig:
     bottleneck_dim: int = 256  # output of the MLP, L2-normalised before the prototypes
     n_layers: int = 3  # MLP layers before the bottleneck output (DINO: 3)
     norm_last_layer: bool = True  # fix the prototype norms to 1 (more stable; False can help ViT-S)
+    use_bn: bool = False  # BatchNorm in the head's MLP (official option; helps tiny models resist collapse)
+    ibot_separate_head: bool = False  # iBOT patch logits from their own head (DINOv2's large runs) or the DINO head
 
 
 @dataclass
@@ -52,14 +55,21 @@ class LossConfig:
     warmup_teacher_temp: float = 0.04  # tau_t at step 0
     warmup_teacher_temp_epochs: int = 30  # epochs of linear tau_t warm-up
     center_momentum: float = 0.9  # m in c <- m c + (1 - m) mean(g_t)
-    centering: str = "center"  # teacher centering: center (EMA, DINO) or none (ablation only)
+    centering: str = "center"  # teacher targets: center (EMA, DINO), sinkhorn (DINOv2) or none (ablation)
+    sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations (DINOv2: 3)
+    dino_weight: float = 1.0  # weight of the DINO CLS loss
+    ibot_weight: float = 0.0  # weight of the iBOT masked-patch loss (DINOv2: 1.0; 0 disables masking)
+    koleo_weight: float = 0.0  # weight of the KoLeo regulariser on student CLS features (DINOv2: 0.1)
+    mask_ratio: tuple[float, float] = (0.1, 0.5)  # iBOT: range of the per-image mask ratio
+    mask_probability: float = 0.5  # iBOT: share of global crops that are masked
 
 
 @dataclass
 class DataConfig:
     dataset: str = "shapes"  # shapes (embedded), imagefolder, folder (unlabelled), cifar10, cifar100, stl10
     root: str = ""  # data directory (unused by shapes)
-    image_size: int = 32  # side of the embedded shapes images
+    image_size: int = 32  # side of the shapes images; with batch_augment, the size images are resized to
+    batch_augment: bool = False  # augment whole batches on the training device (equal-size images only)
     n_train: int = 4000  # embedded shapes: number of training images
     n_test: int = 1000  # embedded shapes: number of held-out images
     global_crops_size: int = 224  # side of the 2 global crops
@@ -82,6 +92,9 @@ class OptimConfig:
     weight_decay: float = 0.04  # weight decay at step 0 (cosine schedule)
     weight_decay_end: float = 0.4  # weight decay at the last step
     momentum_teacher: float = 0.996  # EMA momentum at step 0, cosine-increased to 1
+    lr_scaling: str = "linear"  # linear: lr x batch/256 (DINO); sqrt: lr x sqrt(batch/1024) (DINOv2)
+    layer_decay: float = 1.0  # layer-wise lr decay: block i of L gets lr x decay^(L + 1 - i) (DINOv2: 0.9)
+    patch_embed_lr_mult: float = 1.0  # extra lr factor of the patch embedding (DINOv2: 0.2)
     clip_grad: float = 3.0  # max gradient norm per parameter tensor's module (0 disables)
     freeze_last_layer: int = 1  # epochs during which the prototype layer gets no update
 
@@ -94,12 +107,13 @@ class RunConfig:
     log_every: int = 10  # steps between log.jsonl lines
     max_steps: int = 0  # stop after this many steps in total (0: train all epochs)
     knn_k: int = 20  # k of the weighted k-NN printed at the end (DINO: 20)
+    knn_every: int = 0  # epochs between k-NN evaluations logged in log.jsonl (0: only at the end)
     eval_at_end: bool = True  # print k-NN of the trained and of a random-init model at the end
 
 
 @dataclass
 class Config:
-    method: str = "dino"  # training method: dino
+    method: str = "dino"  # training method: dino, or dinov2 (sets DINOv2's defaults before other options)
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -121,7 +135,7 @@ def shapes() -> Config:
     c.loss = LossConfig(teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0)
     c.data = DataConfig(dataset="shapes", image_size=32, global_crops_size=32, local_crops_size=16,
                         local_crops_number=4, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4),
-                        eval_size=32)
+                        eval_size=32, batch_augment=True, hue=0.5, num_workers=0)
     c.optim = OptimConfig(epochs=10, batch_size=64, lr=1e-3, warmup_epochs=1, momentum_teacher=0.99)
     c.run = RunConfig(out_dir="runs/shapes", log_every=10)
     return c
@@ -132,7 +146,7 @@ def cifar10() -> Config:
     c = shapes()
     c.data = DataConfig(dataset="cifar10", root="data/cifar10", global_crops_size=32, local_crops_size=16,
                         local_crops_number=6, global_crops_scale=(0.3, 1.0), local_crops_scale=(0.1, 0.3),
-                        eval_size=32, num_workers=4)
+                        eval_size=32, num_workers=4, batch_augment=True)
     c.model = ModelConfig(arch="vit_small", patch_size=4, img_size=32, drop_path=0.1)
     c.head = HeadConfig(out_dim=4096, hidden_dim=2048, bottleneck_dim=256)
     c.loss = LossConfig(teacher_temp=0.05, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=30)
@@ -148,6 +162,24 @@ def imagenet() -> Config:
     c.data = DataConfig(dataset="imagefolder", root="data/imagenet", num_workers=10)
     c.optim = OptimConfig(batch_size=64)  # 64 per GPU x 16 GPUs = 1024 in the paper
     c.run.out_dir = "runs/imagenet"
+    return c
+
+
+def dinov2(c: Config) -> Config:
+    """DINOv2's changes to a DINO config (Oquab et al. 2023, arXiv 2304.07193, Sec. 4-5 and App. B):
+    iBOT + Sinkhorn-Knopp + KoLeo, LayerScale, crops 0.32-1 / 0.05-0.32, momentum 0.992, layer-wise lr decay
+    0.9, patch-embedding lr x 0.2, lr 4e-3 per 1024 images with the square-root rule. Small presets keep their
+    sizes (crop pixels, prototype count, teacher temperature) and take the rest."""
+    c.method = "dinov2"
+    c.loss.centering, c.loss.ibot_weight, c.loss.koleo_weight = "sinkhorn", 1.0, 0.1
+    c.model.layerscale = 1e-5
+    c.data.global_crops_scale, c.data.local_crops_scale = (0.32, 1.0), (0.05, 0.32)
+    c.optim.momentum_teacher = 0.992
+    c.optim.layer_decay, c.optim.patch_embed_lr_mult = 0.9, 0.2
+    if c.data.dataset == "imagefolder":  # the paper's ImageNet scale
+        c.data.local_crops_number = 8
+        c.optim.lr, c.optim.lr_scaling = 4e-3, "sqrt"
+        c.model.drop_path, c.model.drop_path_schedule = 0.3, "uniform"
     return c
 
 
@@ -304,6 +336,8 @@ def parse_args(argv: list[str]) -> tuple[Config, str | None, bool]:
             raise ConfigError(f"--resume {resume}: {path} is not valid JSON ({e})") from None
     else:
         cfg = PRESETS[preset]()
+        if ("method", "dinov2") in pairs:  # the method's defaults first, so explicit options win
+            dinov2(cfg)
     for key, value in pairs:
         set_option(cfg, key, value)
     validate(cfg)
@@ -313,12 +347,14 @@ def parse_args(argv: list[str]) -> tuple[Config, str | None, bool]:
 def validate(cfg: Config) -> None:
     """Cross-field checks with one-line messages naming the option."""
     choices = {
-        "method": ("dino",),
+        "method": ("dino", "dinov2"),
         "model.arch": ("vit_nano", "vit_tiny", "vit_small", "vit_base", "vit_large"),
         "model.attn_impl": ("sdpa", "ref"),
         "model.drop_path_schedule": ("linear", "uniform"),
         "model.ffn": ("mlp", "swiglu"),
-        "loss.centering": ("center", "none"),
+        "model.pos_embed_init": ("random", "sincos"),
+        "loss.centering": ("center", "sinkhorn", "none"),
+        "optim.lr_scaling": ("linear", "sqrt"),
         "data.dataset": ("shapes", "imagefolder", "folder", "cifar10", "cifar100", "stl10"),
         "run.device": ("auto", "cpu", "cuda"),
     }

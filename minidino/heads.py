@@ -3,6 +3,10 @@
     features (C) -> MLP (n_layers, hidden 2048, GELU) -> bottleneck (256) -> L2-normalise
                  -> weight-normalised linear layer to K prototypes (no bias)
 
+`use_bn` puts BatchNorm after each hidden layer, as the official head allows (used there for ResNets). On
+tiny models and data it keeps per-image differences from vanishing in the head, which otherwise lets centering
+flatten the teacher to the uniform distribution before the backbone has learnt anything.
+
 The prototype layer is written as weight normalisation by hand: W = g * V / ||V|| per prototype. With
 `norm_last_layer=True` (the paper's default) the gain g is fixed to 1, so the layer is a cosine similarity
 between the bottleneck feature and K unit-norm prototypes. Writing it out (instead of torch's weight_norm
@@ -18,14 +22,14 @@ from torch import Tensor, nn
 
 class DINOHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 n_layers: int = 3, norm_last_layer: bool = True):
+                 n_layers: int = 3, norm_last_layer: bool = True, use_bn: bool = False):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (n_layers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
         for i in range(n_layers):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
             if i < n_layers - 1:
-                layers.append(nn.GELU())
+                layers += [nn.BatchNorm1d(dims[i + 1]), nn.GELU()] if use_bn else [nn.GELU()]
         self.mlp = nn.Sequential(*layers)
         # the prototypes: V (K, bottleneck) and the per-prototype gain g (K, 1)
         self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)

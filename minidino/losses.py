@@ -1,4 +1,5 @@
-"""DINO's self-distillation loss with centering and sharpening (Caron et al. 2021, arXiv 2104.14294).
+"""DINO's self-distillation loss with centering and sharpening (Caron et al. 2021, arXiv 2104.14294), and
+iBOT's masked-patch loss (Zhou et al. 2021, arXiv 2111.07832) as used by DINOv2 (arXiv 2304.07193, Sec. 4).
 
 Paper Eq. (1)-(2): for teacher global views x in {x1_g, x2_g} and every student view x' != x,
 
@@ -9,7 +10,12 @@ Paper Eq. (1)-(2): for teacher global views x in {x1_g, x2_g} and every student 
 
 Centering alone pushes the teacher towards the uniform distribution and sharpening alone towards one
 prototype; together they balance (Sec. 5.3). The loss is averaged over the n_pairs view pairs (as the
-official code does) so its scale does not depend on the crop count.
+official code does) so its scale does not depend on the crop count. DINOv2 replaces the running centre by
+Sinkhorn-Knopp (`centering="sinkhorn"`, see sinkhorn.py).
+
+iBOT: the student sees global crops with some patches replaced by a mask token; for each masked patch it
+predicts the teacher's prototype distribution of that patch in the *unmasked* crop. Cross-entropies are
+averaged within an image (weight 1 / number of masked patches), then over the masked images.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .sinkhorn import sinkhorn_knopp
 
 
 def dino_loss(student_logits: list[Tensor], teacher_probs: list[Tensor], student_temp: float) -> Tensor:
@@ -53,30 +61,70 @@ def entropy_stats(probs: Tensor) -> dict[str, float]:
     return {"teacher_entropy": ent.item(), "teacher_kl_uniform": kl.item(), "ln_K": math.log(probs.shape[-1])}
 
 
-class DINOLoss(nn.Module):
-    """Holds the centre c (a buffer, so it is checkpointed) and applies DINO's centering and sharpening."""
+def ibot_loss(student_logits: Tensor, teacher_probs: Tensor, masks: Tensor, student_temp: float) -> Tensor:
+    """iBOT patch loss.
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 centering: str = "center"):
+    student_logits, teacher_probs: (M, K) for the M masked patches, in the order of masks.nonzero().
+    masks: (n_images, N) bool, which patches of each global crop were masked for the student.
+    """
+    per_patch = torch.sum(-teacher_probs * F.log_softmax(student_logits.float() / student_temp, dim=-1), dim=-1)
+    n_masked = masks.sum(dim=1)  # (n_images,)
+    weight = (1.0 / n_masked.clamp(min=1)).repeat_interleave(n_masked)  # (M,): 1 / #masked of its image
+    n_images = (n_masked > 0).sum().clamp(min=1)
+    return (per_patch * weight).sum() / n_images
+
+
+class TeacherCentering(nn.Module):
+    """Turns teacher logits into targets: softmax((g_t - c) / tau_t) with the running centre c (DINO; c is a
+    buffer, so it is checkpointed), Sinkhorn-Knopp (DINOv2), or no centering (an ablation)."""
+
+    def __init__(self, out_dim: int, center_momentum: float = 0.9, centering: str = "center",
+                 sinkhorn_iters: int = 3):
         super().__init__()
-        self.student_temp, self.center_momentum, self.centering = student_temp, center_momentum, centering
+        self.center_momentum, self.centering, self.sinkhorn_iters = center_momentum, centering, sinkhorn_iters
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     @torch.no_grad()
     def teacher_probs(self, teacher_logits: list[Tensor], teacher_temp: float) -> list[Tensor]:
-        """P_t = softmax((g_t - c) / tau_t) for each teacher crop."""
+        """Targets for each teacher crop (or each group of patch logits)."""
+        if self.centering == "sinkhorn":  # one equipartition over all crops of the step
+            probs = sinkhorn_knopp(torch.cat(teacher_logits), teacher_temp, self.sinkhorn_iters)
+            return list(probs.split([t.shape[0] for t in teacher_logits]))
         c = self.center if self.centering == "center" else 0.0
         return [F.softmax((t.float() - c) / teacher_temp, dim=-1) for t in teacher_logits]
-
-    def forward(self, student_logits: list[Tensor], teacher_probs: list[Tensor]) -> Tensor:
-        return dino_loss(student_logits, teacher_probs, self.student_temp)
 
     @torch.no_grad()
     def update_center(self, teacher_logits: list[Tensor]) -> None:
         """c <- m c + (1 - m) mean over all teacher outputs of the step, over all processes when distributed."""
+        if self.centering != "center":
+            return
         t = torch.cat(teacher_logits).float()  # (n_global * B, K)
         batch_sum, count = t.sum(0, keepdim=True), torch.tensor(float(t.shape[0]), device=t.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_sum)
             dist.all_reduce(count)
         self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
+
+
+class DINOLoss(TeacherCentering):
+    """DINO's CLS loss with its centre; `forward(student_logits, teacher_probs)` is Eq. (1)."""
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 centering: str = "center", sinkhorn_iters: int = 3):
+        super().__init__(out_dim, center_momentum, centering, sinkhorn_iters)
+        self.student_temp = student_temp
+
+    def forward(self, student_logits: list[Tensor], teacher_probs: list[Tensor]) -> Tensor:
+        return dino_loss(student_logits, teacher_probs, self.student_temp)
+
+
+class IBOTLoss(TeacherCentering):
+    """iBOT's masked-patch loss with its own centre (patch statistics differ from CLS statistics)."""
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 centering: str = "center", sinkhorn_iters: int = 3):
+        super().__init__(out_dim, center_momentum, centering, sinkhorn_iters)
+        self.student_temp = student_temp
+
+    def forward(self, student_logits: Tensor, teacher_probs: Tensor, masks: Tensor) -> Tensor:
+        return ibot_loss(student_logits, teacher_probs, masks, self.student_temp)

@@ -23,9 +23,10 @@ def plot_training_curves(log_path: str, out_path: str) -> str:
     """
     rows = read_log(log_path)
     steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for key in [k for k in rows[-1] if k.startswith("loss")]:
-        axes[0].plot(steps, [r.get(key) for r in rows], label=key)
+    knn = [(r["step"], r["knn_top1"]) for r in rows if "knn_top1" in r]
+    fig, axes = plt.subplots(1, 4 if knn else 3, figsize=(20 if knn else 15, 4))
+    for key in sorted({k for r in rows for k in r if k.startswith("loss")}):
+        axes[0].plot(*zip(*[(r["step"], r[key]) for r in rows if key in r]), label=key)
     axes[0].set(title="loss", xlabel="step")
     axes[0].legend()
     axes[1].plot(steps, [r["lr"] for r in rows], label="lr", color="tab:blue")
@@ -40,6 +41,9 @@ def plot_training_curves(log_path: str, out_path: str) -> str:
     axes[2].axhline(rows[-1]["ln_K"], color="gray", linestyle="--", label="ln K")
     axes[2].set(title="collapse signals (nats)", xlabel="step")
     axes[2].legend()
+    if knn:
+        axes[3].plot(*zip(*knn), marker="o")
+        axes[3].set(title="k-NN top-1 of the teacher (%)", xlabel="step")
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)

@@ -99,3 +99,32 @@ def test_train_test_image_folder_pair(tmp_path):
             _write(str(tmp_path / split / c / "0.jpg"), "RGB")
     cfg = DataConfig(dataset="cifar10", root=str(tmp_path))
     assert len(build_dataset(cfg, "train")) == 2 and build_dataset(cfg, "test").classes == ("cat", "dog")
+
+
+def test_batch_multicrop_shapes_range_and_determinism():
+    from minidino.augment import IMAGENET_MEAN, IMAGENET_STD, BatchMultiCrop, to_tensor_image
+
+    ds = ShapesDataset(5, 32, transform=to_tensor_image(32))
+    x = torch.stack([ds[i][0] for i in range(5)])
+    aug = BatchMultiCrop(32, (0.4, 1.0), 3, 16, (0.05, 0.4), hue=0.5)
+    a = aug(x, torch.Generator().manual_seed(3))
+    b = aug(x, torch.Generator().manual_seed(3))
+    assert [c.shape for c in a] == [(5, 3, 32, 32)] * 2 + [(5, 3, 16, 16)] * 3
+    assert all(torch.equal(u, v) for u, v in zip(a, b))  # same generator seed, same views
+    c = aug(x, torch.Generator().manual_seed(4))
+    assert not torch.equal(a[0], c[0])
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    pixels = torch.cat([(v * std + mean).flatten() for v in a])
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5  # un-normalised views stay in [0, 1]
+
+
+def test_batch_crop_of_whole_image_without_jitter_is_identity(monkeypatch):
+    import minidino.augment as A
+
+    # Pin every random draw: ranges that include 0 give 0 (aspect ratio 1), others their upper end; so the
+    # crop is the whole image, centred, unflipped, and no jitter, grayscale or blur is applied.
+    monkeypatch.setattr(A, "_uniform", lambda n, lo, hi, g: torch.full((n,), 0.0 if lo < 0 else float(hi)))
+    x = torch.rand(4, 3, 16, 16)
+    v = A.BatchMultiCrop().view(x, 16, (1.0, 1.0), 0.0, 0.0, torch.Generator())
+    mean, std = torch.tensor(A.IMAGENET_MEAN)[:, None, None], torch.tensor(A.IMAGENET_STD)[:, None, None]
+    torch.testing.assert_close(v * std + mean, x, atol=1e-4, rtol=0)

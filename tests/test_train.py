@@ -90,7 +90,7 @@ def test_teacher_gets_no_gradient_and_moves_only_by_ema(tmp_path):
     sched = dict(schedules(0, 10, 1, cfg.optim, cfg.loss, 1e-2), lr=1e-2, momentum=1.0)
     for g in opt.param_groups:
         g["lr"] = 1e-2
-    train.train_step(student, teacher, loss, opt, crops, sched, cfg, False, contextlib.nullcontext())
+    train.train_step(student, teacher, {"dino": loss}, opt, crops, sched, cfg, False, contextlib.nullcontext())
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # m = 1: unchanged
     assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())  # the student moved
@@ -106,6 +106,6 @@ def test_frozen_last_layer_does_not_move(tmp_path):
     crops = [torch.randn(4, 3, 32, 32) for _ in range(2)]
     w = student.head.last_layer.weight.clone()
     sched = {"teacher_temp": 0.04, "momentum": 0.99}
-    train.train_step(student, teacher, DINOLoss(cfg.head.out_dim), opt, crops, sched, cfg, True,
+    train.train_step(student, teacher, {"dino": DINOLoss(cfg.head.out_dim)}, opt, crops, sched, cfg, True,
                      contextlib.nullcontext())
     assert torch.equal(student.head.last_layer.weight, w)

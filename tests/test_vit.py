@@ -67,3 +67,15 @@ def test_head_normalisation(norm_last_layer):
     torch.testing.assert_close(head.prototypes().norm(dim=1), torch.ones(97))
     assert logits.abs().max() <= 1.0 + 1e-5  # cosine similarity between unit vectors
     assert head.last_layer_g.requires_grad == (not norm_last_layer)
+
+
+def test_sincos_position_init_is_distinct_per_patch_and_still_learnt():
+    from minidino.vit import sincos_2d
+
+    codes = sincos_2d(7, 96)
+    assert codes.shape == (49, 96) and codes.abs().max() <= 1.0
+    dists = torch.cdist(codes, codes) + torch.eye(49) * 1e3
+    assert dists.min() > 0.1  # every grid position gets its own code
+    vit = VisionTransformer("vit_nano", patch_size=4, img_size=28, pos_embed_init="sincos")
+    torch.testing.assert_close(vit.pos_embed[0, 1:].detach(), sincos_2d(7, 128))
+    assert vit.pos_embed.requires_grad

@@ -1,0 +1,59 @@
+"""Block-wise masking for the iBOT objective (BEiT, Bao et al. 2021, arXiv 2106.08254, Alg. 1; iBOT, Zhou et
+al. 2021, arXiv 2111.07832; DINOv2, arXiv 2304.07193, Sec. 4).
+
+A mask is grown from random rectangles ("blocks") until it covers the target number of patches: each block
+has an area of at least `min_block` patches and an aspect ratio in [0.3, 1/0.3], and is placed at random;
+a block is kept only if it adds new patches without overshooting the target. Blocks hide whole object parts,
+which makes predicting the masked tokens a semantic task rather than an interpolation of neighbours.
+
+DINOv2 masks half of the global crops, each with a ratio drawn in [0.1, 0.5]; the other crops are unmasked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def block_mask(h: int, w: int, n_masked: int, g: torch.Generator, min_block: int = 4,
+               aspect: tuple[float, float] = (0.3, 1 / 0.3), max_tries: int = 10) -> Tensor:
+    """A (h, w) bool mask with about `n_masked` True patches, made of rectangular blocks."""
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
+
+    def rand(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * torch.rand((), generator=g).item()
+
+    while mask.sum() < n_masked:
+        remaining = n_masked - int(mask.sum())
+        grew = False
+        for _ in range(max_tries):
+            area = rand(min_block, max(remaining, min_block))
+            ratio = math.exp(rand(log_lo, log_hi))
+            bh, bw = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if bh * bw < min_block or bh > h or bw > w:
+                continue
+            top = int(torch.randint(0, h - bh + 1, (), generator=g))
+            left = int(torch.randint(0, w - bw + 1, (), generator=g))
+            new = int((~mask[top:top + bh, left:left + bw]).sum())
+            if 0 < new <= remaining:
+                mask[top:top + bh, left:left + bw] = True
+                grew = True
+                break
+        if not grew:  # no block fits the remaining budget: stop a little short of the target
+            break
+    return mask
+
+
+def ibot_masks(n_images: int, h: int, w: int, g: torch.Generator, ratio: tuple[float, float] = (0.1, 0.5),
+               probability: float = 0.5, min_block: int = 4) -> Tensor:
+    """Masks (n_images, h * w) for a batch of crops: each crop is masked with `probability`, with a ratio
+    drawn uniformly in `ratio`; unmasked crops get an all-False row."""
+    masks = torch.zeros(n_images, h * w, dtype=torch.bool)
+    for i in range(n_images):
+        if torch.rand((), generator=g).item() < probability:
+            target = round(h * w * (ratio[0] + (ratio[1] - ratio[0]) * torch.rand((), generator=g).item()))
+            masks[i] = block_mask(h, w, target, g, min_block).flatten()
+    return masks
