@@ -14,6 +14,7 @@ log.jsonl (one JSON object per logging step), checkpoint.pt (atomic, every epoch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -35,7 +36,7 @@ from minidino.evaluate import knn_eval
 from minidino.koleo import koleo_loss
 from minidino.losses import DINOLoss, IBOTLoss, entropy_stats
 from minidino.masking import ibot_masks
-from minidino.meta_arch import build_student_teacher
+from minidino.meta_arch import build_model, build_student_teacher
 from minidino.schedules import schedules
 from minidino.visualize import plot_training_curves
 from minidino.vit import build_vit
@@ -123,11 +124,13 @@ def clip_gradients(model: torch.nn.Module, clip: float) -> None:
 
 
 def train_step(student, teacher, losses: dict, optimizer, crops, sched: dict, cfg: C.Config,
-               freeze_last_layer: bool, autocast, masks: Tensor | None = None) -> dict:
+               freeze_last_layer: bool, autocast, masks: Tensor | None = None, ema_model=None) -> dict:
     """One step, in the order of DINO's Algorithm 1 (+ DINOv2's iBOT and KoLeo terms when enabled).
 
     losses: {'dino': DINOLoss, 'ibot': IBOTLoss (if ibot_weight > 0)}; masks: (2B, N) bool iBOT masks of the
-    two global crops (student side only) or None.
+    two global crops (student side only) or None. Distillation (DINOv2 Sec. 5): `teacher` is a frozen larger
+    model, `ema_model` the EMA of the student that is updated instead, and the student input is not masked
+    (masks then only select the patches of the patch loss, all of them).
     """
     n_global, w = 2, cfg.loss
     with autocast:
@@ -139,7 +142,7 @@ def train_step(student, teacher, losses: dict, optimizer, crops, sched: dict, cf
                 t_patch_logits = teacher.patch_logits(torch.cat(t_out["patch"]), masks)  # (M, K)
                 t_patch_probs = losses["ibot"].teacher_probs([t_patch_logits], sched["teacher_temp"])[0]
         # student: every view; masked patches of the global views replaced by the mask token
-        s_masks = list(masks.chunk(n_global)) if masks is not None else None
+        s_masks = list(masks.chunk(n_global)) if masks is not None and ema_model is None else None
         s_out = student(crops, s_masks + [None] * (len(crops) - n_global) if s_masks else None)
         terms = {"loss_dino": losses["dino"](s_out["logits"], t_probs)}  # H(P_t(x), P_s(x')), x != x'
         if masks is not None:
@@ -160,7 +163,7 @@ def train_step(student, teacher, losses: dict, optimizer, crops, sched: dict, cf
             if head is not None:
                 head.last_layer.weight.grad, head.last_layer_g.grad = None, None
     optimizer.step()
-    ema_update(teacher, student, sched["momentum"])  # theta_t <- m theta_t + (1 - m) theta_s
+    ema_update(teacher if ema_model is None else ema_model, student, sched["momentum"])  # theta <- m theta + (1-m) theta_s
     losses["dino"].update_center(t_out["logits"])  # c <- m c + (1 - m) mean(g_t)
     if masks is not None:
         losses["ibot"].update_center([t_patch_logits])
@@ -212,9 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cudnn.allow_tf32 = True
 
     # 1. data: multi-crop views of unlabelled images, made per image in the workers or per batch on `device`
-    batch_augment = BatchMultiCrop.from_config(cfg.data) if cfg.data.batch_augment else None
-    per_image = to_tensor_image(cfg.data.image_size) if batch_augment else MultiCropAugmentation.from_config(cfg.data)
-    train_set = SeededViews(build_dataset(cfg.data, "train", per_image, cfg.run.seed), cfg.run.seed)
+    train_set = SeededViews(build_dataset(cfg.data, "train", None, cfg.run.seed), cfg.run.seed)
     steps_per_epoch = len(train_set) // cfg.optim.batch_size
     if steps_per_epoch == 0:
         raise C.ConfigError(f"option --optim.batch_size={cfg.optim.batch_size} is larger than the data set "
@@ -222,10 +223,15 @@ def main(argv: list[str] | None = None) -> dict:
     total_steps = cfg.optim.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.run.max_steps) if cfg.run.max_steps else total_steps
 
-    # 2. student and teacher: same architecture, same initial weights; the teacher gets no gradient
+    # 2. student and teacher: same architecture, same initial weights; the teacher gets no gradient.
+    #    Distillation: the teacher is a frozen trained model and an EMA of the student is kept instead.
     student, teacher = build_student_teacher(cfg)
-    student.to(device)
-    teacher.to(device)
+    ema_model = None
+    if cfg.run.distill_from:
+        ema_model, teacher = teacher, load_distill_teacher(cfg)
+    for m in (student, teacher, ema_model):
+        if m is not None:
+            m.to(device)
 
     # 3. losses, holding the teacher centres: DINO on CLS tokens, iBOT on masked patches (DINOv2)
     L = cfg.loss
@@ -246,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     if resume is not None and os.path.exists(ckpt_path):
         state = load_checkpoint(ckpt_path)
         load_model_state(student, state["student"], f"checkpoint {ckpt_path} (student)")
-        load_model_state(teacher, state["teacher"], f"checkpoint {ckpt_path} (teacher)")
+        load_model_state(ema_model or teacher, state["teacher"], f"checkpoint {ckpt_path} (teacher)")
         optimizer.load_state_dict(state["optimizer"])
         for name, loss_module in losses.items():
             loss_module.load_state_dict(state["losses"][name])
@@ -260,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
     _truncate_log(log_path, step)
 
     def save() -> None:
-        save_checkpoint({"student": student.state_dict(), "teacher": teacher.state_dict(),
+        save_checkpoint({"student": student.state_dict(), "teacher": (ema_model or teacher).state_dict(),
                          "optimizer": optimizer.state_dict(),
                          "losses": {k: v.state_dict() for k, v in losses.items()},
                          "step": step, "epoch": step // steps_per_epoch, "config": C.to_dict(cfg),
@@ -279,6 +285,11 @@ def main(argv: list[str] | None = None) -> dict:
     while step < last_step:
         epoch = step // steps_per_epoch
         train_set.epoch = epoch
+        # DINOv2's high-resolution phase: larger crops for the last epochs (position embeddings interpolate)
+        data_cfg = highres(cfg.data, cfg.model.patch_size) if epoch >= cfg.optim.epochs - cfg.data.highres_epochs else cfg.data
+        batch_augment = BatchMultiCrop.from_config(data_cfg) if data_cfg.batch_augment else None
+        train_set.dataset.transform = (to_tensor_image(data_cfg.image_size) if batch_augment
+                                       else MultiCropAugmentation.from_config(data_cfg))
         start = (step - epoch * steps_per_epoch) * cfg.optim.batch_size
         loader = DataLoader(train_set, batch_size=cfg.optim.batch_size, drop_last=True,
                             sampler=EpochSampler(len(train_set), cfg.run.seed, epoch, start),
@@ -296,14 +307,17 @@ def main(argv: list[str] | None = None) -> dict:
                 group["lr"] = sched["lr"] * group["lr_mult"]
                 group["weight_decay"] = sched["wd"] if group["apply_wd"] else 0.0
             masks = None
-            if L.ibot_weight:  # iBOT block masks for the 2B global crops, seeded by the step like the views
+            if L.ibot_weight and cfg.run.distill_from:  # distillation: the patch loss on every global patch
+                side = crops[0].shape[-1] // cfg.model.patch_size
+                masks = torch.ones(2 * crops[0].shape[0], side * side, dtype=torch.bool, device=device)
+            elif L.ibot_weight:  # iBOT block masks for the 2B global crops, seeded by the step like the views
                 g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step + 7)
-                side = cfg.data.global_crops_size // cfg.model.patch_size
+                side = crops[0].shape[-1] // cfg.model.patch_size
                 masks = ibot_masks(2 * crops[0].shape[0], side, side, g, L.mask_ratio, L.mask_probability)
                 masks = masks.to(device) if masks.any() else None
             try:
                 out = train_step(student, teacher, losses, optimizer, crops, sched, cfg,
-                                 epoch < cfg.optim.freeze_last_layer, autocast, masks)
+                                 epoch < cfg.optim.freeze_last_layer, autocast, masks, ema_model)
             except NonFiniteLoss as e:
                 pbar.close()
                 kept = f"the last good checkpoint {ckpt_path} is intact" if os.path.exists(ckpt_path) \
@@ -320,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
                        **entropy_stats(out["teacher_probs"]), "images_per_s": n_images / (now - t_last),
                        "skipped_images": skipped_images}
                 if knn_now:  # a k-NN curve, if asked
-                    row["knn_top1"] = knn_eval(teacher.backbone, *knn_sets, device, (cfg.run.knn_k,))[cfg.run.knn_k]
+                    row["knn_top1"] = knn_eval((ema_model or teacher).backbone, *knn_sets, device, (cfg.run.knn_k,))[cfg.run.knn_k]
                 t_last, n_images = time.perf_counter(), 0
                 with open(log_path, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
@@ -337,10 +351,31 @@ def main(argv: list[str] | None = None) -> dict:
     # 7. evaluation: weighted k-NN of the teacher's CLS features, next to the same ViT at random init
     result = {"step": step}
     if cfg.run.eval_at_end:
-        result.update(evaluate_knn(cfg, teacher.backbone, device))
+        result.update(evaluate_knn(cfg, (ema_model or teacher).backbone, device))
         with open(os.path.join(run_dir, "knn.json"), "w") as fh:
             json.dump(result, fh, indent=2)
     return result
+
+
+def load_distill_teacher(cfg: C.Config):
+    """The frozen teacher of a distillation run: the EMA teacher of another minidino run (DINOv2 Sec. 5)."""
+    state = load_checkpoint(cfg.run.distill_from)
+    tcfg = C.from_dict(state["config"])
+    if tcfg.head.out_dim != cfg.head.out_dim or tcfg.model.patch_size != cfg.model.patch_size:
+        raise C.ConfigError(f"--run.distill_from={cfg.run.distill_from}: the student needs the teacher's "
+                            f"--head.out_dim={tcfg.head.out_dim} and --model.patch_size={tcfg.model.patch_size}")
+    teacher = build_model(tcfg, drop_path=0.0)
+    load_model_state(teacher, state["teacher"], f"checkpoint {cfg.run.distill_from} (teacher)")
+    return teacher.requires_grad_(False)
+
+
+def highres(data: C.DataConfig, patch: int) -> C.DataConfig:
+    """The data config of the high-resolution phase: crop sides x highres_scale, in whole patches."""
+    def up(size: int) -> int:
+        return max(patch, round(size * data.highres_scale / patch) * patch)
+
+    return dataclasses.replace(data, global_crops_size=up(data.global_crops_size),
+                               local_crops_size=up(data.local_crops_size), image_size=up(data.image_size))
 
 
 def eval_sets(cfg: C.Config):

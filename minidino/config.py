@@ -78,6 +78,8 @@ class DataConfig:
     local_crops_size: int = 96  # side of a local crop
     local_crops_scale: tuple[float, float] = (0.05, 0.4)  # area range of a local crop
     hue: float = 0.1  # max hue shift of the colour jitter (papers: 0.1; 0.5 makes colour useless as a cue)
+    highres_epochs: int = 0  # DINOv2's high-resolution phase: the last N epochs use larger crops (0: off)
+    highres_scale: float = 2.0  # crop sides are multiplied by this during the high-resolution phase
     eval_size: int = 224  # images are resized (short side) and centre-cropped to this for evaluation
     num_workers: int = 2  # DataLoader worker processes
 
@@ -108,6 +110,7 @@ class RunConfig:
     max_steps: int = 0  # stop after this many steps in total (0: train all epochs)
     knn_k: int = 20  # k of the weighted k-NN printed at the end (DINO: 20)
     knn_every: int = 0  # epochs between k-NN evaluations logged in log.jsonl (0: only at the end)
+    distill_from: str = ""  # distillation: run folder/checkpoint of a frozen larger teacher (DINOv2 Sec. 5)
     eval_at_end: bool = True  # print k-NN of the trained and of a random-init model at the end
 
 
@@ -129,15 +132,15 @@ class Config:
 def shapes() -> Config:
     """Embedded shapes data, sized to train in under 10 minutes on a 2-core CPU."""
     c = Config()
-    c.model = ModelConfig(arch="vit_nano", patch_size=4, img_size=32, drop_path=0.0)
+    c.model = ModelConfig(arch="vit_nano", patch_size=4, img_size=32, drop_path=0.0, pos_embed_init="sincos")
     # Small data wants few prototypes and a cool teacher (PAPERS.md: ~1024 prototypes below 20k images).
-    c.head = HeadConfig(out_dim=1024, hidden_dim=512, bottleneck_dim=128)
+    c.head = HeadConfig(out_dim=1024, hidden_dim=512, bottleneck_dim=128, use_bn=True)
     c.loss = LossConfig(teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0)
     c.data = DataConfig(dataset="shapes", image_size=32, global_crops_size=32, local_crops_size=16,
                         local_crops_number=4, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4),
                         eval_size=32, batch_augment=True, hue=0.5, num_workers=0)
     c.optim = OptimConfig(epochs=10, batch_size=64, lr=1e-3, warmup_epochs=1, momentum_teacher=0.99)
-    c.run = RunConfig(out_dir="runs/shapes", log_every=10)
+    c.run = RunConfig(out_dir="runs/shapes", log_every=10, knn_every=2)
     return c
 
 
@@ -372,5 +375,9 @@ def validate(cfg: Config) -> None:
         lo, hi = fields[key][0].__dict__[fields[key][1].name]
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"option --{key}: expected 0 < min <= max <= 1, got ({lo}, {hi})")
+    if cfg.run.distill_from and (cfg.model.drop_path or cfg.loss.mask_probability):
+        # DINOv2 distils without masking and without stochastic depth; say so instead of silently changing
+        raise ConfigError("--run.distill_from: set --model.drop_path=0 and --loss.mask_probability=0 (DINOv2 "
+                          "distils without stochastic depth and masking)")
     if cfg.optim.batch_size < 2:
         raise ConfigError("option --optim.batch_size: expected at least 2 (centering needs a batch)")

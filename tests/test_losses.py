@@ -60,3 +60,27 @@ def test_entropy_stats_limits():
     one_mode = F.one_hot(torch.zeros(8, dtype=torch.long), K).float()
     s = entropy_stats(one_mode)
     assert s["teacher_entropy"] < 1e-5 and abs(s["teacher_kl_uniform"] - math.log(K)) < 1e-5
+
+
+def test_ibot_loss_hand_computed_per_image_then_over_images():
+    from minidino.losses import ibot_loss
+
+    # image 0 has 2 masked patches, image 1 none, image 2 one; student temp 1, logits = log-probabilities
+    masks = torch.tensor([[True, False, True], [False, False, False], [False, True, False]])
+    s = torch.tensor([[0.5, 0.5], [0.25, 0.75], [0.1, 0.9]]).log()
+    t = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    per_patch = [math.log(2), -math.log(0.75), -math.log(0.9)]
+    expected = ((per_patch[0] + per_patch[1]) / 2 + per_patch[2]) / 2  # 2 masked images
+    assert abs(ibot_loss(s, t, masks, 1.0).item() - expected) < 1e-6
+
+
+def test_sinkhorn_centering_in_loss_module():
+    torch.manual_seed(0)
+    loss = DINOLoss(11, centering="sinkhorn")
+    t = [torch.randn(6, 11), torch.randn(6, 11)]
+    probs = loss.teacher_probs(t, 0.05)
+    assert [p.shape for p in probs] == [(6, 11), (6, 11)]
+    torch.testing.assert_close(torch.cat(probs).sum(1), torch.ones(12))
+    before = loss.center.clone()
+    loss.update_center(t)  # Sinkhorn keeps no running centre
+    assert torch.equal(loss.center, before)

@@ -86,14 +86,14 @@ def test_teacher_gets_no_gradient_and_moves_only_by_ema(tmp_path):
     loss = DINOLoss(cfg.head.out_dim)
     opt = torch.optim.AdamW(train.param_groups(student), lr=1e-2)
     crops = [torch.randn(4, 3, 32, 32) for _ in range(2)] + [torch.randn(4, 3, 16, 16) for _ in range(2)]
-    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    before = {k: v.clone() for k, v in teacher.named_parameters()}
     sched = dict(schedules(0, 10, 1, cfg.optim, cfg.loss, 1e-2), lr=1e-2, momentum=1.0)
     for g in opt.param_groups:
         g["lr"] = 1e-2
     train.train_step(student, teacher, {"dino": loss}, opt, crops, sched, cfg, False, contextlib.nullcontext())
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
-    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # m = 1: unchanged
-    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())  # the student moved
+    assert all(torch.equal(before[k], v) for k, v in teacher.named_parameters())  # m = 1: unchanged
+    assert any(not torch.equal(before[k], v) for k, v in student.named_parameters())  # the student moved
 
 
 def test_frozen_last_layer_does_not_move(tmp_path):
@@ -109,3 +109,62 @@ def test_frozen_last_layer_does_not_move(tmp_path):
     train.train_step(student, teacher, {"dino": DINOLoss(cfg.head.out_dim)}, opt, crops, sched, cfg, True,
                      contextlib.nullcontext())
     assert torch.equal(student.head.last_layer.weight, w)
+
+
+def test_layerwise_lr_decay_groups(tmp_path):
+    cfg, _, _ = C.parse_args(tiny_run(tmp_path / "a", "--method=dinov2"))
+    assert (cfg.optim.layer_decay, cfg.optim.patch_embed_lr_mult, cfg.loss.centering) == (0.9, 0.2, "sinkhorn")
+    from minidino.meta_arch import build_student_teacher
+
+    student, _ = build_student_teacher(cfg)
+    groups = train.param_groups(student, cfg.optim)
+    mult = {id(p): g["lr_mult"] for g in groups for p in g["params"]}
+    wd = {id(p): g["apply_wd"] for g in groups for p in g["params"]}
+    depth = len(student.backbone.blocks)  # 4
+    assert abs(mult[id(student.backbone.blocks[0].attn.qkv.weight)] - 0.9 ** depth) < 1e-12
+    assert abs(mult[id(student.backbone.blocks[depth - 1].mlp.fc1.weight)] - 0.9) < 1e-12
+    assert abs(mult[id(student.backbone.patch_embed.proj.weight)] - 0.2 * 0.9 ** (depth + 1)) < 1e-12
+    assert mult[id(student.head.last_layer.weight)] == 1.0
+    assert not wd[id(student.backbone.pos_embed)] and not wd[id(student.backbone.cls_token)]
+    assert not wd[id(student.backbone.blocks[0].norm1.weight)] and wd[id(student.backbone.blocks[0].attn.qkv.weight)]
+
+
+def test_dinov2_end_to_end_logs_all_terms(tmp_path):
+    train.main(tiny_run(tmp_path / "a", "--method=dinov2", "--loss.mask_probability=1.0", "--head.ibot_separate_head=true",
+                        "--model.n_registers=2"))
+    rows = _log(tmp_path / "a")
+    for key in ("loss_dino", "loss_ibot", "loss_koleo"):
+        assert all(key in r and torch.isfinite(torch.tensor(r[key])) for r in rows), key
+    ckpt = load_checkpoint(str(tmp_path / "a"))
+    assert set(ckpt["losses"]) == {"dino", "ibot"} and any(k.startswith("ibot_head.") for k in ckpt["student"])
+
+
+def test_high_resolution_phase_runs_with_larger_crops(tmp_path, monkeypatch):
+    sizes = []
+    real = train.train_step
+
+    def spy(student, teacher, losses, optimizer, crops, *args, **kw):
+        sizes.append((crops[0].shape[-1], crops[-1].shape[-1]))
+        return real(student, teacher, losses, optimizer, crops, *args, **kw)
+
+    monkeypatch.setattr(train, "train_step", spy)
+    train.main(tiny_run(tmp_path / "a", "--data.highres_epochs=1", "--data.highres_scale=1.5", "--method=dinov2",
+                        "--run.eval_at_end=false"))
+    assert sizes == [(32, 16), (32, 16), (48, 24), (48, 24)]  # the last epoch at 1.5x
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _log(tmp_path / "a"))
+
+
+def test_distillation_from_a_larger_frozen_teacher(tmp_path):
+    big = ["--model.arch=vit_tiny", "--run.eval_at_end=false", "--run.max_steps=2"]
+    train.main(tiny_run(tmp_path / "big", *big))
+    teacher_before = load_checkpoint(str(tmp_path / "big"))["teacher"]
+    result = train.main(tiny_run(tmp_path / "small", "--method=dinov2", f"--run.distill_from={tmp_path / 'big'}",
+                                 "--model.drop_path=0", "--loss.mask_probability=0"))
+    rows = _log(tmp_path / "small")
+    assert all("loss_ibot" in r and torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    ckpt = load_checkpoint(str(tmp_path / "small"))
+    assert ckpt["teacher"]["backbone.pos_embed"].shape[-1] == 128  # the saved model is the small EMA student
+    assert not torch.equal(ckpt["teacher"]["backbone.pos_embed"], ckpt["student"]["backbone.pos_embed"])
+    after = load_checkpoint(str(tmp_path / "big"))["teacher"]
+    assert all(torch.equal(teacher_before[k], after[k]) for k in after)  # the big teacher file is untouched
+    assert 0 <= result["knn_top1"] <= 100

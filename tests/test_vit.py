@@ -79,3 +79,39 @@ def test_sincos_position_init_is_distinct_per_patch_and_still_learnt():
     vit = VisionTransformer("vit_nano", patch_size=4, img_size=28, pos_embed_init="sincos")
     torch.testing.assert_close(vit.pos_embed[0, 1:].detach(), sincos_2d(7, 128))
     assert vit.pos_embed.requires_grad
+
+
+def test_registers_layerscale_swiglu():
+    torch.manual_seed(0)
+    vit = VisionTransformer("vit_nano", patch_size=4, img_size=32, n_registers=4, layerscale=1e-5,
+                            ffn="swiglu").eval()
+    out = vit.forward_features(torch.randn(2, 3, 32, 32))
+    assert out["patch"].shape == (2, 64, 128) and out["cls"].shape == (2, 128)  # registers dropped
+    assert vit.prepare_tokens(torch.randn(2, 3, 32, 32)).shape == (2, 1 + 4 + 64, 128)
+    blk = vit.blocks[0]
+    assert torch.all(blk.ls1.gamma == 1e-5) and blk.ls1.gamma.shape == (128,)
+    assert blk.mlp.w12.out_features == 2 * 344 and blk.mlp.w3.in_features == 344  # 2/3 of 512, rounded to 8
+    # LayerScale 1e-5: each block is nearly the identity at init
+    x = torch.randn(2, 69, 128)
+    assert (blk(x) - x).abs().max() < 1e-3
+
+
+def test_mask_token_replaces_masked_patches_only():
+    vit = _vit()
+    x = torch.randn(1, 3, 32, 32)
+    masks = torch.zeros(1, 64, dtype=torch.bool)
+    masks[0, :10] = True
+    a, b = vit.prepare_tokens(x), vit.prepare_tokens(x, masks)
+    assert torch.equal(a[:, 11:], b[:, 11:]) and not torch.equal(a[:, 1:11], b[:, 1:11])
+    torch.testing.assert_close(b[0, 1:11], vit.mask_token.expand(10, -1) + vit.pos_embed[0, 1:11])
+
+
+def test_drop_path_keeps_the_expected_value():
+    from minidino.vit import drop_path
+
+    torch.manual_seed(0)
+    x = torch.ones(20000, 1, 3)
+    y = drop_path(x, 0.3, training=True)
+    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.7))  # kept samples scaled by 1 / (1 - p)
+    assert abs(y.mean().item() - 1.0) < 0.02
+    assert torch.equal(drop_path(x, 0.3, training=False), x) and torch.equal(drop_path(x, 0.0, True), x)
