@@ -220,6 +220,10 @@ def main(argv: list[str] | None = None) -> dict:
     if steps_per_epoch == 0:
         raise C.ConfigError(f"option --optim.batch_size={cfg.optim.batch_size} is larger than the data set "
                             f"({len(train_set)} images)")
+    chosen = C.size_for_data(cfg, len(train_set))  # options left at 0 follow the data size
+    if chosen:
+        print0(f"for {len(train_set)} images: {' '.join(chosen)}")
+        C.save_json(cfg, os.path.join(run_dir, "config.json"))
     total_steps = cfg.optim.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.run.max_steps) if cfg.run.max_steps else total_steps
 

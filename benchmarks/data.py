@@ -19,7 +19,9 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minidino import config as C  # noqa: E402
-from minidino.augment import MultiCropAugmentation  # noqa: E402
+import torch  # noqa: E402
+
+from minidino.augment import BatchMultiCrop, MultiCropAugmentation, to_tensor_image  # noqa: E402
 from minidino.data import build_dataset  # noqa: E402
 
 
@@ -34,7 +36,11 @@ def main(argv: list[str]) -> list[dict]:
         else:
             rest.append(a)
     cfg, _, _ = C.parse_args(rest)
-    ds = build_dataset(cfg.data, "train", MultiCropAugmentation.from_config(cfg.data), cfg.run.seed)
+    # per-image path: PIL augmentations in the workers; batched path: whole images in the workers, then
+    # BatchMultiCrop on the batch in the main process (what train.py does with --data.batch_augment=true)
+    batch_aug = BatchMultiCrop.from_config(cfg.data) if cfg.data.batch_augment else None
+    per_image = to_tensor_image(cfg.data.image_size) if batch_aug else MultiCropAugmentation.from_config(cfg.data)
+    ds = build_dataset(cfg.data, "train", per_image, cfg.run.seed)
     results = []
     for w in workers:
         loader = DataLoader(ds, batch_size=cfg.optim.batch_size, shuffle=True, num_workers=w, drop_last=True)
@@ -43,9 +49,12 @@ def main(argv: list[str]) -> list[dict]:
         t0, n = time.perf_counter(), 0
         for _ in range(batches):
             crops, _, _ = next(it)
+            if batch_aug:
+                crops = batch_aug(crops, torch.Generator().manual_seed(n))
             n += crops[0].shape[0]
         dt = time.perf_counter() - t0
-        r = {"benchmark": "data", "dataset": cfg.data.dataset, "num_workers": w, "batch_size": cfg.optim.batch_size,
+        r = {"benchmark": "data", "dataset": cfg.data.dataset, "batch_augment": cfg.data.batch_augment,
+             "num_workers": w, "batch_size": cfg.optim.batch_size,
              "crops": f"2x{cfg.data.global_crops_size}+{cfg.data.local_crops_number}x{cfg.data.local_crops_size}",
              "images_per_s": round(n / dt, 1), "images_per_s_per_worker": round(n / dt / max(w, 1), 1)}
         print(json.dumps(r))

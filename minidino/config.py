@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ class ModelConfig:
 
 @dataclass
 class HeadConfig:
-    out_dim: int = 65536  # K, number of prototypes (65536 on ImageNet; ~1024 for small data)
+    out_dim: int = 65536  # K, number of prototypes (65536 on ImageNet); 0: chosen from the data size
     hidden_dim: int = 2048  # width of the head's MLP
     bottleneck_dim: int = 256  # output of the MLP, L2-normalised before the prototypes
     n_layers: int = 3  # MLP layers before the bottleneck output (DINO: 3)
@@ -51,7 +52,7 @@ class HeadConfig:
 @dataclass
 class LossConfig:
     student_temp: float = 0.1  # tau_s, student softmax temperature
-    teacher_temp: float = 0.07  # tau_t after warm-up
+    teacher_temp: float = 0.07  # tau_t after warm-up; 0: chosen from the data size
     warmup_teacher_temp: float = 0.04  # tau_t at step 0
     warmup_teacher_temp_epochs: int = 30  # epochs of linear tau_t warm-up
     center_momentum: float = 0.9  # m in c <- m c + (1 - m) mean(g_t)
@@ -166,6 +167,25 @@ def imagenet() -> Config:
     c.optim = OptimConfig(batch_size=64)  # 64 per GPU x 16 GPUs = 1024 in the paper
     c.run.out_dir = "runs/imagenet"
     return c
+
+
+def size_for_data(c: Config, n_images: int) -> list[str]:
+    """Fill the options left at 0 ("auto") from the number of training images; return what was chosen.
+
+    Rule: K = 2^round(log2(n / 16)) clamped to [256, 65536], about one prototype per 16 images (1024 at 20k
+    images as PAPERS.md's small-scale notes advise, 65536 at ImageNet's 1.28M as in DINO), and tau_t = 0.04
+    below 50k images, else 0.07. With few images, many prototypes and a soft teacher give near-uniform
+    targets that drift into collapse.
+    """
+    chosen = []
+    if c.head.out_dim == 0:
+        c.head.out_dim = int(min(65536, max(256, 2 ** round(math.log2(max(n_images, 1) / 16)))))
+        chosen.append(f"--head.out_dim={c.head.out_dim}")
+    if c.loss.teacher_temp == 0:
+        c.loss.teacher_temp = 0.04 if n_images < 50_000 else 0.07
+        c.loss.warmup_teacher_temp = min(c.loss.warmup_teacher_temp, c.loss.teacher_temp)
+        chosen.append(f"--loss.teacher_temp={c.loss.teacher_temp}")
+    return chosen
 
 
 def dinov2(c: Config) -> Config:

@@ -63,3 +63,20 @@ def test_round_trip_through_json(tmp_path):
     C.save_json(cfg, tmp_path / "config.json")
     back = C.from_dict(json.loads((tmp_path / "config.json").read_text()))
     assert back == cfg
+
+
+def test_sizes_chosen_from_the_data_size():
+    small = C.Config()
+    small.head.out_dim, small.loss.teacher_temp = 0, 0
+    assert C.size_for_data(small, 5000) == ["--head.out_dim=256", "--loss.teacher_temp=0.04"]
+    assert (small.head.out_dim, small.loss.teacher_temp, small.loss.warmup_teacher_temp) == (256, 0.04, 0.04)
+    big = C.Config()
+    big.head.out_dim, big.loss.teacher_temp = 0, 0
+    C.size_for_data(big, 1_281_167)
+    assert (big.head.out_dim, big.loss.teacher_temp) == (65536, 0.07)
+    mid = C.Config()
+    mid.head.out_dim = 0
+    C.size_for_data(mid, 20_000)
+    assert mid.head.out_dim == 1024
+    explicit = C.imagenet()
+    assert C.size_for_data(explicit, 10) == [] and explicit.head.out_dim == 65536  # explicit values stay
