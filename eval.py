@@ -50,10 +50,14 @@ def data_config(cfg: C.Config, data: str | None, size: int | None) -> C.DataConf
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("checkpoint", help="run folder or checkpoint.pt")
     p.add_argument("--data", help="'shapes' or a folder with train/ and test/ (default: the run's data set)")
-    p.add_argument("--knn", action="store_true", help="weighted k-NN (the default when nothing else is asked)")
+    p.add_argument(
+        "--knn", action="store_true", help="weighted k-NN (the default when nothing else is asked)"
+    )
     p.add_argument("--ks", default="10,20,100,200", help="k values of the k-NN (default 10,20,100,200)")
     p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature T (default 0.07)")
     p.add_argument("--size", type=int, help="evaluation image size (default: the run's data.eval_size)")
@@ -71,19 +75,34 @@ def main(argv: list[str] | None = None) -> dict:
         ks = tuple(int(k) for k in args.ks.split(","))
     except ValueError:
         raise C.ConfigError(f"--ks: expected comma-separated integers, got {args.ks!r}") from None
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     backbone, cfg = load_backbone(args.checkpoint, args.random_init)
     backbone.to(device)
     data = data_config(cfg, args.data, args.size)
     tf = eval_transform(data.eval_size)
     train_set, test_set = (build_dataset(data, split, tf, cfg.run.seed) for split in ("train", "test"))
-    report = {"checkpoint": args.checkpoint, "random_init": args.random_init, "data": data.root or data.dataset,
-              "n_train": len(train_set), "n_test": len(test_set)}
-    acc = knn_eval(backbone, train_set, test_set, device, ks, args.temperature, args.num_workers, args.batch_size)
+    report = {
+        "checkpoint": args.checkpoint,
+        "random_init": args.random_init,
+        "data": data.root or data.dataset,
+        "n_train": len(train_set),
+        "n_test": len(test_set),
+    }
+    acc = knn_eval(
+        backbone, train_set, test_set, device, ks, args.temperature, args.num_workers, args.batch_size
+    )
     report["knn_top1"] = {str(k): v for k, v in acc.items()}
-    print("k-NN top-1 " + " | ".join(f"k={k}: {v:.2f}%" for k, v in acc.items())
-          + f"  ({len(test_set)} test images{', random init' if args.random_init else ''})")
+    print(
+        "k-NN top-1 "
+        + " | ".join(f"k={k}: {v:.2f}%" for k, v in acc.items())
+        + f"  ({len(test_set)} test images{', random init' if args.random_init else ''})"
+    )
     run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
     out = args.out or os.path.join(run_dir, "eval" + ("_random_init" if args.random_init else ""))
     os.makedirs(out, exist_ok=True)

@@ -74,7 +74,7 @@ class EpochSampler(Sampler):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g)[self.start:].tolist())
+        return iter(torch.randperm(self.n, generator=g)[self.start :].tolist())
 
     def __len__(self) -> int:
         return self.n - self.start
@@ -123,8 +123,19 @@ def clip_gradients(model: torch.nn.Module, clip: float) -> None:
     torch._foreach_mul_(grads, [(clip / (n + 1e-6)).clamp(max=1.0) for n in norms])
 
 
-def train_step(student, teacher, losses: dict, optimizer, crops, sched: dict, cfg: C.Config,
-               freeze_last_layer: bool, autocast, masks: Tensor | None = None, ema_model=None) -> dict:
+def train_step(
+    student,
+    teacher,
+    losses: dict,
+    optimizer,
+    crops,
+    sched: dict,
+    cfg: C.Config,
+    freeze_last_layer: bool,
+    autocast,
+    masks: Tensor | None = None,
+    ema_model=None,
+) -> dict:
     """One step, in the order of DINO's Algorithm 1 (+ DINOv2's iBOT and KoLeo terms when enabled).
 
     losses: {'dino': DINOLoss, 'ibot': IBOTLoss (if ibot_weight > 0)}; masks: (2B, N) bool iBOT masks of the
@@ -158,16 +169,24 @@ def train_step(student, teacher, losses: dict, optimizer, crops, sched: dict, cf
     loss.backward()
     if cfg.optim.clip_grad:
         clip_gradients(student, cfg.optim.clip_grad)
-    if freeze_last_layer:  # the prototypes stay fixed in the first epoch(s): DINO finds this stabilises training
+    if (
+        freeze_last_layer
+    ):  # the prototypes stay fixed in the first epoch(s): DINO finds this stabilises training
         for head in (student.head, student.ibot_head):
             if head is not None:
                 head.last_layer.weight.grad, head.last_layer_g.grad = None, None
     optimizer.step()
-    ema_update(teacher if ema_model is None else ema_model, student, sched["momentum"])  # theta <- m theta + (1-m) theta_s
+    ema_update(
+        teacher if ema_model is None else ema_model, student, sched["momentum"]
+    )  # theta <- m theta + (1-m) theta_s
     losses["dino"].update_center(t_out["logits"])  # c <- m c + (1 - m) mean(g_t)
     if masks is not None:
         losses["ibot"].update_center([t_patch_logits])
-    return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}, "teacher_probs": torch.cat(t_probs)}
+    return {
+        "loss": loss.detach(),
+        **{k: v.detach() for k, v in terms.items()},
+        "teacher_probs": torch.cat(t_probs),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -204,8 +223,10 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = resume or cfg.run.out_dir
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     if resume is None and os.path.exists(ckpt_path):
-        raise C.ConfigError(f"run folder {run_dir} already holds a checkpoint: continue it with --resume "
-                            f"{run_dir}, or choose another --run.out_dir")
+        raise C.ConfigError(
+            f"run folder {run_dir} already holds a checkpoint: continue it with --resume "
+            f"{run_dir}, or choose another --run.out_dir"
+        )
     os.makedirs(run_dir, exist_ok=True)
     C.save_json(cfg, os.path.join(run_dir, "config.json"))
     torch.manual_seed(cfg.run.seed)
@@ -218,8 +239,10 @@ def main(argv: list[str] | None = None) -> dict:
     train_set = SeededViews(build_dataset(cfg.data, "train", None, cfg.run.seed), cfg.run.seed)
     steps_per_epoch = len(train_set) // cfg.optim.batch_size
     if steps_per_epoch == 0:
-        raise C.ConfigError(f"option --optim.batch_size={cfg.optim.batch_size} is larger than the data set "
-                            f"({len(train_set)} images)")
+        raise C.ConfigError(
+            f"option --optim.batch_size={cfg.optim.batch_size} is larger than the data set "
+            f"({len(train_set)} images)"
+        )
     chosen = C.size_for_data(cfg, len(train_set))  # options left at 0 follow the data size
     if chosen:
         print0(f"for {len(train_set)} images: {' '.join(chosen)}")
@@ -239,17 +262,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. losses, holding the teacher centres: DINO on CLS tokens, iBOT on masked patches (DINOv2)
     L = cfg.loss
-    losses = {"dino": DINOLoss(cfg.head.out_dim, L.student_temp, L.center_momentum, L.centering, L.sinkhorn_iters)}
+    losses = {
+        "dino": DINOLoss(cfg.head.out_dim, L.student_temp, L.center_momentum, L.centering, L.sinkhorn_iters)
+    }
     if L.ibot_weight:
-        losses["ibot"] = IBOTLoss(cfg.head.out_dim, L.student_temp, L.center_momentum, L.centering, L.sinkhorn_iters)
+        losses["ibot"] = IBOTLoss(
+            cfg.head.out_dim, L.student_temp, L.center_momentum, L.centering, L.sinkhorn_iters
+        )
     for loss_module in losses.values():
         loss_module.to(device)
 
     # 4. optimiser: AdamW, lr and weight decay set every step from the schedules
     optimizer = torch.optim.AdamW(param_groups(student, cfg.optim), lr=0.0, betas=(0.9, 0.999))
     global_batch = cfg.optim.batch_size
-    lr_peak = (cfg.optim.lr * global_batch / 256 if cfg.optim.lr_scaling == "linear"  # DINO's linear rule
-               else cfg.optim.lr * (global_batch / 1024) ** 0.5)  # DINOv2's square-root rule
+    lr_peak = (
+        cfg.optim.lr * global_batch / 256
+        if cfg.optim.lr_scaling == "linear"  # DINO's linear rule
+        else cfg.optim.lr * (global_batch / 1024) ** 0.5
+    )  # DINOv2's square-root rule
 
     # 5. resume: weights, optimiser, centre, step and RNG states
     step, skipped_images = 0, 0
@@ -270,35 +300,60 @@ def main(argv: list[str] | None = None) -> dict:
     _truncate_log(log_path, step)
 
     def save() -> None:
-        save_checkpoint({"student": student.state_dict(), "teacher": (ema_model or teacher).state_dict(),
-                         "optimizer": optimizer.state_dict(),
-                         "losses": {k: v.state_dict() for k, v in losses.items()},
-                         "step": step, "epoch": step // steps_per_epoch, "config": C.to_dict(cfg),
-                         "skipped_images": skipped_images, "rng": rng_state()}, ckpt_path)
+        save_checkpoint(
+            {
+                "student": student.state_dict(),
+                "teacher": (ema_model or teacher).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "losses": {k: v.state_dict() for k, v in losses.items()},
+                "step": step,
+                "epoch": step // steps_per_epoch,
+                "config": C.to_dict(cfg),
+                "skipped_images": skipped_images,
+                "rng": rng_state(),
+            },
+            ckpt_path,
+        )
         if os.path.exists(log_path) and os.path.getsize(log_path):
             plot_training_curves(log_path, os.path.join(run_dir, "curves.png"))
 
     knn_sets = eval_sets(cfg) if cfg.run.knn_every else None
 
     # 6. the loop
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    print0(f"training {cfg.model.arch}/{cfg.model.patch_size} with {cfg.method} on {cfg.data.dataset} "
-           f"({len(train_set)} images, {steps_per_epoch} steps/epoch, {last_step} steps) on {device}")
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    )
+    print0(
+        f"training {cfg.model.arch}/{cfg.model.patch_size} with {cfg.method} on {cfg.data.dataset} "
+        f"({len(train_set)} images, {steps_per_epoch} steps/epoch, {last_step} steps) on {device}"
+    )
     pbar = tqdm(total=last_step, initial=step, dynamic_ncols=True, desc="train")
     t_last, n_images = time.perf_counter(), 0
     while step < last_step:
         epoch = step // steps_per_epoch
         train_set.epoch = epoch
         # DINOv2's high-resolution phase: larger crops for the last epochs (position embeddings interpolate)
-        data_cfg = highres(cfg.data, cfg.model.patch_size) if epoch >= cfg.optim.epochs - cfg.data.highres_epochs else cfg.data
+        data_cfg = (
+            highres(cfg.data, cfg.model.patch_size)
+            if epoch >= cfg.optim.epochs - cfg.data.highres_epochs
+            else cfg.data
+        )
         batch_augment = BatchMultiCrop.from_config(data_cfg) if data_cfg.batch_augment else None
-        train_set.dataset.transform = (to_tensor_image(data_cfg.image_size) if batch_augment
-                                       else MultiCropAugmentation.from_config(data_cfg))
+        train_set.dataset.transform = (
+            to_tensor_image(data_cfg.image_size)
+            if batch_augment
+            else MultiCropAugmentation.from_config(data_cfg)
+        )
         start = (step - epoch * steps_per_epoch) * cfg.optim.batch_size
-        loader = DataLoader(train_set, batch_size=cfg.optim.batch_size, drop_last=True,
-                            sampler=EpochSampler(len(train_set), cfg.run.seed, epoch, start),
-                            num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-                            persistent_workers=False)
+        loader = DataLoader(
+            train_set,
+            batch_size=cfg.optim.batch_size,
+            drop_last=True,
+            sampler=EpochSampler(len(train_set), cfg.run.seed, epoch, start),
+            num_workers=cfg.data.num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
         for crops, _, skipped in loader:
             if batch_augment:  # crops is a batch of whole images here; its views depend on (seed, step) only
                 g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)
@@ -320,12 +375,26 @@ def main(argv: list[str] | None = None) -> dict:
                 masks = ibot_masks(2 * crops[0].shape[0], side, side, g, L.mask_ratio, L.mask_probability)
                 masks = masks.to(device) if masks.any() else None
             try:
-                out = train_step(student, teacher, losses, optimizer, crops, sched, cfg,
-                                 epoch < cfg.optim.freeze_last_layer, autocast, masks, ema_model)
+                out = train_step(
+                    student,
+                    teacher,
+                    losses,
+                    optimizer,
+                    crops,
+                    sched,
+                    cfg,
+                    epoch < cfg.optim.freeze_last_layer,
+                    autocast,
+                    masks,
+                    ema_model,
+                )
             except NonFiniteLoss as e:
                 pbar.close()
-                kept = f"the last good checkpoint {ckpt_path} is intact" if os.path.exists(ckpt_path) \
+                kept = (
+                    f"the last good checkpoint {ckpt_path} is intact"
+                    if os.path.exists(ckpt_path)
                     else "no checkpoint was written yet"
+                )
                 raise NonFiniteLoss(f"{e} at step {step}: stopping; {kept}") from None
             step += 1
             n_images += crops[0].shape[0]
@@ -333,24 +402,35 @@ def main(argv: list[str] | None = None) -> dict:
             knn_now = bool(knn_sets) and step % (cfg.run.knn_every * steps_per_epoch) == 0
             if step % cfg.run.log_every == 0 or step == last_step or knn_now:
                 now = time.perf_counter()
-                row = {"step": step, "epoch": epoch, "loss": out["loss"].item(),
-                       **{k: v.item() for k, v in out.items() if k.startswith("loss_")}, **sched,
-                       **entropy_stats(out["teacher_probs"]), "images_per_s": n_images / (now - t_last),
-                       "skipped_images": skipped_images}
+                row = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": out["loss"].item(),
+                    **{k: v.item() for k, v in out.items() if k.startswith("loss_")},
+                    **sched,
+                    **entropy_stats(out["teacher_probs"]),
+                    "images_per_s": n_images / (now - t_last),
+                    "skipped_images": skipped_images,
+                }
                 if knn_now:  # a k-NN curve, if asked
-                    row["knn_top1"] = knn_eval((ema_model or teacher).backbone, *knn_sets, device, (cfg.run.knn_k,))[cfg.run.knn_k]
+                    row["knn_top1"] = knn_eval(
+                        (ema_model or teacher).backbone, *knn_sets, device, (cfg.run.knn_k,)
+                    )[cfg.run.knn_k]
                 t_last, n_images = time.perf_counter(), 0
                 with open(log_path, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
-                pbar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{sched['lr']:.1e}",
-                                 img_s=f"{row['images_per_s']:.0f}")
+                pbar.set_postfix(
+                    loss=f"{row['loss']:.3f}", lr=f"{sched['lr']:.1e}", img_s=f"{row['images_per_s']:.0f}"
+                )
             if step % steps_per_epoch == 0 or step == last_step:
                 save()
             if step >= last_step:
                 break
     pbar.close()
-    print0(f"saved {ckpt_path} and {os.path.join(run_dir, 'curves.png')}"
-           + (f"; skipped {skipped_images} unreadable images" if skipped_images else ""))
+    print0(
+        f"saved {ckpt_path} and {os.path.join(run_dir, 'curves.png')}"
+        + (f"; skipped {skipped_images} unreadable images" if skipped_images else "")
+    )
 
     # 7. evaluation: weighted k-NN of the teacher's CLS features, next to the same ViT at random init
     result = {"step": step}
@@ -366,8 +446,10 @@ def load_distill_teacher(cfg: C.Config):
     state = load_checkpoint(cfg.run.distill_from)
     tcfg = C.from_dict(state["config"])
     if tcfg.head.out_dim != cfg.head.out_dim or tcfg.model.patch_size != cfg.model.patch_size:
-        raise C.ConfigError(f"--run.distill_from={cfg.run.distill_from}: the student needs the teacher's "
-                            f"--head.out_dim={tcfg.head.out_dim} and --model.patch_size={tcfg.model.patch_size}")
+        raise C.ConfigError(
+            f"--run.distill_from={cfg.run.distill_from}: the student needs the teacher's "
+            f"--head.out_dim={tcfg.head.out_dim} and --model.patch_size={tcfg.model.patch_size}"
+        )
     teacher = build_model(tcfg, drop_path=0.0)
     load_model_state(teacher, state["teacher"], f"checkpoint {cfg.run.distill_from} (teacher)")
     return teacher.requires_grad_(False)
@@ -375,11 +457,16 @@ def load_distill_teacher(cfg: C.Config):
 
 def highres(data: C.DataConfig, patch: int) -> C.DataConfig:
     """The data config of the high-resolution phase: crop sides x highres_scale, in whole patches."""
+
     def up(size: int) -> int:
         return max(patch, round(size * data.highres_scale / patch) * patch)
 
-    return dataclasses.replace(data, global_crops_size=up(data.global_crops_size),
-                               local_crops_size=up(data.local_crops_size), image_size=up(data.image_size))
+    return dataclasses.replace(
+        data,
+        global_crops_size=up(data.global_crops_size),
+        local_crops_size=up(data.local_crops_size),
+        image_size=up(data.image_size),
+    )
 
 
 def eval_sets(cfg: C.Config):
@@ -403,8 +490,10 @@ def evaluate_knn(cfg: C.Config, backbone: torch.nn.Module, device: torch.device)
     trained = knn_eval(backbone, train_set, test_set, **kw)[k]
     torch.manual_seed(cfg.run.seed)  # the student's initial weights
     random_init = knn_eval(build_vit(cfg.model).to(device), train_set, test_set, **kw)[k]
-    print0(f"k-NN top-1 (k={k}, {len(test_set)} held-out images): trained {trained:.1f}% | "
-           f"random init {random_init:.1f}% | gain {trained - random_init:+.1f} points")
+    print0(
+        f"k-NN top-1 (k={k}, {len(test_set)} held-out images): trained {trained:.1f}% | "
+        f"random init {random_init:.1f}% | gain {trained - random_init:+.1f} points"
+    )
     return {"knn_k": k, "knn_top1": trained, "knn_top1_random_init": random_init}
 
 

@@ -6,7 +6,7 @@
 Runs the shapes preset with
     full             centering + sharpening (tau_t = 0.04 < tau_s = 0.1) + momentum teacher
     centering_only   no sharpening: tau_t = tau_s = 0.1          -> uniform collapse: entropy -> ln K
-    sharpening_only  no centering                                -> one-mode collapse: KL(mean || uniform) -> ln K
+    sharpening_only  no centering                        -> one-mode collapse: KL(mean || uniform) -> ln K
     no_momentum      teacher = student after every step (m = 0)
 and prints one JSON line per setting with the final teacher entropy and KL to uniform next to ln K, then
 saves a figure of both signals over the steps (runs/ablate/collapse.png).
@@ -52,14 +52,28 @@ def main(argv: list[str]) -> list[dict]:
             os.remove(os.path.join(run_dir, "checkpoint.pt"))
         if os.path.exists(os.path.join(run_dir, "log.jsonl")):
             os.remove(os.path.join(run_dir, "log.jsonl"))
-        train.main(["--run.eval_at_end=false", f"--run.max_steps={steps}", "--run.log_every=5",
-                    f"--run.out_dir={run_dir}", *args, *extra])
+        train.main(
+            [
+                "--run.eval_at_end=false",
+                f"--run.max_steps={steps}",
+                "--run.log_every=5",
+                f"--run.out_dir={run_dir}",
+                *args,
+                *extra,
+            ]
+        )
         rows = read_log(os.path.join(run_dir, "log.jsonl"))
         curves[name] = rows
         last = rows[-1]
-        r = {"benchmark": "ablate", "setting": name, "steps": last["step"], "loss": round(last["loss"], 4),
-             "teacher_entropy": round(last["teacher_entropy"], 3),
-             "teacher_kl_uniform": round(last["teacher_kl_uniform"], 3), "ln_K": round(last["ln_K"], 3)}
+        r = {
+            "benchmark": "ablate",
+            "setting": name,
+            "steps": last["step"],
+            "loss": round(last["loss"], 4),
+            "teacher_entropy": round(last["teacher_entropy"], 3),
+            "teacher_kl_uniform": round(last["teacher_kl_uniform"], 3),
+            "ln_K": round(last["ln_K"], 3),
+        }
         print(json.dumps(r), flush=True)
         results.append(r)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

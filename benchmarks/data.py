@@ -39,9 +39,11 @@ def main(argv: list[str]) -> list[dict]:
     # per-image path: PIL augmentations in the workers; batched path: whole images in the workers, then
     # BatchMultiCrop on the batch in the main process (what train.py does with --data.batch_augment=true)
     batch_aug = BatchMultiCrop.from_config(cfg.data) if cfg.data.batch_augment else None
-    per_image = to_tensor_image(cfg.data.image_size) if batch_aug else MultiCropAugmentation.from_config(cfg.data)
+    per_image = (
+        to_tensor_image(cfg.data.image_size) if batch_aug else MultiCropAugmentation.from_config(cfg.data)
+    )
     ds = build_dataset(cfg.data, "train", per_image, cfg.run.seed)
-    results = []
+    results, d = [], cfg.data
     for w in workers:
         loader = DataLoader(ds, batch_size=cfg.optim.batch_size, shuffle=True, num_workers=w, drop_last=True)
         it = iter(loader)
@@ -53,10 +55,16 @@ def main(argv: list[str]) -> list[dict]:
                 crops = batch_aug(crops, torch.Generator().manual_seed(n))
             n += crops[0].shape[0]
         dt = time.perf_counter() - t0
-        r = {"benchmark": "data", "dataset": cfg.data.dataset, "batch_augment": cfg.data.batch_augment,
-             "num_workers": w, "batch_size": cfg.optim.batch_size,
-             "crops": f"2x{cfg.data.global_crops_size}+{cfg.data.local_crops_number}x{cfg.data.local_crops_size}",
-             "images_per_s": round(n / dt, 1), "images_per_s_per_worker": round(n / dt / max(w, 1), 1)}
+        r = {
+            "benchmark": "data",
+            "dataset": cfg.data.dataset,
+            "batch_augment": cfg.data.batch_augment,
+            "num_workers": w,
+            "batch_size": cfg.optim.batch_size,
+            "crops": f"2x{d.global_crops_size}+{d.local_crops_number}x{d.local_crops_size}",
+            "images_per_s": round(n / dt, 1),
+            "images_per_s_per_worker": round(n / dt / max(w, 1), 1),
+        }
         print(json.dumps(r))
         results.append(r)
     return results

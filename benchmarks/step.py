@@ -32,9 +32,10 @@ from minidino.schedules import schedules  # noqa: E402
 
 def synthetic_crops(cfg: C.Config, device) -> list[torch.Tensor]:
     b, d = cfg.optim.batch_size, cfg.data
-    return ([torch.randn(b, 3, d.global_crops_size, d.global_crops_size, device=device) for _ in range(2)]
-            + [torch.randn(b, 3, d.local_crops_size, d.local_crops_size, device=device)
-               for _ in range(d.local_crops_number)])
+    return [torch.randn(b, 3, d.global_crops_size, d.global_crops_size, device=device) for _ in range(2)] + [
+        torch.randn(b, 3, d.local_crops_size, d.local_crops_size, device=device)
+        for _ in range(d.local_crops_number)
+    ]
 
 
 def device_name(device: torch.device) -> str:
@@ -65,12 +66,20 @@ def main(argv: list[str]) -> dict:
     if L.ibot_weight:
         losses["ibot"] = IBOTLoss(cfg.head.out_dim, L.student_temp, L.center_momentum, L.centering).to(device)
         side = cfg.data.global_crops_size // cfg.model.patch_size
-        masks = ibot_masks(2 * cfg.optim.batch_size, side, side, torch.Generator().manual_seed(0),
-                           L.mask_ratio, L.mask_probability).to(device)
+        masks = ibot_masks(
+            2 * cfg.optim.batch_size,
+            side,
+            side,
+            torch.Generator().manual_seed(0),
+            L.mask_ratio,
+            L.mask_probability,
+        ).to(device)
     opt = torch.optim.AdamW(train.param_groups(student, cfg.optim), lr=1e-4)
     crops = synthetic_crops(cfg, device)
     sched = schedules(0, 100, 10, cfg.optim, cfg.loss, 1e-4)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    )
 
     def run(n: int) -> None:
         for _ in range(n):
@@ -84,13 +93,24 @@ def main(argv: list[str]) -> dict:
     t0 = time.perf_counter()
     run(steps)
     dt = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    result = {"benchmark": "step", "preset_args": " ".join(rest), "method": cfg.method, "arch": cfg.model.arch,
-              "patch_size": cfg.model.patch_size, "batch_size": cfg.optim.batch_size,
-              "crops": f"2x{cfg.data.global_crops_size}+{cfg.data.local_crops_number}x{cfg.data.local_crops_size}",
-              "device": device_name(device), "images_per_s": round(cfg.optim.batch_size * steps / dt, 2),
-              "step_ms": round(1000 * dt / steps, 2), "peak_memory_mb": round(peak / 2**20, 1)}
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    result = {
+        "benchmark": "step",
+        "preset_args": " ".join(rest),
+        "method": cfg.method,
+        "arch": cfg.model.arch,
+        "patch_size": cfg.model.patch_size,
+        "batch_size": cfg.optim.batch_size,
+        "crops": f"2x{cfg.data.global_crops_size}+{cfg.data.local_crops_number}x{cfg.data.local_crops_size}",
+        "device": device_name(device),
+        "images_per_s": round(cfg.optim.batch_size * steps / dt, 2),
+        "step_ms": round(1000 * dt / steps, 2),
+        "peak_memory_mb": round(peak / 2**20, 1),
+    }
     print(json.dumps(result))
     return result
 

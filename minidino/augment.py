@@ -31,47 +31,90 @@ def _blur(size: int, p: float) -> v2.Transform:
 
 
 def _to_tensor() -> v2.Transform:
-    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return v2.Compose(
+        [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
 
 
 class MultiCropAugmentation:
     """PIL image -> list of tensors: [global 1, global 2, local 1, ..., local n], each (3, size, size)."""
 
-    def __init__(self, global_crops_size: int = 224, global_crops_scale: tuple[float, float] = (0.4, 1.0),
-                 local_crops_number: int = 10, local_crops_size: int = 96,
-                 local_crops_scale: tuple[float, float] = (0.05, 0.4), hue: float = 0.1):
-        flip_and_jitter = v2.Compose([
-            v2.RandomHorizontalFlip(p=0.5),
-            v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=hue)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-        ])
+    def __init__(
+        self,
+        global_crops_size: int = 224,
+        global_crops_scale: tuple[float, float] = (0.4, 1.0),
+        local_crops_number: int = 10,
+        local_crops_size: int = 96,
+        local_crops_scale: tuple[float, float] = (0.05, 0.4),
+        hue: float = 0.1,
+    ):
+        flip_and_jitter = v2.Compose(
+            [
+                v2.RandomHorizontalFlip(p=0.5),
+                v2.RandomApply(
+                    [v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=hue)], p=0.8
+                ),
+                v2.RandomGrayscale(p=0.2),
+            ]
+        )
         bicubic = v2.InterpolationMode.BICUBIC
 
         def crop(size, scale):
             return v2.RandomResizedCrop(size, scale=scale, interpolation=bicubic, antialias=True)
 
-        self.global_1 = v2.Compose([crop(global_crops_size, global_crops_scale), flip_and_jitter,
-                                    _blur(global_crops_size, 1.0), _to_tensor()])
-        self.global_2 = v2.Compose([crop(global_crops_size, global_crops_scale), flip_and_jitter,
-                                    _blur(global_crops_size, 0.1), v2.RandomSolarize(128, p=0.2), _to_tensor()])
-        self.local = v2.Compose([crop(local_crops_size, local_crops_scale), flip_and_jitter,
-                                 _blur(local_crops_size, 0.5), _to_tensor()])
+        self.global_1 = v2.Compose(
+            [
+                crop(global_crops_size, global_crops_scale),
+                flip_and_jitter,
+                _blur(global_crops_size, 1.0),
+                _to_tensor(),
+            ]
+        )
+        self.global_2 = v2.Compose(
+            [
+                crop(global_crops_size, global_crops_scale),
+                flip_and_jitter,
+                _blur(global_crops_size, 0.1),
+                v2.RandomSolarize(128, p=0.2),
+                _to_tensor(),
+            ]
+        )
+        self.local = v2.Compose(
+            [
+                crop(local_crops_size, local_crops_scale),
+                flip_and_jitter,
+                _blur(local_crops_size, 0.5),
+                _to_tensor(),
+            ]
+        )
         self.local_crops_number = local_crops_number
 
     def __call__(self, image) -> list[torch.Tensor]:
-        return [self.global_1(image), self.global_2(image)] + [self.local(image)
-                                                              for _ in range(self.local_crops_number)]
+        return [self.global_1(image), self.global_2(image)] + [
+            self.local(image) for _ in range(self.local_crops_number)
+        ]
 
     @classmethod
     def from_config(cls, data) -> "MultiCropAugmentation":
-        return cls(data.global_crops_size, data.global_crops_scale, data.local_crops_number,
-                   data.local_crops_size, data.local_crops_scale, data.hue)
+        return cls(
+            data.global_crops_size,
+            data.global_crops_scale,
+            data.local_crops_number,
+            data.local_crops_size,
+            data.local_crops_scale,
+            data.hue,
+        )
 
 
 def eval_transform(size: int) -> v2.Transform:
     """Deterministic view for evaluation: resize the short side to `size`, centre crop, normalise."""
-    return v2.Compose([v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                       v2.CenterCrop(size), _to_tensor()])
+    return v2.Compose(
+        [
+            v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(size),
+            _to_tensor(),
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -94,8 +137,14 @@ def _rotate_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     yiq = torch.einsum("ij,bjhw->bihw", to_yiq, x)
     cos, sin = torch.cos(2 * torch.pi * turns), torch.sin(2 * torch.pi * turns)  # (B,)
     i, q = yiq[:, 1], yiq[:, 2]
-    yiq = torch.stack([yiq[:, 0], cos[:, None, None] * i - sin[:, None, None] * q,
-                       sin[:, None, None] * i + cos[:, None, None] * q], dim=1)
+    yiq = torch.stack(
+        [
+            yiq[:, 0],
+            cos[:, None, None] * i - sin[:, None, None] * q,
+            sin[:, None, None] * i + cos[:, None, None] * q,
+        ],
+        dim=1,
+    )
     return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(to_yiq), yiq)
 
 
@@ -107,24 +156,45 @@ class BatchMultiCrop:
     saturation, hue), grayscale, Gaussian blur with a per-image sigma, solarize on the second global crop.
     """
 
-    def __init__(self, global_crops_size: int = 224, global_crops_scale: tuple[float, float] = (0.4, 1.0),
-                 local_crops_number: int = 10, local_crops_size: int = 96,
-                 local_crops_scale: tuple[float, float] = (0.05, 0.4), hue: float = 0.1):
+    def __init__(
+        self,
+        global_crops_size: int = 224,
+        global_crops_scale: tuple[float, float] = (0.4, 1.0),
+        local_crops_number: int = 10,
+        local_crops_size: int = 96,
+        local_crops_scale: tuple[float, float] = (0.05, 0.4),
+        hue: float = 0.1,
+    ):
         self.gsize, self.gscale, self.hue = global_crops_size, global_crops_scale, hue
         self.nlocal, self.lsize, self.lscale = local_crops_number, local_crops_size, local_crops_scale
 
     @classmethod
     def from_config(cls, data) -> "BatchMultiCrop":
-        return cls(data.global_crops_size, data.global_crops_scale, data.local_crops_number,
-                   data.local_crops_size, data.local_crops_scale, data.hue)
+        return cls(
+            data.global_crops_size,
+            data.global_crops_scale,
+            data.local_crops_number,
+            data.local_crops_size,
+            data.local_crops_scale,
+            data.hue,
+        )
 
     def __call__(self, images: torch.Tensor, g: torch.Generator) -> list[torch.Tensor]:
-        crops = [self.view(images, self.gsize, self.gscale, 1.0, 0.0, g),
-                 self.view(images, self.gsize, self.gscale, 0.1, 0.2, g)]
+        crops = [
+            self.view(images, self.gsize, self.gscale, 1.0, 0.0, g),
+            self.view(images, self.gsize, self.gscale, 0.1, 0.2, g),
+        ]
         return crops + [self.view(images, self.lsize, self.lscale, 0.5, 0.0, g) for _ in range(self.nlocal)]
 
-    def view(self, x: torch.Tensor, size: int, scale: tuple[float, float], p_blur: float, p_solarize: float,
-             g: torch.Generator) -> torch.Tensor:
+    def view(
+        self,
+        x: torch.Tensor,
+        size: int,
+        scale: tuple[float, float],
+        p_blur: float,
+        p_solarize: float,
+        g: torch.Generator,
+    ) -> torch.Tensor:
         B, dev = x.shape[0], x.device
 
         def draw(lo, hi):  # B uniform numbers, drawn on the CPU generator, used on x's device
@@ -139,8 +209,9 @@ class BatchMultiCrop:
         theta = torch.zeros(B, 2, 3, device=dev)
         theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
         grid = torch.nn.functional.affine_grid(theta, [B, 3, size, size], align_corners=False)
-        x = torch.nn.functional.grid_sample(x, grid, mode="bicubic", padding_mode="border",
-                                            align_corners=False).clamp(0, 1)  # (B, 3, size, size)
+        x = torch.nn.functional.grid_sample(
+            x, grid, mode="bicubic", padding_mode="border", align_corners=False
+        ).clamp(0, 1)  # (B, 3, size, size)
 
         # colour jitter with probability 0.8: brightness 0.4, contrast 0.4, saturation 0.2, hue
         jitter = (draw(0, 1) < 0.8)[:, None, None, None]
@@ -173,5 +244,11 @@ class BatchMultiCrop:
 
 def to_tensor_image(size: int) -> v2.Transform:
     """PIL -> (3, size, size) float in [0, 1]: the per-image part of the batched path."""
-    return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.ToImage(),
-                       v2.ToDtype(torch.float32, scale=True)])
+    return v2.Compose(
+        [
+            v2.Resize(size, antialias=True),
+            v2.CenterCrop(size),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )

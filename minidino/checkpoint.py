@@ -36,7 +36,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
 
 
 def backbone_state_dict(model_state: dict) -> dict:
-    """The backbone part of an `SSLModel` state_dict, with plain ViT key names (cls_token, blocks.0.attn.qkv...)."""
+    """The backbone part of an `SSLModel` state_dict, with plain ViT keys (cls_token, blocks.0.attn.qkv)."""
     return {k.removeprefix("backbone."): v for k, v in model_state.items() if k.startswith("backbone.")}
 
 
@@ -47,7 +47,12 @@ def load_model_state(model: torch.nn.Module, state: dict, what: str) -> None:
     unexpected = sorted(set(state) - set(own))
     wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
     if missing or unexpected or wrong:
-        detail = (f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}"
-                  if wrong else f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}")
+        detail = (
+            f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}"
+            if wrong
+            else f"missing {missing[:2]}"
+            if missing
+            else f"unexpected {unexpected[:2]}"
+        )
         raise ValueError(f"{what} does not match this architecture: {detail}")
     model.load_state_dict(state)

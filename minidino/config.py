@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ModelConfig:
-    arch: str = "vit_small"  # backbone size: vit_nano (128 dim, 4 blocks), vit_tiny (192 dim), vit_small (384), vit_base (768), vit_large (1024)
+    arch: str = "vit_small"  # vit_nano (128 wide, 4 blocks), vit_tiny (192), vit_small (384), _base, _large
     patch_size: int = 16  # side of a square patch in pixels (16 for ImageNet, 4 for 32 px images)
     img_size: int = 224  # crop size the position embeddings are created for; other sizes interpolate
     drop_path: float = 0.1  # stochastic depth rate (DINO ViT-S: 0.1)
     drop_path_schedule: str = "linear"  # how the rate grows with depth: linear (0 -> drop_path) or uniform
-    pos_embed_init: str = "random"  # random (trunc. normal, DINO) or sincos (2-D sine-cosine start; small data)
+    pos_embed_init: str = "random"  # random (trunc. normal, DINO) or sincos (2-D sin-cos start, small data)
     attn_impl: str = "sdpa"  # attention implementation: sdpa (torch built-in) or ref (plain matmul/softmax)
     layerscale: float = 0.0  # LayerScale init (DINOv2: 1e-5); 0 disables LayerScale
     n_registers: int = 0  # register tokens (Darcet et al. 2023, arXiv 2309.16588); DINOv2 uses 4
@@ -46,7 +46,7 @@ class HeadConfig:
     n_layers: int = 3  # MLP layers before the bottleneck output (DINO: 3)
     norm_last_layer: bool = True  # fix the prototype norms to 1 (more stable; False can help ViT-S)
     use_bn: bool = False  # BatchNorm in the head's MLP (official option; helps tiny models resist collapse)
-    ibot_separate_head: bool = False  # iBOT patch logits from their own head (DINOv2's large runs) or the DINO head
+    ibot_separate_head: bool = False  # iBOT patches through their own head (DINOv2 big runs)
 
 
 @dataclass
@@ -137,9 +137,19 @@ def shapes() -> Config:
     # Small data wants few prototypes and a cool teacher (PAPERS.md: ~1024 prototypes below 20k images).
     c.head = HeadConfig(out_dim=1024, hidden_dim=512, bottleneck_dim=128, use_bn=True)
     c.loss = LossConfig(teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0)
-    c.data = DataConfig(dataset="shapes", image_size=32, global_crops_size=32, local_crops_size=16,
-                        local_crops_number=4, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4),
-                        eval_size=32, batch_augment=True, hue=0.5, num_workers=0)
+    c.data = DataConfig(
+        dataset="shapes",
+        image_size=32,
+        global_crops_size=32,
+        local_crops_size=16,
+        local_crops_number=4,
+        global_crops_scale=(0.4, 1.0),
+        local_crops_scale=(0.1, 0.4),
+        eval_size=32,
+        batch_augment=True,
+        hue=0.5,
+        num_workers=0,
+    )
     c.optim = OptimConfig(epochs=10, batch_size=64, lr=1e-3, warmup_epochs=1, momentum_teacher=0.99)
     c.run = RunConfig(out_dir="runs/shapes", log_every=10, knn_every=2)
     return c
@@ -148,9 +158,18 @@ def shapes() -> Config:
 def cifar10() -> Config:
     """CIFAR-10 at its native 32 px; `--data.root` points at the extracted data."""
     c = shapes()
-    c.data = DataConfig(dataset="cifar10", root="data/cifar10", global_crops_size=32, local_crops_size=16,
-                        local_crops_number=6, global_crops_scale=(0.3, 1.0), local_crops_scale=(0.1, 0.3),
-                        eval_size=32, num_workers=4, batch_augment=True)
+    c.data = DataConfig(
+        dataset="cifar10",
+        root="data/cifar10",
+        global_crops_size=32,
+        local_crops_size=16,
+        local_crops_number=6,
+        global_crops_scale=(0.3, 1.0),
+        local_crops_scale=(0.1, 0.3),
+        eval_size=32,
+        num_workers=4,
+        batch_augment=True,
+    )
     c.model = ModelConfig(arch="vit_small", patch_size=4, img_size=32, drop_path=0.1)
     c.head = HeadConfig(out_dim=4096, hidden_dim=2048, bottleneck_dim=256)
     c.loss = LossConfig(teacher_temp=0.05, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=30)
@@ -251,7 +270,7 @@ def flat_fields(cfg: Config) -> dict[str, tuple[object, dataclasses.Field, type,
 
 
 def parse_value(key: str, text: str, typ: type) -> object:
-    """Parse `text` as `typ` (bool, int, float, str or tuple[float, float]); ConfigError if it does not fit."""
+    """Parse `text` as `typ` (bool, int, float, str, tuple[float, float]); ConfigError if it does not fit."""
     try:
         if typ is bool:
             if text.lower() in ("1", "true", "yes", "on"):
@@ -308,11 +327,18 @@ def save_json(cfg: Config, path: str) -> None:
 
 
 def help_text(cfg: Config) -> str:
-    lines = ["usage: python train.py [--preset NAME] [--resume RUN_DIR] [--key=value ...]", "",
-             f"presets: {', '.join(PRESETS)} (default shapes); values shown are the chosen preset's", ""]
-    for key, (obj, f, _, comment) in flat_fields(cfg).items():
-        lines.append(f"  --{key}={getattr(obj, f.name)!s:<14} {comment}")
-    return "\n".join(lines)
+    lines = [
+        "usage: python train.py [--preset NAME] [--resume RUN_DIR] [--key=value ...]",
+        "",
+        f"presets: {', '.join(PRESETS)} (default shapes); values shown are the chosen preset's",
+        "",
+    ]
+    options = [
+        (f"  --{key}={getattr(obj, f.name)}", comment)
+        for key, (obj, f, _, comment) in flat_fields(cfg).items()
+    ]
+    width = max(len(option) for option, _ in options) + 2
+    return "\n".join(lines + [option.ljust(width) + comment for option, comment in options])
 
 
 def parse_args(argv: list[str]) -> tuple[Config, str | None, bool]:
@@ -385,19 +411,25 @@ def validate(cfg: Config) -> None:
     for key, allowed in choices.items():
         obj, f, _, _ = fields[key]
         if getattr(obj, f.name) not in allowed:
-            raise ConfigError(f"option --{key}: expected one of {', '.join(allowed)}, got {getattr(obj, f.name)!r}")
+            raise ConfigError(
+                f"option --{key}: expected one of {', '.join(allowed)}, got {getattr(obj, f.name)!r}"
+            )
     for key in ("data.global_crops_size", "data.local_crops_size"):
         obj, f, _, _ = fields[key]
         if getattr(obj, f.name) % cfg.model.patch_size:
-            raise ConfigError(f"option --{key}={getattr(obj, f.name)} must be a multiple of --model.patch_size="
-                              f"{cfg.model.patch_size}")
+            raise ConfigError(
+                f"option --{key}={getattr(obj, f.name)} must be a multiple of --model.patch_size="
+                f"{cfg.model.patch_size}"
+            )
     for key in ("data.global_crops_scale", "data.local_crops_scale"):
         lo, hi = fields[key][0].__dict__[fields[key][1].name]
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"option --{key}: expected 0 < min <= max <= 1, got ({lo}, {hi})")
     if cfg.run.distill_from and (cfg.model.drop_path or cfg.loss.mask_probability):
         # DINOv2 distils without masking and without stochastic depth; say so instead of silently changing
-        raise ConfigError("--run.distill_from: set --model.drop_path=0 and --loss.mask_probability=0 (DINOv2 "
-                          "distils without stochastic depth and masking)")
+        raise ConfigError(
+            "--run.distill_from: set --model.drop_path=0 and --loss.mask_probability=0 (DINOv2 "
+            "distils without stochastic depth and masking)"
+        )
     if cfg.optim.batch_size < 2:
         raise ConfigError("option --optim.batch_size: expected at least 2 (centering needs a batch)")

@@ -8,9 +8,9 @@ correct with any number of DataLoader workers; the training loop sums and logs i
 Nothing is downloaded: a data set that is not on disk is a one-line error that says where to put it.
 
 Shapes: 8 classes of filled shapes with random colour, size, position and rotation (within a quarter turn,
-which covers every orientation of the square, cross and star), bright on a dark noisy background (a faint gradient
-plus pixel noise) with a distractor stroke; each index always draws the same image (seeded by split and index) and
-comes with its foreground mask, so emergent segmentation can be scored against ground truth.
+which covers every orientation of the square, cross and star), bright on a dark noisy background (a faint
+gradient plus pixel noise) with a distractor stroke; each index always draws the same image (seeded by split
+and index) and comes with its foreground mask, so emergent segmentation can be scored against ground truth.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ def _shape_mask(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     if name == "square":
         return (np.abs(u) < 0.75) & (np.abs(v) < 0.75)
     if name == "triangle":  # equilateral: three half-planes at 120 degrees
-        return np.all([u * math.cos(a) + v * math.sin(a) < 0.5 for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)],
-                      axis=0)
+        return np.all(
+            [u * math.cos(a) + v * math.sin(a) < 0.5 for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)], axis=0
+        )
     if name == "star":  # five points: radius a triangle wave in the angle
         phase = (theta * 5 / (2 * math.pi)) % 1.0
         return r < 0.4 + 0.6 * np.abs(2 * phase - 1)
@@ -185,10 +186,16 @@ def image_folder(root: str, transform=None) -> ImageFiles:
     if not os.path.isdir(root):
         raise DataError(f"data folder {root} does not exist (expected root/<class>/<image> sub-folders)")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    samples = [(os.path.join(root, c, f), i) for i, c in enumerate(classes)
-               for f in sorted(os.listdir(os.path.join(root, c))) if _is_image(f)]
+    samples = [
+        (os.path.join(root, c, f), i)
+        for i, c in enumerate(classes)
+        for f in sorted(os.listdir(os.path.join(root, c)))
+        if _is_image(f)
+    ]
     if not samples:
-        raise DataError(f"data folder {root} has no images in class sub-folders (expected root/<class>/<image>)")
+        raise DataError(
+            f"data folder {root} has no images in class sub-folders (expected root/<class>/<image>)"
+        )
     return ImageFiles(samples, transform, tuple(classes))
 
 
@@ -196,8 +203,12 @@ def flat_folder(root: str, transform=None) -> ImageFiles:
     """Every image under root (recursively), unlabelled (label -1): for pre-training only."""
     if not os.path.isdir(root):
         raise DataError(f"data folder {root} does not exist")
-    samples = [(os.path.join(d, f), -1) for d, _, files in sorted(os.walk(root)) for f in sorted(files)
-               if _is_image(f)]
+    samples = [
+        (os.path.join(d, f), -1)
+        for d, _, files in sorted(os.walk(root))
+        for f in sorted(files)
+        if _is_image(f)
+    ]
     if not samples:
         raise DataError(f"data folder {root} contains no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...)")
     return ImageFiles(samples, transform)
@@ -226,8 +237,10 @@ def _torchvision(name: str, root: str, split: str, transform):
     train = split == "train"
     folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "stl10": "stl10_binary"}[name]
     if not os.path.isdir(os.path.join(root, folder)):
-        raise DataError(f"{name} not found under {root}: put the extracted '{folder}' folder there, or an "
-                        f"ImageFolder layout {root}/train/<class>/ and {root}/test/<class>/ (nothing is downloaded)")
+        raise DataError(
+            f"{name} not found under {root}: put the extracted '{folder}' folder there, or an "
+            f"ImageFolder layout {root}/train/<class>/ and {root}/test/<class>/ (nothing is downloaded)"
+        )
     if name == "stl10":  # 'train+unlabeled' for pre-training would need labels -1; keep the labelled splits
         return _Labelled(tvd.STL10(root, split="train" if train else "test", download=False), transform)
     cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
@@ -237,8 +250,9 @@ def _torchvision(name: str, root: str, split: str, transform):
 def build_dataset(data, split: str, transform=None, seed: int = 0) -> Dataset:
     """The `split` ('train' or 'test') of the data set named by a `DataConfig`."""
     if data.dataset == "shapes":
-        return ShapesDataset(data.n_train if split == "train" else data.n_test, data.image_size, split,
-                             transform, seed)
+        return ShapesDataset(
+            data.n_train if split == "train" else data.n_test, data.image_size, split, transform, seed
+        )
     root = data.root
     if not root:
         raise DataError(f"--data.root is empty: data set {data.dataset!r} needs a folder")

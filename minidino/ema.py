@@ -13,13 +13,16 @@ from torch import nn
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """theta_t <- m theta_t + (1 - m) theta_s for every parameter; m=0 copies the student, m=1 keeps the teacher.
+    """theta_t <- m theta_t + (1 - m) theta_s for all parameters: m=0 copies the student, m=1 keeps the
+    teacher.
 
     Buffers are not averaged (the ViT has none that train); both modules must have the same parameter names.
     """
     t_params = [p for _, p in teacher.named_parameters()]
     s_params = [p.detach() for _, p in student.named_parameters()]
     if len(t_params) != len(s_params):
-        raise ValueError(f"teacher has {len(t_params)} parameters, student {len(s_params)}: not the same model")
+        raise ValueError(
+            f"teacher has {len(t_params)} parameters, student {len(s_params)}: not the same model"
+        )
     # lerp(t, s, w) = t + w (s - t) = (1 - w) t + w s, with w = 1 - m
     torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)

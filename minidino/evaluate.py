@@ -16,8 +16,14 @@ from tqdm import tqdm
 
 
 @torch.no_grad()
-def extract_features(backbone: torch.nn.Module, dataset: Dataset, device: torch.device | str = "cpu",
-                     batch_size: int = 256, num_workers: int = 0, desc: str = "features") -> tuple[Tensor, Tensor]:
+def extract_features(
+    backbone: torch.nn.Module,
+    dataset: Dataset,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    desc: str = "features",
+) -> tuple[Tensor, Tensor]:
     """CLS features (N, C), L2-normalised, and labels (N,) of a dataset of (image, label, skipped) items."""
     was_training = backbone.training
     backbone.eval()
@@ -32,9 +38,15 @@ def extract_features(backbone: torch.nn.Module, dataset: Dataset, device: torch.
 
 
 @torch.no_grad()
-def knn_classify(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
-                 ks: tuple[int, ...] = (10, 20, 100, 200), temperature: float = 0.07,
-                 chunk: int = 512) -> dict[int, float]:
+def knn_classify(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    ks: tuple[int, ...] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    chunk: int = 512,
+) -> dict[int, float]:
     """Top-1 accuracy (in %) of weighted k-NN for each k; features must be L2-normalised.
 
     Test features are processed in chunks so the (chunk, N_train) similarity matrix stays small.
@@ -43,21 +55,32 @@ def knn_classify(train_features: Tensor, train_labels: Tensor, test_features: Te
     k_max = min(max(ks), train_features.shape[0])
     correct = {k: 0 for k in ks}
     for start in range(0, test_features.shape[0], chunk):
-        sim = test_features[start:start + chunk] @ train_features.T  # (b, N_train) cosine similarities
+        sim = test_features[start : start + chunk] @ train_features.T  # (b, N_train) cosine similarities
         top_sim, top_idx = sim.topk(k_max, dim=1)  # (b, k_max), sorted
         weights = (top_sim / temperature).exp()
-        votes = F.one_hot(train_labels[top_idx], n_classes).float() * weights.unsqueeze(-1)  # (b, k_max, classes)
-        truth = test_labels[start:start + chunk]
+        votes = F.one_hot(train_labels[top_idx], n_classes).float() * weights.unsqueeze(
+            -1
+        )  # (b, k_max, classes)
+        truth = test_labels[start : start + chunk]
         for k in ks:
             pred = votes[:, : min(k, k_max)].sum(1).argmax(1)
             correct[k] += (pred == truth).sum().item()
     return {k: 100.0 * c / test_features.shape[0] for k, c in correct.items()}
 
 
-def knn_eval(backbone: torch.nn.Module, train_set: Dataset, test_set: Dataset, device="cpu",
-             ks: tuple[int, ...] = (10, 20, 100, 200), temperature: float = 0.07, num_workers: int = 0,
-             batch_size: int = 256) -> dict[int, float]:
+def knn_eval(
+    backbone: torch.nn.Module,
+    train_set: Dataset,
+    test_set: Dataset,
+    device="cpu",
+    ks: tuple[int, ...] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    num_workers: int = 0,
+    batch_size: int = 256,
+) -> dict[int, float]:
     """Extract features of both splits and run the weighted k-NN."""
-    train_f, train_y = extract_features(backbone, train_set, device, batch_size, num_workers, "train features")
+    train_f, train_y = extract_features(
+        backbone, train_set, device, batch_size, num_workers, "train features"
+    )
     test_f, test_y = extract_features(backbone, test_set, device, batch_size, num_workers, "test features")
     return knn_classify(train_f, train_y, test_f, test_y, ks, temperature)

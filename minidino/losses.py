@@ -67,7 +67,9 @@ def ibot_loss(student_logits: Tensor, teacher_probs: Tensor, masks: Tensor, stud
     student_logits, teacher_probs: (M, K) for the M masked patches, in the order of masks.nonzero().
     masks: (n_images, N) bool, which patches of each global crop were masked for the student.
     """
-    per_patch = torch.sum(-teacher_probs * F.log_softmax(student_logits.float() / student_temp, dim=-1), dim=-1)
+    per_patch = torch.sum(
+        -teacher_probs * F.log_softmax(student_logits.float() / student_temp, dim=-1), dim=-1
+    )
     n_masked = masks.sum(dim=1)  # (n_images,)
     weight = (1.0 / n_masked.clamp(min=1)).repeat_interleave(n_masked)  # (M,): 1 / #masked of its image
     n_images = (n_masked > 0).sum().clamp(min=1)
@@ -78,8 +80,9 @@ class TeacherCentering(nn.Module):
     """Turns teacher logits into targets: softmax((g_t - c) / tau_t) with the running centre c (DINO; c is a
     buffer, so it is checkpointed), Sinkhorn-Knopp (DINOv2), or no centering (an ablation)."""
 
-    def __init__(self, out_dim: int, center_momentum: float = 0.9, centering: str = "center",
-                 sinkhorn_iters: int = 3):
+    def __init__(
+        self, out_dim: int, center_momentum: float = 0.9, centering: str = "center", sinkhorn_iters: int = 3
+    ):
         super().__init__()
         self.center_momentum, self.centering, self.sinkhorn_iters = center_momentum, centering, sinkhorn_iters
         self.register_buffer("center", torch.zeros(1, out_dim))
@@ -95,7 +98,7 @@ class TeacherCentering(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_logits: list[Tensor]) -> None:
-        """c <- m c + (1 - m) mean over all teacher outputs of the step, over all processes when distributed."""
+        """c <- m c + (1 - m) mean of the step's teacher outputs (over all processes when distributed)."""
         if self.centering != "center":
             return
         t = torch.cat(teacher_logits).float()  # (n_global * B, K)
@@ -109,8 +112,14 @@ class TeacherCentering(nn.Module):
 class DINOLoss(TeacherCentering):
     """DINO's CLS loss with its centre; `forward(student_logits, teacher_probs)` is Eq. (1)."""
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 centering: str = "center", sinkhorn_iters: int = 3):
+    def __init__(
+        self,
+        out_dim: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: str = "center",
+        sinkhorn_iters: int = 3,
+    ):
         super().__init__(out_dim, center_momentum, centering, sinkhorn_iters)
         self.student_temp = student_temp
 
@@ -121,8 +130,14 @@ class DINOLoss(TeacherCentering):
 class IBOTLoss(TeacherCentering):
     """iBOT's masked-patch loss with its own centre (patch statistics differ from CLS statistics)."""
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 centering: str = "center", sinkhorn_iters: int = 3):
+    def __init__(
+        self,
+        out_dim: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: str = "center",
+        sinkhorn_iters: int = 3,
+    ):
         super().__init__(out_dim, center_momentum, centering, sinkhorn_iters)
         self.student_temp = student_temp
 

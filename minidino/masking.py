@@ -17,8 +17,15 @@ import torch
 from torch import Tensor
 
 
-def block_mask(h: int, w: int, n_masked: int, g: torch.Generator, min_block: int = 4,
-               aspect: tuple[float, float] = (0.3, 1 / 0.3), max_tries: int = 10) -> Tensor:
+def block_mask(
+    h: int,
+    w: int,
+    n_masked: int,
+    g: torch.Generator,
+    min_block: int = 4,
+    aspect: tuple[float, float] = (0.3, 1 / 0.3),
+    max_tries: int = 10,
+) -> Tensor:
     """A (h, w) bool mask with about `n_masked` True patches, made of rectangular blocks."""
     mask = torch.zeros(h, w, dtype=torch.bool)
     log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
@@ -37,9 +44,9 @@ def block_mask(h: int, w: int, n_masked: int, g: torch.Generator, min_block: int
                 continue
             top = int(torch.randint(0, h - bh + 1, (), generator=g))
             left = int(torch.randint(0, w - bw + 1, (), generator=g))
-            new = int((~mask[top:top + bh, left:left + bw]).sum())
+            new = int((~mask[top : top + bh, left : left + bw]).sum())
             if 0 < new <= remaining:
-                mask[top:top + bh, left:left + bw] = True
+                mask[top : top + bh, left : left + bw] = True
                 grew = True
                 break
         if not grew:  # no block fits the remaining budget: stop a little short of the target
@@ -47,8 +54,15 @@ def block_mask(h: int, w: int, n_masked: int, g: torch.Generator, min_block: int
     return mask
 
 
-def ibot_masks(n_images: int, h: int, w: int, g: torch.Generator, ratio: tuple[float, float] = (0.1, 0.5),
-               probability: float = 0.5, min_block: int = 4) -> Tensor:
+def ibot_masks(
+    n_images: int,
+    h: int,
+    w: int,
+    g: torch.Generator,
+    ratio: tuple[float, float] = (0.1, 0.5),
+    probability: float = 0.5,
+    min_block: int = 4,
+) -> Tensor:
     """Masks (n_images, h * w) for a batch of crops: each crop is masked with `probability`, with a ratio
     drawn uniformly in `ratio`; unmasked crops get an all-False row."""
     masks = torch.zeros(n_images, h * w, dtype=torch.bool)

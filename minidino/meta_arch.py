@@ -22,7 +22,9 @@ class SSLModel(nn.Module):
         super().__init__()
         self.backbone, self.head, self.ibot_head = backbone, head, ibot_head
 
-    def forward(self, crops: list[Tensor], masks: list[Tensor | None] | None = None) -> dict[str, list[Tensor]]:
+    def forward(
+        self, crops: list[Tensor], masks: list[Tensor | None] | None = None
+    ) -> dict[str, list[Tensor]]:
         feats = self.backbone(crops, masks)  # one {'cls', 'patch'} dict per crop
         cls = [f["cls"] for f in feats]  # each (B, C)
         logits = self.head(torch.cat(cls)).split([c.shape[0] for c in cls])  # each (B, K)
@@ -40,8 +42,15 @@ def build_model(cfg, drop_path: float | None = None) -> SSLModel:
     h = cfg.head
 
     def head() -> DINOHead:
-        return DINOHead(backbone.embed_dim, h.out_dim, h.hidden_dim, h.bottleneck_dim, h.n_layers,
-                        h.norm_last_layer, h.use_bn)
+        return DINOHead(
+            backbone.embed_dim,
+            h.out_dim,
+            h.hidden_dim,
+            h.bottleneck_dim,
+            h.n_layers,
+            h.norm_last_layer,
+            h.use_bn,
+        )
 
     separate = cfg.loss.ibot_weight > 0 and h.ibot_separate_head
     return SSLModel(backbone, head(), head() if separate else None)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 
 
-def cosine(step: int, total_steps: int, start: float, end: float, warmup_steps: int = 0,
-           warmup_start: float = 0.0) -> float:
+def cosine(
+    step: int, total_steps: int, start: float, end: float, warmup_steps: int = 0, warmup_start: float = 0.0
+) -> float:
     """Linear from `warmup_start` to `start` over `warmup_steps`, then half a cosine from `start` to `end`.
 
     At step == warmup_steps the value is `start`; at the last step (total_steps - 1) it is `end`.
@@ -39,7 +40,11 @@ def schedules(step: int, total_steps: int, steps_per_epoch: int, optim, loss, lr
     return {
         "lr": cosine(step, total_steps, lr_peak, optim.min_lr, optim.warmup_epochs * steps_per_epoch),
         "wd": cosine(step, total_steps, optim.weight_decay, optim.weight_decay_end),
-        "teacher_temp": linear_warmup(step, loss.warmup_teacher_temp_epochs * steps_per_epoch,
-                                      loss.warmup_teacher_temp, loss.teacher_temp),
+        "teacher_temp": linear_warmup(
+            step,
+            loss.warmup_teacher_temp_epochs * steps_per_epoch,
+            loss.warmup_teacher_temp,
+            loss.teacher_temp,
+        ),
         "momentum": cosine(step, total_steps, optim.momentum_teacher, 1.0),
     }

@@ -68,7 +68,7 @@ class Mlp(nn.Module):
 class SwiGLU(nn.Module):
     """SwiGLU feed-forward (Shazeer 2020, arXiv 2002.05202): fc2(silu(x W1) * (x W2)).
 
-    Hidden width 2/3 of the MLP's (rounded up to a multiple of 8) so the parameter count matches, as in DINOv2.
+    Hidden width 2/3 of the MLP's (rounded up to a multiple of 8): the same parameter count, as in DINOv2.
     """
 
     def __init__(self, dim: int, hidden: int):
@@ -105,8 +105,15 @@ def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
 class Block(nn.Module):
     """Pre-norm transformer block: x + drop(ls1(attn(norm1 x))), then the same with the MLP."""
 
-    def __init__(self, dim: int, num_heads: int, drop_path: float = 0.0, layerscale: float = 0.0,
-                 ffn: str = "mlp", attn_impl: str = "sdpa"):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        drop_path: float = 0.0,
+        layerscale: float = 0.0,
+        ffn: str = "mlp",
+        attn_impl: str = "sdpa",
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, attn_impl)
@@ -134,22 +141,40 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, arch: str = "vit_small", patch_size: int = 16, img_size: int = 224,
-                 drop_path: float = 0.0, drop_path_schedule: str = "linear", attn_impl: str = "sdpa",
-                 layerscale: float = 0.0, n_registers: int = 0, ffn: str = "mlp", pos_embed_init: str = "random"):
+    def __init__(
+        self,
+        arch: str = "vit_small",
+        patch_size: int = 16,
+        img_size: int = 224,
+        drop_path: float = 0.0,
+        drop_path_schedule: str = "linear",
+        attn_impl: str = "sdpa",
+        layerscale: float = 0.0,
+        n_registers: int = 0,
+        ffn: str = "mlp",
+        pos_embed_init: str = "random",
+    ):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}: expected one of {', '.join(ARCHS)}")
         dim, depth, heads = ARCHS[arch]
-        self.embed_dim, self.num_heads, self.patch_size, self.n_registers = dim, heads, patch_size, n_registers
+        self.embed_dim, self.num_heads, self.patch_size, self.n_registers = (
+            dim,
+            heads,
+            patch_size,
+            n_registers,
+        )
         self.patch_embed = PatchEmbed(patch_size, dim)
         n_patches = (img_size // patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n_patches, dim))  # registers get no position
         self.register_tokens = nn.Parameter(torch.zeros(1, n_registers, dim)) if n_registers else None
         self.mask_token = nn.Parameter(torch.zeros(1, dim))  # iBOT: replaces masked patch embeddings
-        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)] if drop_path_schedule == "linear" \
+        rates = (
+            [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+            if drop_path_schedule == "linear"
             else [drop_path] * depth
+        )
         self.blocks = nn.ModuleList(Block(dim, heads, r, layerscale, ffn, attn_impl) for r in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self._init_weights(pos_embed_init)
@@ -205,7 +230,7 @@ class VisionTransformer(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         x = self.norm(x)
-        return {"cls": x[:, 0], "patch": x[:, 1 + self.n_registers:]}
+        return {"cls": x[:, 0], "patch": x[:, 1 + self.n_registers :]}
 
     def forward(self, crops: Tensor | list[Tensor], masks: list[Tensor | None] | None = None) -> list[dict]:
         """A list of crops (each (B, 3, H, W)) -> one features dict per crop.
@@ -233,8 +258,12 @@ class VisionTransformer(nn.Module):
         if all(m is None for m in masks):
             return None
         n = (crops[0].shape[-2] // self.patch_size) * (crops[0].shape[-1] // self.patch_size)
-        return torch.cat([m if m is not None else torch.zeros(c.shape[0], n, dtype=torch.bool, device=c.device)
-                          for c, m in zip(crops, masks)])
+        return torch.cat(
+            [
+                m if m is not None else torch.zeros(c.shape[0], n, dtype=torch.bool, device=c.device)
+                for c, m in zip(crops, masks)
+            ]
+        )
 
     @torch.no_grad()
     def get_last_selfattention(self, x: Tensor) -> Tensor:
@@ -246,7 +275,7 @@ class VisionTransformer(nn.Module):
 
 
 def sincos_2d(n: int, dim: int) -> Tensor:
-    """Fixed 2-D sine-cosine position codes for an n x n grid, (n * n, dim): a quarter of the channels each for
+    """Fixed 2-D sine-cosine position codes for an n x n grid, (n * n, dim): a quarter of the channels for
     sin(row), cos(row), sin(col), cos(col) at geometric frequencies (as in MAE and MoCo v3, arXiv 2104.02057).
 
     Used as the *initial* value of the learnt position embeddings on small data: from step 0 every patch knows
@@ -254,8 +283,9 @@ def sincos_2d(n: int, dim: int) -> Tensor:
     """
     q = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float32) / q)  # (q,)
-    rows, cols = torch.meshgrid(torch.arange(n, dtype=torch.float32), torch.arange(n, dtype=torch.float32),
-                                indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(n, dtype=torch.float32), torch.arange(n, dtype=torch.float32), indexing="ij"
+    )
     codes = [f(c.flatten()[:, None] * omega[None]) for c in (rows, cols) for f in (torch.sin, torch.cos)]
     out = torch.cat(codes, dim=1)  # (n * n, 4q)
     return F.pad(out, (0, dim - out.shape[1]))
@@ -263,5 +293,15 @@ def sincos_2d(n: int, dim: int) -> Tensor:
 
 def build_vit(cfg) -> VisionTransformer:
     """Backbone from a `ModelConfig`."""
-    return VisionTransformer(cfg.arch, cfg.patch_size, cfg.img_size, cfg.drop_path, cfg.drop_path_schedule,
-                             cfg.attn_impl, cfg.layerscale, cfg.n_registers, cfg.ffn, cfg.pos_embed_init)
+    return VisionTransformer(
+        cfg.arch,
+        cfg.patch_size,
+        cfg.img_size,
+        cfg.drop_path,
+        cfg.drop_path_schedule,
+        cfg.attn_impl,
+        cfg.layerscale,
+        cfg.n_registers,
+        cfg.ffn,
+        cfg.pos_embed_init,
+    )

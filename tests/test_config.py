@@ -6,8 +6,17 @@ from minidino import config as C
 
 
 def test_presets_and_overrides_are_typed():
-    cfg, resume, wants_help = C.parse_args(["--preset", "cifar10", "--optim.epochs=7", "--data.global_crops_scale=0.3,0.9",
-                                            "--head.norm_last_layer=false", "--optim.lr", "1e-3"])
+    cfg, resume, wants_help = C.parse_args(
+        [
+            "--preset",
+            "cifar10",
+            "--optim.epochs=7",
+            "--data.global_crops_scale=0.3,0.9",
+            "--head.norm_last_layer=false",
+            "--optim.lr",
+            "1e-3",
+        ]
+    )
     assert resume is None and not wants_help
     assert cfg.data.dataset == "cifar10" and cfg.model.patch_size == 4
     assert cfg.optim.epochs == 7 and cfg.optim.lr == 1e-3
@@ -18,10 +27,23 @@ def test_imagenet_preset_is_the_paper_recipe():
     c = C.imagenet()
     assert (c.model.arch, c.model.patch_size, c.model.drop_path) == ("vit_small", 16, 0.1)
     assert (c.data.global_crops_size, c.data.global_crops_scale) == (224, (0.4, 1.0))
-    assert (c.data.local_crops_number, c.data.local_crops_size, c.data.local_crops_scale) == (10, 96, (0.05, 0.4))
+    assert (c.data.local_crops_number, c.data.local_crops_size, c.data.local_crops_scale) == (
+        10,
+        96,
+        (0.05, 0.4),
+    )
     assert c.head.out_dim == 65536 and c.loss.student_temp == 0.1 and c.loss.center_momentum == 0.9
-    assert (c.loss.warmup_teacher_temp, c.loss.teacher_temp, c.loss.warmup_teacher_temp_epochs) == (0.04, 0.07, 30)
-    assert (c.optim.lr, c.optim.warmup_epochs, c.optim.weight_decay, c.optim.weight_decay_end) == (5e-4, 10, 0.04, 0.4)
+    assert (c.loss.warmup_teacher_temp, c.loss.teacher_temp, c.loss.warmup_teacher_temp_epochs) == (
+        0.04,
+        0.07,
+        30,
+    )
+    assert (c.optim.lr, c.optim.warmup_epochs, c.optim.weight_decay, c.optim.weight_decay_end) == (
+        5e-4,
+        10,
+        0.04,
+        0.4,
+    )
     assert (c.optim.momentum_teacher, c.optim.clip_grad, c.optim.freeze_last_layer) == (0.996, 3.0, 1)
 
 

@@ -53,7 +53,9 @@ def _write(path, mode, size=(12, 10)):
         Image.new("RGB", size, (200, 30, 30)).convert(mode).save(path)
 
 
-@pytest.mark.parametrize("mode,ext", [("L", "png"), ("RGBA", "png"), ("CMYK", "jpg"), ("P", "png"), ("I;16", "png")])
+@pytest.mark.parametrize(
+    "mode,ext", [("L", "png"), ("RGBA", "png"), ("CMYK", "jpg"), ("P", "png"), ("I;16", "png")]
+)
 def test_any_image_mode_becomes_8bit_rgb(tmp_path, mode, ext):
     path = str(tmp_path / f"x.{ext}")
     _write(path, mode)
@@ -86,7 +88,9 @@ def test_missing_and_empty_data_folders_are_clear_errors(tmp_path):
         build_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path / "nope")), "train")
     with pytest.raises(DataError, match=r"has no images"):
         build_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path)), "train")
-    with pytest.raises(DataError, match=r"cifar10 not found under .*cifar-10-batches-py.*nothing is downloaded"):
+    with pytest.raises(
+        DataError, match=r"cifar10 not found under .*cifar-10-batches-py.*nothing is downloaded"
+    ):
         build_dataset(DataConfig(dataset="cifar10", root=str(tmp_path)), "train")
     with pytest.raises(DataError, match=r"--data.root is empty"):
         build_dataset(DataConfig(dataset="folder", root=""), "train")

@@ -40,13 +40,19 @@ def test_teacher_probs_center_and_sharpen():
     torch.testing.assert_close(p, F.softmax((g - loss.center) / 0.5, -1))
     assert torch.allclose(p.sum(-1), torch.ones(1))
     # lower temperature -> sharper (lower entropy)
-    assert entropy_stats(loss.teacher_probs([g], 0.1)[0])["teacher_entropy"] < entropy_stats(p)["teacher_entropy"]
+    assert (
+        entropy_stats(loss.teacher_probs([g], 0.1)[0])["teacher_entropy"]
+        < entropy_stats(p)["teacher_entropy"]
+    )
 
 
 def test_center_update_is_ema_of_batch_mean():
     loss = DINOLoss(3, center_momentum=0.9)
     loss.center.fill_(1.0)
-    t1, t2 = torch.tensor([[0.0, 3.0, 6.0], [2.0, 1.0, 0.0]]), torch.tensor([[4.0, 2.0, 0.0], [2.0, 2.0, 2.0]])
+    t1, t2 = (
+        torch.tensor([[0.0, 3.0, 6.0], [2.0, 1.0, 0.0]]),
+        torch.tensor([[4.0, 2.0, 0.0], [2.0, 2.0, 2.0]]),
+    )
     loss.update_center([t1, t2])
     mean = torch.cat([t1, t2]).mean(0, keepdim=True)
     torch.testing.assert_close(loss.center, 0.9 * torch.ones(1, 3) + 0.1 * mean)

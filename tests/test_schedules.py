@@ -13,7 +13,10 @@ def test_cosine_at_start_end_of_warmup_and_last_step():
     assert cosine(warm, total, 1.0, 0.1, warm) == 1.0
     assert abs(cosine(total - 1, total, 1.0, 0.1, warm) - 0.1) < 1e-12
     mid = warm + (total - 1 - warm) / 2
-    assert abs(cosine(int(mid), total, 1.0, 0.0, warm) - 0.5 * (1 + math.cos(math.pi * (int(mid) - warm) / 89))) < 1e-12
+    assert (
+        abs(cosine(int(mid), total, 1.0, 0.0, warm) - 0.5 * (1 + math.cos(math.pi * (int(mid) - warm) / 89)))
+        < 1e-12
+    )
 
 
 def test_cosine_is_monotone_after_warmup():

@@ -31,8 +31,9 @@ def test_matches_dense_reference():
     torch.manual_seed(1)
     for B, K in [(5, 13), (19, 7), (64, 257)]:
         logits = torch.randn(B, K) * 3
-        torch.testing.assert_close(sinkhorn_knopp(logits, 0.07, 3).double(), _dense_reference(logits, 0.07, 3),
-                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            sinkhorn_knopp(logits, 0.07, 3).double(), _dense_reference(logits, 0.07, 3), rtol=1e-4, atol=1e-6
+        )
 
 
 def test_stable_with_large_logits():

@@ -23,8 +23,19 @@ def test_end_to_end_writes_run_folder(tmp_path, capsys):
         assert (run / name).exists(), name
     rows = _log(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    for key in ("loss", "lr", "wd", "teacher_temp", "momentum", "teacher_entropy", "teacher_kl_uniform",
-                "ln_K", "images_per_s", "epoch", "skipped_images"):
+    for key in (
+        "loss",
+        "lr",
+        "wd",
+        "teacher_temp",
+        "momentum",
+        "teacher_entropy",
+        "teacher_kl_uniform",
+        "ln_K",
+        "images_per_s",
+        "epoch",
+        "skipped_images",
+    ):
         assert key in rows[0], key
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
@@ -71,7 +82,9 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypa
     saved = (tmp_path / "a" / "checkpoint.pt").read_bytes()
     real = DINOLoss.forward
     monkeypatch.setattr(DINOLoss, "forward", lambda self, s, t: real(self, s, t) * float("nan"))
-    with pytest.raises(train.NonFiniteLoss, match=r"loss is nan at step 2: stopping; the last good checkpoint"):
+    with pytest.raises(
+        train.NonFiniteLoss, match=r"loss is nan at step 2: stopping; the last good checkpoint"
+    ):
         train.main(["--resume", str(tmp_path / "a"), "--run.max_steps=0"])
     assert (tmp_path / "a" / "checkpoint.pt").read_bytes() == saved
 
@@ -90,7 +103,9 @@ def test_teacher_gets_no_gradient_and_moves_only_by_ema(tmp_path):
     sched = dict(schedules(0, 10, 1, cfg.optim, cfg.loss, 1e-2), lr=1e-2, momentum=1.0)
     for g in opt.param_groups:
         g["lr"] = 1e-2
-    train.train_step(student, teacher, {"dino": loss}, opt, crops, sched, cfg, False, contextlib.nullcontext())
+    train.train_step(
+        student, teacher, {"dino": loss}, opt, crops, sched, cfg, False, contextlib.nullcontext()
+    )
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.named_parameters())  # m = 1: unchanged
     assert any(not torch.equal(before[k], v) for k, v in student.named_parameters())  # the student moved
@@ -106,14 +121,27 @@ def test_frozen_last_layer_does_not_move(tmp_path):
     crops = [torch.randn(4, 3, 32, 32) for _ in range(2)]
     w = student.head.last_layer.weight.clone()
     sched = {"teacher_temp": 0.04, "momentum": 0.99}
-    train.train_step(student, teacher, {"dino": DINOLoss(cfg.head.out_dim)}, opt, crops, sched, cfg, True,
-                     contextlib.nullcontext())
+    train.train_step(
+        student,
+        teacher,
+        {"dino": DINOLoss(cfg.head.out_dim)},
+        opt,
+        crops,
+        sched,
+        cfg,
+        True,
+        contextlib.nullcontext(),
+    )
     assert torch.equal(student.head.last_layer.weight, w)
 
 
 def test_layerwise_lr_decay_groups(tmp_path):
     cfg, _, _ = C.parse_args(tiny_run(tmp_path / "a", "--method=dinov2"))
-    assert (cfg.optim.layer_decay, cfg.optim.patch_embed_lr_mult, cfg.loss.centering) == (0.9, 0.2, "sinkhorn")
+    assert (cfg.optim.layer_decay, cfg.optim.patch_embed_lr_mult, cfg.loss.centering) == (
+        0.9,
+        0.2,
+        "sinkhorn",
+    )
     from minidino.meta_arch import build_student_teacher
 
     student, _ = build_student_teacher(cfg)
@@ -121,22 +149,34 @@ def test_layerwise_lr_decay_groups(tmp_path):
     mult = {id(p): g["lr_mult"] for g in groups for p in g["params"]}
     wd = {id(p): g["apply_wd"] for g in groups for p in g["params"]}
     depth = len(student.backbone.blocks)  # 4
-    assert abs(mult[id(student.backbone.blocks[0].attn.qkv.weight)] - 0.9 ** depth) < 1e-12
+    assert abs(mult[id(student.backbone.blocks[0].attn.qkv.weight)] - 0.9**depth) < 1e-12
     assert abs(mult[id(student.backbone.blocks[depth - 1].mlp.fc1.weight)] - 0.9) < 1e-12
     assert abs(mult[id(student.backbone.patch_embed.proj.weight)] - 0.2 * 0.9 ** (depth + 1)) < 1e-12
     assert mult[id(student.head.last_layer.weight)] == 1.0
     assert not wd[id(student.backbone.pos_embed)] and not wd[id(student.backbone.cls_token)]
-    assert not wd[id(student.backbone.blocks[0].norm1.weight)] and wd[id(student.backbone.blocks[0].attn.qkv.weight)]
+    assert (
+        not wd[id(student.backbone.blocks[0].norm1.weight)]
+        and wd[id(student.backbone.blocks[0].attn.qkv.weight)]
+    )
 
 
 def test_dinov2_end_to_end_logs_all_terms(tmp_path):
-    train.main(tiny_run(tmp_path / "a", "--method=dinov2", "--loss.mask_probability=1.0", "--head.ibot_separate_head=true",
-                        "--model.n_registers=2"))
+    train.main(
+        tiny_run(
+            tmp_path / "a",
+            "--method=dinov2",
+            "--loss.mask_probability=1.0",
+            "--head.ibot_separate_head=true",
+            "--model.n_registers=2",
+        )
+    )
     rows = _log(tmp_path / "a")
     for key in ("loss_dino", "loss_ibot", "loss_koleo"):
         assert all(key in r and torch.isfinite(torch.tensor(r[key])) for r in rows), key
     ckpt = load_checkpoint(str(tmp_path / "a"))
-    assert set(ckpt["losses"]) == {"dino", "ibot"} and any(k.startswith("ibot_head.") for k in ckpt["student"])
+    assert set(ckpt["losses"]) == {"dino", "ibot"} and any(
+        k.startswith("ibot_head.") for k in ckpt["student"]
+    )
 
 
 def test_high_resolution_phase_runs_with_larger_crops(tmp_path, monkeypatch):
@@ -148,8 +188,15 @@ def test_high_resolution_phase_runs_with_larger_crops(tmp_path, monkeypatch):
         return real(student, teacher, losses, optimizer, crops, *args, **kw)
 
     monkeypatch.setattr(train, "train_step", spy)
-    train.main(tiny_run(tmp_path / "a", "--data.highres_epochs=1", "--data.highres_scale=1.5", "--method=dinov2",
-                        "--run.eval_at_end=false"))
+    train.main(
+        tiny_run(
+            tmp_path / "a",
+            "--data.highres_epochs=1",
+            "--data.highres_scale=1.5",
+            "--method=dinov2",
+            "--run.eval_at_end=false",
+        )
+    )
     assert sizes == [(32, 16), (32, 16), (48, 24), (48, 24)]  # the last epoch at 1.5x
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _log(tmp_path / "a"))
 
@@ -158,8 +205,15 @@ def test_distillation_from_a_larger_frozen_teacher(tmp_path):
     big = ["--model.arch=vit_tiny", "--run.eval_at_end=false", "--run.max_steps=2"]
     train.main(tiny_run(tmp_path / "big", *big))
     teacher_before = load_checkpoint(str(tmp_path / "big"))["teacher"]
-    result = train.main(tiny_run(tmp_path / "small", "--method=dinov2", f"--run.distill_from={tmp_path / 'big'}",
-                                 "--model.drop_path=0", "--loss.mask_probability=0"))
+    result = train.main(
+        tiny_run(
+            tmp_path / "small",
+            "--method=dinov2",
+            f"--run.distill_from={tmp_path / 'big'}",
+            "--model.drop_path=0",
+            "--loss.mask_probability=0",
+        )
+    )
     rows = _log(tmp_path / "small")
     assert all("loss_ibot" in r and torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     ckpt = load_checkpoint(str(tmp_path / "small"))

@@ -34,8 +34,12 @@ def test_position_embedding_interpolation():
 
 def test_sdpa_and_reference_attention_agree():
     q, k, v = (torch.randn(2, 3, 37, 16) for _ in range(3))
-    torch.testing.assert_close(attention_ref(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        attention_ref(q, k, v),
+        torch.nn.functional.scaled_dot_product_attention(q, k, v),
+        atol=1e-5,
+        rtol=1e-5,
+    )
     vit = _vit()
     x = torch.randn(2, 3, 32, 32)
     a = vit.forward_features(x)["cls"]
@@ -83,8 +87,9 @@ def test_sincos_position_init_is_distinct_per_patch_and_still_learnt():
 
 def test_registers_layerscale_swiglu():
     torch.manual_seed(0)
-    vit = VisionTransformer("vit_nano", patch_size=4, img_size=32, n_registers=4, layerscale=1e-5,
-                            ffn="swiglu").eval()
+    vit = VisionTransformer(
+        "vit_nano", patch_size=4, img_size=32, n_registers=4, layerscale=1e-5, ffn="swiglu"
+    ).eval()
     out = vit.forward_features(torch.randn(2, 3, 32, 32))
     assert out["patch"].shape == (2, 64, 128) and out["cls"].shape == (2, 128)  # registers dropped
     assert vit.prepare_tokens(torch.randn(2, 3, 32, 32)).shape == (2, 1 + 4 + 64, 128)
