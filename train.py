@@ -34,7 +34,7 @@ from minidino.dist import print0
 from minidino.ema import ema_update
 from minidino.evaluate import knn_eval
 from minidino.koleo import koleo_loss
-from minidino.losses import DINOLoss, IBOTLoss, entropy_stats
+from minidino.losses import build_losses, entropy_stats
 from minidino.masking import ibot_masks
 from minidino.meta_arch import build_model, build_student_teacher
 from minidino.schedules import schedules
@@ -262,24 +262,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. losses, holding the teacher centres: DINO on CLS tokens, iBOT on masked patches (DINOv2)
     L = cfg.loss
-    losses = {
-        "dino": DINOLoss(cfg.head.out_dim, L.student_temp, L.center_momentum, L.centering, L.sinkhorn_iters)
-    }
-    if L.ibot_weight:
-        losses["ibot"] = IBOTLoss(
-            cfg.head.out_dim, L.student_temp, L.center_momentum, L.centering, L.sinkhorn_iters
-        )
-    for loss_module in losses.values():
-        loss_module.to(device)
+    losses = {name: module.to(device) for name, module in build_losses(cfg).items()}
 
     # 4. optimiser: AdamW, lr and weight decay set every step from the schedules
     optimizer = torch.optim.AdamW(param_groups(student, cfg.optim), lr=0.0, betas=(0.9, 0.999))
     global_batch = cfg.optim.batch_size
-    lr_peak = (
-        cfg.optim.lr * global_batch / 256
-        if cfg.optim.lr_scaling == "linear"  # DINO's linear rule
-        else cfg.optim.lr * (global_batch / 1024) ** 0.5
-    )  # DINOv2's square-root rule
+    if cfg.optim.lr_scaling == "linear":  # DINO: lr x batch / 256
+        lr_peak = cfg.optim.lr * global_batch / 256
+    else:  # DINOv2: lr x sqrt(batch / 1024)
+        lr_peak = cfg.optim.lr * (global_batch / 1024) ** 0.5
 
     # 5. resume: weights, optimiser, centre, step and RNG states
     step, skipped_images = 0, 0

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
 from minidino import config as C  # noqa: E402
-from minidino.losses import DINOLoss, IBOTLoss  # noqa: E402
+from minidino.losses import build_losses  # noqa: E402
 from minidino.masking import ibot_masks  # noqa: E402
 from minidino.meta_arch import build_student_teacher  # noqa: E402
 from minidino.schedules import schedules  # noqa: E402
@@ -60,20 +60,14 @@ def main(argv: list[str]) -> dict:
     student, teacher = build_student_teacher(cfg)
     student.to(device)
     teacher.to(device)
-    L = cfg.loss
-    losses = {"dino": DINOLoss(cfg.head.out_dim, L.student_temp, L.center_momentum, L.centering).to(device)}
+    losses = {name: module.to(device) for name, module in build_losses(cfg).items()}
     masks = None
-    if L.ibot_weight:
-        losses["ibot"] = IBOTLoss(cfg.head.out_dim, L.student_temp, L.center_momentum, L.centering).to(device)
+    if cfg.loss.ibot_weight:
         side = cfg.data.global_crops_size // cfg.model.patch_size
-        masks = ibot_masks(
-            2 * cfg.optim.batch_size,
-            side,
-            side,
-            torch.Generator().manual_seed(0),
-            L.mask_ratio,
-            L.mask_probability,
-        ).to(device)
+        g = torch.Generator().manual_seed(0)
+        L = cfg.loss
+        masks = ibot_masks(2 * cfg.optim.batch_size, side, side, g, L.mask_ratio, L.mask_probability)
+        masks = masks.to(device)
     opt = torch.optim.AdamW(train.param_groups(student, cfg.optim), lr=1e-4)
     crops = synthetic_crops(cfg, device)
     sched = schedules(0, 100, 10, cfg.optim, cfg.loss, 1e-4)

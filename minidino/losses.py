@@ -143,3 +143,10 @@ class IBOTLoss(TeacherCentering):
 
     def forward(self, student_logits: Tensor, teacher_probs: Tensor, masks: Tensor) -> Tensor:
         return ibot_loss(student_logits, teacher_probs, masks, self.student_temp)
+
+
+def build_losses(cfg) -> dict[str, TeacherCentering]:
+    """{'dino': DINOLoss} plus {'ibot': IBOTLoss} when the iBOT weight is non-zero, from a `Config`."""
+    L = cfg.loss
+    args = (cfg.head.out_dim, L.student_temp, L.center_momentum, L.centering, L.sinkhorn_iters)
+    return {"dino": DINOLoss(*args), **({"ibot": IBOTLoss(*args)} if L.ibot_weight else {})}
