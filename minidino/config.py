@@ -31,6 +31,7 @@ class ModelConfig:
     img_size: int = 224  # crop size the position embeddings are created for; other sizes interpolate
     drop_path: float = 0.1  # stochastic depth rate (DINO ViT-S: 0.1)
     drop_path_schedule: str = "linear"  # how the rate grows with depth: linear (0 -> drop_path) or uniform
+    drop_path_impl: str = "mask"  # mask (classic), subset (branch on kept samples), subset_triton (fused add)
     pos_embed_init: str = "random"  # random (trunc. normal, DINO) or sincos (2-D sin-cos start, small data)
     attn_impl: str = "sdpa"  # attention implementation: sdpa (torch built-in) or ref (plain matmul/softmax)
     layerscale: float = 0.0  # LayerScale init (DINOv2: 1e-5); 0 disables LayerScale
@@ -402,6 +403,7 @@ def validate(cfg: Config) -> None:
         "model.drop_path_schedule": ("linear", "uniform"),
         "model.ffn": ("mlp", "swiglu"),
         "model.pos_embed_init": ("random", "sincos"),
+        "model.drop_path_impl": ("mask", "subset", "subset_triton"),
         "loss.centering": ("center", "sinkhorn", "none"),
         "optim.lr_scaling": ("linear", "sqrt"),
         "data.dataset": ("shapes", "imagefolder", "folder", "cifar10", "cifar100", "stl10"),

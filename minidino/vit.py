@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from kernels.drop_path import drop_add
+
 ARCHS = {  # name -> (embed_dim, depth, num_heads); mlp ratio 4 throughout
     "vit_nano": (128, 4, 4),  # not a standard size: small enough to train on a laptop CPU in minutes
     "vit_tiny": (192, 12, 3),
@@ -103,7 +105,13 @@ def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + drop(ls1(attn(norm1 x))), then the same with the MLP."""
+    """Pre-norm transformer block: x + drop(ls1(attn(norm1 x))), then the same with the MLP.
+
+    Stochastic depth, `drop_path_impl`: `mask` multiplies the branch output of dropped samples by 0 (classic);
+    `subset` runs the branch on the kept samples only and adds it back scaled by B / B_kept (DINOv2's
+    efficient version, PyTorch index_add); `subset_triton` does that update with the fused kernel
+    (kernels/drop_path.py).
+    """
 
     def __init__(
         self,
@@ -113,6 +121,7 @@ class Block(nn.Module):
         layerscale: float = 0.0,
         ffn: str = "mlp",
         attn_impl: str = "sdpa",
+        drop_path_impl: str = "mask",
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -121,11 +130,23 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = (SwiGLU if ffn == "swiglu" else Mlp)(dim, 4 * dim)
         self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
-        self.drop_path = drop_path
+        self.drop_path, self.drop_path_impl = drop_path, drop_path_impl
+
+    def residual(self, x: Tensor, branch: nn.Module, ls: nn.Module) -> Tensor:
+        if not self.training or self.drop_path == 0.0:
+            return x + ls(branch(x))
+        if self.drop_path_impl == "mask":
+            return x + drop_path(ls(branch(x)), self.drop_path, True)
+        B = x.shape[0]
+        n_keep = max(1, round((1 - self.drop_path) * B))
+        kept = torch.randperm(B, device=x.device)[:n_keep]
+        gamma = ls.gamma if isinstance(ls, LayerScale) else None
+        impl = "auto" if self.drop_path_impl == "subset_triton" else "ref"
+        return drop_add(x, branch(x[kept]), kept, B / n_keep, gamma, impl)  # x[kept] += B/B_kept * gamma * y
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path, self.training)
-        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
+        x = self.residual(x, lambda t: self.attn(self.norm1(t)), self.ls1)
+        return self.residual(x, lambda t: self.mlp(self.norm2(t)), self.ls2)
 
 
 class PatchEmbed(nn.Module):
@@ -153,6 +174,7 @@ class VisionTransformer(nn.Module):
         n_registers: int = 0,
         ffn: str = "mlp",
         pos_embed_init: str = "random",
+        drop_path_impl: str = "mask",
     ):
         super().__init__()
         if arch not in ARCHS:
@@ -175,7 +197,9 @@ class VisionTransformer(nn.Module):
             if drop_path_schedule == "linear"
             else [drop_path] * depth
         )
-        self.blocks = nn.ModuleList(Block(dim, heads, r, layerscale, ffn, attn_impl) for r in rates)
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, r, layerscale, ffn, attn_impl, drop_path_impl) for r in rates
+        )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self._init_weights(pos_embed_init)
 
@@ -304,4 +328,5 @@ def build_vit(cfg) -> VisionTransformer:
         cfg.n_registers,
         cfg.ffn,
         cfg.pos_embed_init,
+        cfg.drop_path_impl,
     )

@@ -1,0 +1,1 @@
+"""Triton kernels, each with its pure-PyTorch reference in the same file."""

@@ -1,0 +1,124 @@
+"""kernels/drop_path.py: the Triton kernels against the PyTorch reference (on CPU through the Triton
+interpreter, on GPU when present) and the three stochastic-depth paths of vit.Block."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernels.drop_path import drop_add, drop_add_ref
+from minidino.vit import Block, LayerScale
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The interpreter must be switched on before triton is imported, so the kernel comparison runs in a child
+# process with TRITON_INTERPRET=1 (the test process may already have imported triton without it).
+KERNEL_CHECK = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from kernels.drop_path import drop_add, drop_add_ref
+device = sys.argv[2]
+torch.manual_seed(0)
+tols = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+for (B, N, C, n_keep) in [(7, 37, 384, 4), (5, 17, 24, 5), (3, 5, 20, 1)]:
+    for dtype, tol in tols.items():
+        for with_gamma in (True, False):
+            x = torch.randn(B, N, C, device=device, dtype=dtype, requires_grad=True)
+            y = torch.randn(n_keep, N, C, device=device, dtype=dtype, requires_grad=True)
+            g = torch.randn(C, device=device, dtype=dtype, requires_grad=True) if with_gamma else None
+            kept = torch.randperm(B, device=device)[:n_keep]
+            scale = B / n_keep
+            out = drop_add(x, y, kept, scale, g, impl="triton")
+            ref = drop_add_ref(x.float(), y.float(), kept, scale, g.float() if g is not None else None)
+            assert (out.float() - ref).abs().max() <= tol * (1 + ref.abs().max()), ("fwd", B, N, C, dtype)
+            go = torch.randn_like(out)
+            inputs = (x, y, g) if with_gamma else (x, y)
+            got = torch.autograd.grad(out, inputs, go)
+            want = torch.autograd.grad(drop_add_ref(x, y, kept, scale, g), inputs, go)
+            for a, b, name in zip(got, want, ("x", "y", "gamma")):
+                err = (a.float() - b.float()).abs().max()
+                assert err <= tol * 10 * (1 + b.float().abs().max()), ("bwd", name, B, N, C, dtype, err)
+print("ok")
+"""
+
+
+def _run_kernel_check(device: str) -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1" if device == "cpu" else "0")
+    proc = subprocess.run([sys.executable, "-c", KERNEL_CHECK, ROOT, device], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_triton_kernels_match_reference_interpreter():
+    pytest.importorskip("triton")
+    _run_kernel_check("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_kernels_match_reference_gpu():
+    _run_kernel_check("cuda")
+
+
+def test_reference_is_the_scaled_index_add():
+    x, y = torch.zeros(4, 2, 3), torch.ones(2, 2, 3)
+    g = torch.tensor([1.0, 2.0, 3.0])
+    out = drop_add_ref(x, y, torch.tensor([3, 1]), 2.0, g)
+    assert torch.equal(out[0], torch.zeros(2, 3)) and torch.equal(out[2], torch.zeros(2, 3))
+    assert torch.equal(out[1], 2.0 * g.expand(2, 3)) and torch.equal(out[3], 2.0 * g.expand(2, 3))
+    with pytest.raises(ValueError, match="unknown impl"):
+        drop_add(x, y, torch.tensor([3, 1]), 2.0, impl="cuda")
+
+
+def _block(impl: str, p: float = 0.4) -> Block:
+    torch.manual_seed(0)
+    return Block(24, 3, drop_path=p, layerscale=0.5, drop_path_impl=impl)
+
+
+def test_subset_and_subset_triton_agree_with_the_same_draw():
+    x = torch.randn(7, 9, 24)
+    blocks = {impl: _block(impl) for impl in ("subset", "subset_triton")}
+    outs = {}
+    for impl, blk in blocks.items():
+        torch.manual_seed(42)
+        outs[impl] = blk(x)
+    torch.testing.assert_close(outs["subset"], outs["subset_triton"])
+    # and equal the classic full-batch computation with the same kept set, rescaled by B / B_kept
+    torch.manual_seed(42)
+    kept1 = torch.randperm(7)[:4]
+    blk = blocks["subset"]
+    mask1 = torch.zeros(7, 1, 1).index_fill_(0, kept1, 1.0)
+    h = x + mask1 * blk.ls1(blk.attn(blk.norm1(x))) * 7 / 4
+    kept2 = torch.randperm(7)[:4]
+    mask2 = torch.zeros(7, 1, 1).index_fill_(0, kept2, 1.0)
+    h = h + mask2 * blk.ls2(blk.mlp(blk.norm2(h))) * 7 / 4
+    torch.testing.assert_close(outs["subset"], h, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["mask", "subset", "subset_triton"])
+def test_unbiased_eval_deterministic_and_p0_skips_drop_code(impl, monkeypatch):
+    blk = _block(impl, p=0.5)
+    x = torch.randn(8, 5, 24)
+    with torch.no_grad():
+        blk.eval()
+        clean = blk(x)
+        assert torch.equal(blk(x), clean)  # eval: the identity path, deterministic
+        blk.train()
+        mean = sum(blk(x) for _ in range(400)) / 400
+    # one residual branch is unbiased exactly; two in a row only approximately (the second sees a noisy input)
+    assert (mean - clean).abs().mean() < 0.05 * clean.abs().mean()
+    p0 = _block(impl, p=0.0).train()
+    def forbidden(*args, **kwargs):
+        raise AssertionError("drop code ran at p = 0")
+
+    monkeypatch.setattr("minidino.vit.drop_add", forbidden)
+    monkeypatch.setattr("minidino.vit.drop_path", forbidden)
+    p0(x)  # p = 0: no drop code at all
+
+
+def test_layerscale_gamma_gets_gradient_through_the_subset_path():
+    blk = _block("subset_triton").train()
+    blk(torch.randn(6, 5, 24)).sum().backward()
+    assert isinstance(blk.ls1, LayerScale) and blk.ls1.gamma.grad is not None
+    assert blk.ls1.gamma.grad.abs().sum() > 0
