@@ -23,13 +23,13 @@ import time
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from minidino import config as C
 from minidino.augment import BatchMultiCrop, MultiCropAugmentation, eval_transform, to_tensor_image
 from minidino.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from minidino.data import DataError, build_dataset
+from minidino.data import DataError, EpochSampler, SeededViews, build_dataset
 from minidino.dist import print0
 from minidino.ema import ema_update
 from minidino.evaluate import knn_eval
@@ -44,40 +44,6 @@ from minidino.vit import build_vit
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data order and augmentation randomness that depend only on (seed, epoch, index)
-
-
-class SeededViews(Dataset):
-    """Seeds the augmentation of item i from (seed, epoch, i), so the crops of a step do not depend on the
-    number of DataLoader workers or on where a run was resumed. The global RNG is restored afterwards."""
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-            return self.dataset[index]
-
-
-class EpochSampler(Sampler):
-    """A permutation seeded by (seed, epoch); skips the first `start` samples when resuming mid-epoch."""
-
-    def __init__(self, n: int, seed: int, epoch: int, start: int = 0):
-        self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g)[self.start :].tolist())
-
-    def __len__(self) -> int:
-        return self.n - self.start
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ import math
 import os
 
 import numpy as np
+import torch
 from PIL import Image, ImageFile
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "crescent", "arrow")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -271,6 +272,41 @@ def build_dataset(data, split: str, transform=None, seed: int = 0) -> Dataset:
     if split != "train":
         raise DataError(f"{root} has no test/ or val/ sub-folder: no held-out split for evaluation")
     return image_folder(root, transform)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training data order and augmentation randomness that depend only on (seed, epoch, index)
+
+
+class SeededViews(Dataset):
+    """Seeds the augmentation of item i from (seed, epoch, i), so the crops of a step do not depend on the
+    number of DataLoader workers or on where a run was resumed. The global RNG is restored afterwards."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            return self.dataset[index]
+
+
+class EpochSampler(Sampler):
+    """A permutation seeded by (seed, epoch); skips the first `start` samples when resuming mid-epoch."""
+
+    def __init__(self, n: int, seed: int, epoch: int, start: int = 0):
+        self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g)[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
 
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error (then skipped), never half an image
