@@ -77,14 +77,15 @@ def ibot_loss(student_logits: Tensor, teacher_probs: Tensor, masks: Tensor, stud
 
 
 class TeacherCentering(nn.Module):
-    """Turns teacher logits into targets: softmax((g_t - c) / tau_t) with the running centre c (DINO; c is a
-    buffer, so it is checkpointed), Sinkhorn-Knopp (DINOv2), or no centering (an ablation)."""
+    """Base of the DINO and iBOT losses: turns teacher logits into targets, softmax((g_t - c) / tau_t)
+    with the running centre c (DINO; a buffer, so it is checkpointed), Sinkhorn-Knopp (DINOv2), or no
+    centering (an ablation), and keeps the student temperature tau_s for the subclass's cross-entropy."""
 
-    def __init__(
-        self, out_dim: int, center_momentum: float = 0.9, centering: str = "center", sinkhorn_iters: int = 3
-    ):
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 centering: str = "center", sinkhorn_iters: int = 3):
         super().__init__()
-        self.center_momentum, self.centering, self.sinkhorn_iters = center_momentum, centering, sinkhorn_iters
+        self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.centering, self.sinkhorn_iters = centering, sinkhorn_iters
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     @torch.no_grad()
@@ -112,34 +113,12 @@ class TeacherCentering(nn.Module):
 class DINOLoss(TeacherCentering):
     """DINO's CLS loss with its centre; `forward(student_logits, teacher_probs)` is Eq. (1)."""
 
-    def __init__(
-        self,
-        out_dim: int,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-        centering: str = "center",
-        sinkhorn_iters: int = 3,
-    ):
-        super().__init__(out_dim, center_momentum, centering, sinkhorn_iters)
-        self.student_temp = student_temp
-
     def forward(self, student_logits: list[Tensor], teacher_probs: list[Tensor]) -> Tensor:
         return dino_loss(student_logits, teacher_probs, self.student_temp)
 
 
 class IBOTLoss(TeacherCentering):
     """iBOT's masked-patch loss with its own centre (patch statistics differ from CLS statistics)."""
-
-    def __init__(
-        self,
-        out_dim: int,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-        centering: str = "center",
-        sinkhorn_iters: int = 3,
-    ):
-        super().__init__(out_dim, center_momentum, centering, sinkhorn_iters)
-        self.student_temp = student_temp
 
     def forward(self, student_logits: Tensor, teacher_probs: Tensor, masks: Tensor) -> Tensor:
         return ibot_loss(student_logits, teacher_probs, masks, self.student_temp)
