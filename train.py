@@ -322,29 +322,11 @@ def main(argv: list[str] | None = None) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = sched["lr"] * group["lr_mult"]
                 group["weight_decay"] = sched["wd"] if group["apply_wd"] else 0.0
-            masks = None
-            if L.ibot_weight and cfg.run.distill_from:  # distillation: the patch loss on every global patch
-                side = crops[0].shape[-1] // cfg.model.patch_size
-                masks = torch.ones(2 * crops[0].shape[0], side * side, dtype=torch.bool, device=device)
-            elif L.ibot_weight:  # iBOT block masks for the 2B global crops, seeded by the step like the views
-                g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step + 7)
-                side = crops[0].shape[-1] // cfg.model.patch_size
-                masks = ibot_masks(2 * crops[0].shape[0], side, side, g, L.mask_ratio, L.mask_probability)
-                masks = masks.to(device) if masks.any() else None
+            masks = step_masks(cfg, crops[0], step) if L.ibot_weight else None
             try:
-                out = train_step(
-                    student,
-                    teacher,
-                    losses,
-                    optimizer,
-                    crops,
-                    sched,
-                    cfg,
-                    epoch < cfg.optim.freeze_last_layer,
-                    autocast,
-                    masks,
-                    ema_model,
-                )
+                freeze = epoch < cfg.optim.freeze_last_layer
+                out = train_step(student, teacher, losses, optimizer, crops, sched, cfg, freeze, autocast,
+                                 masks, ema_model)
             except NonFiniteLoss as e:
                 pbar.close()
                 kept = (
@@ -396,6 +378,17 @@ def main(argv: list[str] | None = None) -> dict:
         with open(os.path.join(run_dir, "knn.json"), "w") as fh:
             json.dump(result, fh, indent=2)
     return result
+
+
+def step_masks(cfg: C.Config, global_crop: Tensor, step: int) -> Tensor | None:
+    """iBOT masks (2B, N) for the two global crops of a step, seeded by the step like the views; in
+    distillation every patch (no masking, the patch loss on all of them); None if nothing got masked."""
+    n, side = 2 * global_crop.shape[0], global_crop.shape[-1] // cfg.model.patch_size
+    if cfg.run.distill_from:
+        return torch.ones(n, side * side, dtype=torch.bool, device=global_crop.device)
+    g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step + 7)
+    masks = ibot_masks(n, side, side, g, cfg.loss.mask_ratio, cfg.loss.mask_probability)
+    return masks.to(global_crop.device) if masks.any() else None
 
 
 def load_distill_teacher(cfg: C.Config):
