@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 7. evaluation: weighted k-NN of the teacher's CLS features, next to the same ViT at random init
     result = {"step": step}
     if cfg.run.eval_at_end:
-        result.update(evaluate_knn(cfg, (ema_model or teacher).backbone, device))
+        result.update(evaluate_knn(cfg, (ema_model or teacher).backbone, device, knn_sets))
         with open(os.path.join(run_dir, "knn.json"), "w") as fh:
             json.dump(result, fh, indent=2)
     return result
@@ -430,8 +430,9 @@ def eval_sets(cfg: C.Config):
         return None
 
 
-def evaluate_knn(cfg: C.Config, backbone: torch.nn.Module, device: torch.device) -> dict:
-    sets = eval_sets(cfg)
+def evaluate_knn(cfg: C.Config, backbone: torch.nn.Module, device: torch.device, sets=None) -> dict:
+    """k-NN of `backbone` and of the same ViT at random init; `sets` reuses the k-NN curve's datasets."""
+    sets = sets or eval_sets(cfg)
     if sets is None:
         return {}
     train_set, test_set = sets

@@ -36,7 +36,16 @@ def _to_tensor() -> v2.Transform:
     )
 
 
-class MultiCropAugmentation:
+class _FromConfig:
+    """`from_config(data)`: both multi-crop implementations take the same options of a `DataConfig`."""
+
+    @classmethod
+    def from_config(cls, data):
+        return cls(data.global_crops_size, data.global_crops_scale, data.local_crops_number,
+                   data.local_crops_size, data.local_crops_scale, data.hue)
+
+
+class MultiCropAugmentation(_FromConfig):
     """PIL image -> list of tensors: [global 1, global 2, local 1, ..., local n], each (3, size, size)."""
 
     def __init__(
@@ -94,16 +103,6 @@ class MultiCropAugmentation:
             self.local(image) for _ in range(self.local_crops_number)
         ]
 
-    @classmethod
-    def from_config(cls, data) -> "MultiCropAugmentation":
-        return cls(
-            data.global_crops_size,
-            data.global_crops_scale,
-            data.local_crops_number,
-            data.local_crops_size,
-            data.local_crops_scale,
-            data.hue,
-        )
 
 
 def eval_transform(size: int) -> v2.Transform:
@@ -148,7 +147,7 @@ def _rotate_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(to_yiq), yiq)
 
 
-class BatchMultiCrop:
+class BatchMultiCrop(_FromConfig):
     """Multi-crop of a batch of images (B, 3, H, W) in [0, 1], all random draws from one generator.
 
     Same distributions as `MultiCropAugmentation`: random resized crop (area `scale`, aspect 3/4-4/3, bicubic
@@ -168,16 +167,6 @@ class BatchMultiCrop:
         self.gsize, self.gscale, self.hue = global_crops_size, global_crops_scale, hue
         self.nlocal, self.lsize, self.lscale = local_crops_number, local_crops_size, local_crops_scale
 
-    @classmethod
-    def from_config(cls, data) -> "BatchMultiCrop":
-        return cls(
-            data.global_crops_size,
-            data.global_crops_scale,
-            data.local_crops_number,
-            data.local_crops_size,
-            data.local_crops_scale,
-            data.hue,
-        )
 
     def __call__(self, images: torch.Tensor, g: torch.Generator) -> list[torch.Tensor]:
         crops = [
