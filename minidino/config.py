@@ -33,7 +33,8 @@ class ModelConfig:
     drop_path_schedule: str = "linear"  # how the rate grows with depth: linear (0 -> drop_path) or uniform
     drop_path_impl: str = "mask"  # mask (classic), subset (branch on kept samples), subset_triton (fused add)
     pos_embed_init: str = "random"  # random (trunc. normal, DINO) or sincos (2-D sin-cos start, small data)
-    attn_impl: str = "sdpa"  # attention implementation: sdpa (torch built-in) or ref (plain matmul/softmax)
+    attn_impl: str = "auto"  # attention: auto (Triton on CUDA, else sdpa), triton, sdpa (torch) or ref
+    pack_crops: bool = False  # all crop sizes through the blocks as one packed batch (varlen attention)
     layerscale: float = 0.0  # LayerScale init (DINOv2: 1e-5); 0 disables LayerScale
     n_registers: int = 0  # register tokens (Darcet et al. 2023, arXiv 2309.16588); DINOv2 uses 4
     ffn: str = "mlp"  # feed-forward type: mlp (GELU) or swiglu (DINOv2's largest models)
@@ -399,7 +400,7 @@ def validate(cfg: Config) -> None:
     choices = {
         "method": ("dino", "dinov2"),
         "model.arch": ("vit_nano", "vit_tiny", "vit_small", "vit_base", "vit_large"),
-        "model.attn_impl": ("sdpa", "ref"),
+        "model.attn_impl": ("auto", "triton", "sdpa", "ref"),
         "model.drop_path_schedule": ("linear", "uniform"),
         "model.ffn": ("mlp", "swiglu"),
         "model.pos_embed_init": ("random", "sincos"),

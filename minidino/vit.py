@@ -16,12 +16,14 @@ blocks.{i}.ls1.gamma, blocks.{i}.norm2, blocks.{i}.mlp.fc1/fc2, norm.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from kernels.attention import attention, attention_ref, attention_varlen, packed_offsets  # noqa: F401
 from kernels.drop_path import drop_add
 
 ARCHS = {  # name -> (embed_dim, depth, num_heads); mlp ratio 4 throughout
@@ -33,28 +35,44 @@ ARCHS = {  # name -> (embed_dim, depth, num_heads); mlp ratio 4 throughout
 }
 
 
-def attention_ref(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(D)) v written out; q, k, v: (B, H, N, D)."""
-    attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, N)
-    return attn.softmax(dim=-1) @ v
+@dataclass
+class Packing:
+    """Where each sequence lies when crops of all sizes are packed into one (T, C) token tensor."""
+
+    cu_seqlens: Tensor  # (S + 1,) int32 offsets: sequence i is tokens cu_seqlens[i]:cu_seqlens[i + 1]
+    max_seqlen: int
+    seq_ids: Tensor  # (T,) which sequence each token belongs to (for per-sample stochastic depth)
+
+    @classmethod
+    def from_lengths(cls, lengths: list[int], device) -> Packing:
+        cu, longest = packed_offsets(lengths, device)
+        ids = torch.repeat_interleave(
+            torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device)
+        )
+        return cls(cu, longest, ids)
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention; attn_impl: auto (Triton on CUDA, else sdpa), triton, sdpa or ref."""
+
     def __init__(self, dim: int, num_heads: int, attn_impl: str = "sdpa"):
         super().__init__()
         self.num_heads, self.attn_impl = num_heads, attn_impl
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, return_attention: bool = False) -> Tensor:
+    def forward(self, x: Tensor, return_attention: bool = False, packing: Packing | None = None) -> Tensor:
+        if packing is not None:  # x: (T, C), every crop's tokens back to back
+            q, k, v = rearrange(self.qkv(x), "t (three h d) -> three t h d", three=3, h=self.num_heads)
+            out = attention_varlen(
+                q, k, v, packing.cu_seqlens, packing.max_seqlen, self.attn_impl
+            )  # (T, H, D)
+            return self.proj(rearrange(out, "t h d -> t (h d)"))
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         if return_attention:  # materialise the (B, H, N, N) attention: used for maps only, never in training
             attn = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1)
             return attn
-        if self.attn_impl == "ref":
-            out = attention_ref(q, k, v)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D)
+        out = attention(q, k, v, self.attn_impl)  # (B, H, N, D)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -95,11 +113,14 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
+def drop_path(x: Tensor, p: float, training: bool, packing: Packing | None = None) -> Tensor:
     """Stochastic depth (Huang et al. 2016): zero the branch of a random subset of samples, scale the rest by
-    1/(1-p) so the expectation is unchanged. x: (B, N, C)."""
+    1/(1-p) so the expectation is unchanged. x: (B, N, C), or packed (T, C) with one draw per sequence."""
     if p == 0.0 or not training:
         return x
+    if packing is not None:
+        keep = x.new_empty(packing.cu_seqlens.numel() - 1).bernoulli_(1 - p)  # (S,)
+        return x * keep[packing.seq_ids, None] / (1 - p)  # (T, C)
     keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - p)  # (B, 1, 1)
     return x * keep / (1 - p)
 
@@ -110,7 +131,7 @@ class Block(nn.Module):
     Stochastic depth, `drop_path_impl`: `mask` multiplies the branch output of dropped samples by 0 (classic);
     `subset` runs the branch on the kept samples only and adds it back scaled by B / B_kept (DINOv2's
     efficient version, PyTorch index_add); `subset_triton` does that update with the fused kernel
-    (kernels/drop_path.py).
+    (kernels/drop_path.py). Packed multi-crop batches (rows of different lengths) always use `mask`.
     """
 
     def __init__(
@@ -132,11 +153,11 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
         self.drop_path, self.drop_path_impl = drop_path, drop_path_impl
 
-    def residual(self, x: Tensor, branch: nn.Module, ls: nn.Module) -> Tensor:
+    def residual(self, x: Tensor, branch: nn.Module, ls: nn.Module, packing: Packing | None = None) -> Tensor:
         if not self.training or self.drop_path == 0.0:
             return x + ls(branch(x))
-        if self.drop_path_impl == "mask":
-            return x + drop_path(ls(branch(x)), self.drop_path, True)
+        if self.drop_path_impl == "mask" or packing is not None:
+            return x + drop_path(ls(branch(x)), self.drop_path, True, packing)
         B = x.shape[0]
         n_keep = max(1, round((1 - self.drop_path) * B))
         kept = torch.randperm(B, device=x.device)[:n_keep]
@@ -144,9 +165,9 @@ class Block(nn.Module):
         impl = "auto" if self.drop_path_impl == "subset_triton" else "ref"
         return drop_add(x, branch(x[kept]), kept, B / n_keep, gamma, impl)  # x[kept] += B/B_kept * gamma * y
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.residual(x, lambda t: self.attn(self.norm1(t)), self.ls1)
-        return self.residual(x, lambda t: self.mlp(self.norm2(t)), self.ls2)
+    def forward(self, x: Tensor, packing: Packing | None = None) -> Tensor:
+        x = self.residual(x, lambda t: self.attn(self.norm1(t), packing=packing), self.ls1, packing)
+        return self.residual(x, lambda t: self.mlp(self.norm2(t)), self.ls2, packing)
 
 
 class PatchEmbed(nn.Module):
@@ -175,17 +196,14 @@ class VisionTransformer(nn.Module):
         ffn: str = "mlp",
         pos_embed_init: str = "random",
         drop_path_impl: str = "mask",
+        pack_crops: bool = False,
     ):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}: expected one of {', '.join(ARCHS)}")
         dim, depth, heads = ARCHS[arch]
-        self.embed_dim, self.num_heads, self.patch_size, self.n_registers = (
-            dim,
-            heads,
-            patch_size,
-            n_registers,
-        )
+        self.embed_dim, self.num_heads, self.patch_size = dim, heads, patch_size
+        self.n_registers, self.pack_crops = n_registers, pack_crops
         self.patch_embed = PatchEmbed(patch_size, dim)
         n_patches = (img_size // patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -253,29 +271,55 @@ class VisionTransformer(nn.Module):
         x = self.prepare_tokens(x, masks)
         for blk in self.blocks:
             x = blk(x)
-        x = self.norm(x)
-        return {"cls": x[:, 0], "patch": x[:, 1 + self.n_registers :]}
+        return self._outputs(self.norm(x))
+
+    def _outputs(self, x: Tensor) -> dict[str, Tensor]:
+        return {"cls": x[:, 0], "patch": x[:, 1 + self.n_registers :]}  # registers are dropped
 
     def forward(self, crops: Tensor | list[Tensor], masks: list[Tensor | None] | None = None) -> list[dict]:
         """A list of crops (each (B, 3, H, W)) -> one features dict per crop.
 
         Consecutive crops of equal size are concatenated and run as one batch (DINO's multi-crop trick): with
-        2 global + 10 local crops the backbone runs twice, not twelve times.
+        2 global + 10 local crops the backbone runs twice, not twelve times. With `pack_crops`, it runs once:
+        see `forward_packed`.
         """
         if isinstance(crops, Tensor):
             crops = [crops]
         masks = masks if masks is not None else [None] * len(crops)
-        out, i = [], 0
+        groups, i = [], 0  # (crops of one size as one batch, their masks, batch size of each crop)
         while i < len(crops):
             j = i
             while j < len(crops) and crops[j].shape[-2:] == crops[i].shape[-2:]:
                 j += 1
-            group_masks = self._cat_masks(crops[i:j], masks[i:j])
-            feats = self.forward_features(torch.cat(crops[i:j]), group_masks)
-            sizes = [c.shape[0] for c in crops[i:j]]
-            out += [dict(zip(feats, parts)) for parts in zip(*(feats[k].split(sizes) for k in feats))]
+            groups.append(
+                (
+                    torch.cat(crops[i:j]),
+                    self._cat_masks(crops[i:j], masks[i:j]),
+                    [c.shape[0] for c in crops[i:j]],
+                )
+            )
             i = j
+        if self.pack_crops and len(groups) > 1:
+            feats = self.forward_packed([(x, m) for x, m, _ in groups])
+        else:
+            feats = [self.forward_features(x, m) for x, m, _ in groups]
+        out = []
+        for f, (_, _, sizes) in zip(feats, groups):
+            out += [dict(zip(f, parts)) for parts in zip(*(f[k].split(sizes) for k in f))]
         return out
+
+    def forward_packed(self, groups: list[tuple[Tensor, Tensor | None]]) -> list[dict[str, Tensor]]:
+        """All resolutions in one pass. The tokens of every crop are concatenated into one (T, C) tensor; the
+        token-wise layers (norms, qkv, MLP) see one big batch, and attention keeps each crop to itself through
+        the packed (varlen) kernel. Same outputs as one `forward_features` per resolution."""
+        tokens = [self.prepare_tokens(x, m) for x, m in groups]  # each (B_g, N_g, C)
+        lengths = [t.shape[1] for t in tokens for _ in range(t.shape[0])]
+        packing = Packing.from_lengths(lengths, tokens[0].device)
+        x = torch.cat([t.flatten(0, 1) for t in tokens])  # (T, C), T = sum of B_g * N_g
+        for blk in self.blocks:
+            x = blk(x, packing)
+        parts = self.norm(x).split([t.shape[0] * t.shape[1] for t in tokens])
+        return [self._outputs(part.view(t.shape)) for part, t in zip(parts, tokens)]  # (B_g, N_g, C) each
 
     def _cat_masks(self, crops: list[Tensor], masks: list[Tensor | None]) -> Tensor | None:
         """Masks of same-size crops as one (sum B, N) bool tensor; None entries become all-False."""
@@ -329,4 +373,5 @@ def build_vit(cfg) -> VisionTransformer:
         cfg.ffn,
         cfg.pos_embed_init,
         cfg.drop_path_impl,
+        cfg.pack_crops,
     )

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Every GPU check of minidino in one command, because device time is short. Sections run in the order given
+# (default: all): tests (Triton kernels against their references on the GPU), attention (benchmarks/attention.py),
+# step (full DINO training step, imagenet preset, SDPA vs Triton vs packed Triton), drop_path.
+#
+#   bash benchmarks/gpu_checks.sh                 # everything; logs in $OUT (or ./gpu_logs)
+#   bash benchmarks/gpu_checks.sh tests attention # just these
+set -u
+out=${OUT:-gpu_logs}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+sections=${*:-tests attention step drop_path}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+for s in $sections; do
+  echo "== $s ($(date +%T))"
+  case $s in
+    tests)
+      timeout 300 python -m pytest -q -x -rs tests/test_attention.py tests/test_drop_path.py 2>&1 | tee "$out/tests.txt" ;;
+    attention)
+      TRITON_PRINT_AUTOTUNING=1 timeout 300 python benchmarks/attention.py 2>&1 | tee "$out/attention.jsonl" ;;
+    step)
+      for opts in "--model.attn_impl=sdpa" "--model.attn_impl=triton" "--model.attn_impl=triton --model.pack_crops=true"; do
+        # shellcheck disable=SC2086
+        timeout 150 python benchmarks/step.py --preset imagenet --optim.batch_size=64 --steps=10 $opts 2>&1 | tail -3 | tee -a "$out/step.jsonl"
+      done ;;
+    drop_path)
+      timeout 200 python benchmarks/drop_path.py --quick 2>&1 | tee "$out/drop_path.jsonl" ;;
+    *)
+      echo "unknown section $s (expected tests, attention, step, drop_path)" ;;
+  esac
+done
+echo "== done ($(date +%T))"

@@ -1,0 +1,440 @@
+"""Flash-style attention in Triton: forward and backward, dense (B, H, N, D) or packed crops of mixed lengths.
+
+Attention is softmax(q k^T / sqrt(D)) v. Written out (`attention_ref`), it materialises the (N, N) score
+matrix per head in device memory, writes it, reads it back for the softmax and again for the product with v.
+A ViT-S/16 step holds 128 x 6 x 197 x 197 scores per layer; the work per byte is low and the GPU waits on
+memory. The kernels here never store the scores (Dao et al. 2022, FlashAttention, arXiv 2205.14135; the loop
+order of FlashAttention-2, arXiv 2307.08691):
+
+  forward   one program per (tile of BLOCK_M queries, sequence, head). Its q tile stays in registers; it walks
+            over the keys in tiles of BLOCK_N, and for each computes the (BLOCK_M, BLOCK_N) scores on-chip and
+            folds them into a running ("online") softmax: the row maximum m, the row sum l of exp(s - m) and
+            the un-normalised output acc, all rescaled by exp(m_old - m_new) whenever the maximum grows. After
+            the last tile, out = acc / l. Reads q once and k, v once per query tile; writes out and one number
+            per row, the log-sum-exp lse = m + log(l), which is all the backward needs to rebuild the softmax.
+  backward  recomputes instead of storing: P = exp(q k^T * scale - lse) costs one more matrix product but
+            saves the (N, N) probabilities that would otherwise sit in memory between forward and backward.
+            With dO the output gradient and delta = rowsum(dO * out):
+                dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = scale dS K,   dK = scale dS^T Q.
+            Two kernels, so no program ever adds into memory another program writes (no atomics):
+              _attn_bwd_dq    one program per query tile (also computes and stores delta for its rows),
+                              loops over key tiles, accumulates dQ on-chip;
+              _attn_bwd_dkdv  one program per key tile, loops over query tiles, accumulates dK and dV on-chip.
+All products accumulate in fp32 (fp32 inputs use exact fp32 products, not TF32); exponentials use exp2 with
+log2(e) folded into the scale, which is what the hardware computes fastest.
+
+Packed (varlen) batches. A DINO step runs 2 global crops (197 tokens for ViT-S/16) and 10 local crops (37
+tokens). Attention on 37 tokens per head is too little work to fill a GPU, so the local-crop launch leaves it
+mostly idle. Packing concatenates every sequence along the token axis, q of shape (T, H, D) with
+T = sum of lengths, and passes the cumulative offsets cu_seqlens = [0, n_0, n_0 + n_1, ...]; each program
+looks up where its sequence starts and how long it is, so all crops of all sizes go through one launch.
+Programs whose query tile lies past the end of a short sequence return at once.
+
+`attention(q, k, v, impl)` and `attention_varlen(q, k, v, cu_seqlens, max_seqlen, impl)` dispatch: impl "auto"
+runs Triton on CUDA and PyTorch's `scaled_dot_product_attention` elsewhere; "triton", "sdpa" and "ref" force
+one.
+Tests run the kernels on CPU through the Triton interpreter (TRITON_INTERPRET=1) against `attention_ref`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is Linux-only; the PyTorch paths still work
+    triton = None
+
+IMPLS = ("auto", "triton", "sdpa", "ref")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# References in plain PyTorch
+
+
+def attention_ref(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(D)) v written out; q, k, v: (B, H, N, D). Computed in fp32 (or fp64) for any input."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, N)
+    return (scores.softmax(dim=-1) @ v.to(acc)).to(q.dtype)
+
+
+def _per_length_groups(cu_seqlens: Tensor) -> list[tuple[int, int, int]]:
+    """Runs of consecutive sequences of equal length as (first token, number of sequences, length)."""
+    lengths = cu_seqlens.diff().tolist()
+    groups, start, i = [], 0, 0
+    while i < len(lengths):
+        j = i
+        while j < len(lengths) and lengths[j] == lengths[i]:
+            j += 1
+        groups.append((start, j - i, lengths[i]))
+        start += (j - i) * lengths[i]
+        i = j
+    return groups
+
+
+def attention_varlen_torch(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, impl: str = "sdpa") -> Tensor:
+    """Packed attention without Triton: q, k, v (T, H, D); each run of equal-length sequences as one batch."""
+    out = []
+    for start, count, n in _per_length_groups(cu_seqlens):
+        qkv = [t[start : start + count * n].unflatten(0, (count, n)).transpose(1, 2) for t in (q, k, v)]
+        o = attention_ref(*qkv) if impl == "ref" else F.scaled_dot_product_attention(*qkv)  # (count, H, n, D)
+        out.append(o.transpose(1, 2).flatten(0, 1))  # (count * n, H, D)
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels. Every tensor is addressed as base + seq * s_b + head * s_h + token * s_n + d (d contiguous).
+# Dense inputs: seq = batch index, tokens from 0. Packed inputs: s_b = 0 and tokens from cu_seqlens[seq].
+
+# fmt: off
+if triton is not None:
+
+    def _configs(pairs):
+        """Autotuning candidates (BLOCK_M, BLOCK_N, warps, pipeline stages). MINIDINO_ATTN_AUTOTUNE=0 keeps the
+        first only (quick compiles for tests); the interpreter gets one small tile."""
+        if INTERPRET:
+            return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+        if os.environ.get("MINIDINO_ATTN_AUTOTUNE") == "0":
+            pairs = pairs[:1]
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+
+    @triton.jit
+    def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """a @ b accumulated in fp32. UPCAST: the CPU interpreter multiplies bf16 wrongly; go through fp32."""
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        return tl.dot(a, b, input_precision=PRECISION)
+
+    @triton.jit
+    def _seq_bounds(cu_ptr, seq, N, VARLEN: tl.constexpr):
+        """(first token, length) of sequence `seq`: from cu_seqlens when packed, else (0, N)."""
+        start = 0
+        n = N
+        if VARLEN:
+            start = tl.load(cu_ptr + seq)
+            n = tl.load(cu_ptr + seq + 1) - start
+        return start, n
+
+    @triton.autotune(
+        configs=_configs(
+            [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 2)],
+        ),
+        key=["N_BUCKET", "D", "VARLEN"],
+    )
+    @triton.jit
+    def _attn_fwd(
+        Q, K, V, Out, LSE, cu_ptr, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+        sl_b, sl_h, H, N, D, N_BUCKET, qk_scale,
+        VARLEN: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        seq, head = tl.program_id(1) // H, tl.program_id(1) % H
+        start, n = _seq_bounds(cu_ptr, seq, N, VARLEN)
+        if tl.program_id(0) * BLOCK_M >= n:  # a query tile past the end of a short packed sequence
+            return
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query positions
+        cols = tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions within a tile
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        q_tile = Q + seq * sq_b + head * sq_h + (start + rows[:, None]) * sq_n + d[None, :]
+        q = tl.load(q_tile, mask=(rows[:, None] < n) & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D) on-chip
+        k_base = K + seq * sk_b + head * sk_h + start * sk_n
+        v_base = V + seq * sv_b + head * sv_h + start * sv_n
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row maximum (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m_i)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running un-normalised output
+        for j in range(0, n, BLOCK_N):
+            keys = j + cols
+            k_ok = keys < n
+            kT = tl.load(k_base + keys[None, :] * sk_n + d[:, None], mask=d_ok[:, None] & k_ok, other=0.0)
+            s = _dot(q, kT, PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N) scores, log2 units
+            s = tl.where(k_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old maximum
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + keys[:, None] * sv_n + d[None, :], mask=k_ok[:, None] & d_ok, other=0.0)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+            m_i = m_new
+
+        row_ok = rows < n
+        out = acc / l_i[:, None]
+        o_tile = Out + seq * so_b + head * so_h + (start + rows[:, None]) * so_n + d[None, :]
+        tl.store(o_tile, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + seq * sl_b + head * sl_h + start + rows, m_i + tl.log2(l_i), mask=row_ok)
+
+    @triton.autotune(
+        configs=_configs([(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)]),
+        key=["N_BUCKET", "D", "VARLEN"],
+    )
+    @triton.jit
+    def _attn_bwd_dq(
+        Q, K, V, Out, DO, DQ, LSE, DELTA, cu_ptr, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+        so_b, so_h, so_n, sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n, sl_b, sl_h, H, N, D, N_BUCKET,
+        qk_scale, sm_scale,
+        VARLEN: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """One query tile: delta = rowsum(dO * out) (kept for _attn_bwd_dkdv), then dQ over the key tiles."""
+        seq, head = tl.program_id(1) // H, tl.program_id(1) % H
+        start, n = _seq_bounds(cu_ptr, seq, N, VARLEN)
+        if tl.program_id(0) * BLOCK_M >= n:
+            return
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        row_ok = rows < n
+        tile_ok = row_ok[:, None] & d_ok[None, :]
+        q_base = Q + seq * sq_b + head * sq_h + start * sq_n  # where this sequence and head start
+        k_base = K + seq * sk_b + head * sk_h + start * sk_n
+        v_base = V + seq * sv_b + head * sv_h + start * sv_n
+        o_base = Out + seq * so_b + head * so_h + start * so_n
+        do_base = DO + seq * sdo_b + head * sdo_h + start * sdo_n
+        q = tl.load(q_base + rows[:, None] * sq_n + d[None, :], mask=tile_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
+        do = tl.load(do_base + rows[:, None] * sdo_n + d[None, :], mask=tile_ok, other=0.0)
+        o = tl.load(o_base + rows[:, None] * so_n + d[None, :], mask=tile_ok, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # (BLOCK_M,)
+        lse_off = seq * sl_b + head * sl_h + start + rows
+        tl.store(DELTA + lse_off, delta, mask=row_ok)
+        lse = tl.load(LSE + lse_off, mask=row_ok, other=0.0)
+
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for j in range(0, n, BLOCK_N):
+            keys = j + cols
+            k_ok = keys < n
+            k = tl.load(k_base + keys[:, None] * sk_n + d[None, :], mask=k_ok[:, None] & d_ok, other=0.0)
+            vT = tl.load(v_base + keys[None, :] * sv_n + d[:, None], mask=d_ok[:, None] & k_ok, other=0.0)
+            s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+            p = tl.where(k_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)  # the forward's softmax, rebuilt
+            dp = _dot(do, vT, PRECISION, UPCAST)  # (BLOCK_M, BLOCK_N)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+        dq_tile = DQ + seq * sdq_b + head * sdq_h + (start + rows[:, None]) * sdq_n + d[None, :]
+        tl.store(dq_tile, (dq * sm_scale).to(DQ.dtype.element_ty), mask=tile_ok)
+
+    @triton.autotune(
+        configs=_configs([(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 2)]),
+        key=["N_BUCKET", "D", "VARLEN"],
+    )
+    @triton.jit
+    def _attn_bwd_dkdv(
+        Q, K, V, DO, DK, DV, LSE, DELTA, cu_ptr, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+        sdo_b, sdo_h, sdo_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, sl_b, sl_h, H, N, D, N_BUCKET,
+        qk_scale, sm_scale,
+        VARLEN: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """One key tile (BLOCK_N keys): dK and dV over all query tiles (BLOCK_M queries each)."""
+        seq, head = tl.program_id(1) // H, tl.program_id(1) % H
+        start, n = _seq_bounds(cu_ptr, seq, N, VARLEN)
+        if tl.program_id(0) * BLOCK_N >= n:
+            return
+        keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.arange(0, BLOCK_M)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        k_ok = keys < n
+        tile_ok = k_ok[:, None] & d_ok[None, :]
+        q_base = Q + seq * sq_b + head * sq_h + start * sq_n  # where this sequence and head start
+        k_base = K + seq * sk_b + head * sk_h + start * sk_n
+        v_base = V + seq * sv_b + head * sv_h + start * sv_n
+        do_base = DO + seq * sdo_b + head * sdo_h + start * sdo_n
+        lse_base = seq * sl_b + head * sl_h + start
+        k = tl.load(k_base + keys[:, None] * sk_n + d[None, :], mask=tile_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(v_base + keys[:, None] * sv_n + d[None, :], mask=tile_ok, other=0.0)
+
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for i in range(0, n, BLOCK_M):
+            qrows = i + rows
+            q_ok = qrows < n
+            qT = tl.load(q_base + qrows[None, :] * sq_n + d[:, None], mask=d_ok[:, None] & q_ok, other=0.0)
+            do = tl.load(do_base + qrows[:, None] * sdo_n + d[None, :], mask=q_ok[:, None] & d_ok, other=0.0)
+            lse = tl.load(LSE + lse_base + qrows, mask=q_ok, other=0.0)
+            delta = tl.load(DELTA + lse_base + qrows, mask=q_ok, other=0.0)
+            sT = _dot(k, qT, PRECISION, UPCAST) * qk_scale  # (BLOCK_N, BLOCK_M): scores, transposed
+            pT = tl.where(q_ok[None, :], tl.exp2(sT - lse[None, :]), 0.0)
+            dv += _dot(pT.to(do.dtype), do, PRECISION, UPCAST)
+            dpT = _dot(v, tl.trans(do), PRECISION, UPCAST)
+            dsT = pT * (dpT - delta[None, :])
+            dk += _dot(dsT.to(qT.dtype), tl.trans(qT), PRECISION, UPCAST)
+        dk_tile = DK + seq * sdk_b + head * sdk_h + (start + keys[:, None]) * sdk_n + d[None, :]
+        dv_tile = DV + seq * sdv_b + head * sdv_h + (start + keys[:, None]) * sdv_n + d[None, :]
+        tl.store(dk_tile, (dk * sm_scale).to(DK.dtype.element_ty), mask=tile_ok)
+        tl.store(dv_tile, dv.to(DV.dtype.element_ty), mask=tile_ok)
+
+
+# fmt: on
+# ----------------------------------------------------------------------------------------------------------
+# Autograd wrapper: one Function for dense (B, H, N, D) and packed (T, H, D) inputs.
+
+
+def _strides(t: Tensor, packed: bool) -> tuple[int, int, int]:
+    """(per sequence, per head, per token) element strides; packed sequences are found by token offset."""
+    return (0, t.stride(1), t.stride(0)) if packed else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _flags(q: Tensor, packed: bool, block_d: int) -> dict:
+    """Compile-time switches. fp32 inputs get exact fp32 products ("ieee", not TF32); 16-bit inputs multiply
+    natively; both accumulate in fp32."""
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    upcast = INTERPRET and q.dtype == torch.bfloat16
+    return dict(VARLEN=packed, BLOCK_D=block_d, PRECISION=precision, UPCAST=upcast)
+
+
+def _d_last(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _empty_like_tokens(t: Tensor, packed: bool) -> Tensor:
+    """Output buffer laid out as (B, N, H, D) in memory, so 'b h n d -> b n (h d)' after it is a free view."""
+    if packed:
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+    B, H, N, D = t.shape
+    return t.new_empty(B, N, H, D).transpose(1, 2)
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen):
+        q, k, v = _d_last(q), _d_last(k), _d_last(v)
+        packed = cu_seqlens is not None
+        if packed:
+            T, H, D = q.shape
+            n_seqs, N = cu_seqlens.numel() - 1, max_seqlen
+            lse = q.new_empty(H, T, dtype=torch.float32)
+            lse_strides = (0, T)
+        else:
+            n_seqs, H, N, D = q.shape
+            lse = q.new_empty(n_seqs, H, N, dtype=torch.float32)
+            lse_strides = (H * N, N)
+            cu_seqlens = lse  # unused pointer
+        o = _empty_like_tokens(q, packed)
+        block_d = max(16, triton.next_power_of_2(D))
+        scale = D**-0.5
+
+        def grid(meta):
+            return (triton.cdiv(N, meta["BLOCK_M"]), n_seqs * H)
+
+        _attn_fwd[grid](
+            q, k, v, o, lse, cu_seqlens,
+            *_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(o, packed),
+            *lse_strides, H, N, D, triton.next_power_of_2(N), scale * LOG2_E, **_flags(q, packed, block_d),
+        )
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+        ctx.meta = (packed, n_seqs, H, N, D, block_d, lse_strides)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+        packed, n_seqs, H, N, D, block_d, lse_strides = ctx.meta
+        do = _d_last(do)
+        dq, dk, dv = (_empty_like_tokens(t, packed) for t in (q, k, v))
+        delta = torch.empty_like(lse)
+        scale = D**-0.5
+        common = _flags(q, packed, block_d)
+        sizes = (H, N, D, triton.next_power_of_2(N), scale * LOG2_E, scale)
+        _attn_bwd_dq[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), n_seqs * H)](
+            q, k, v, o, do, dq, lse, delta, cu_seqlens,
+            *_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(o, packed),
+            *_strides(do, packed), *_strides(dq, packed), *lse_strides, *sizes, **common,
+        )
+        _attn_bwd_dkdv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_seqs * H)](
+            q, k, v, do, dk, dv, lse, delta, cu_seqlens,
+            *_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(do, packed),
+            *_strides(dk, packed), *_strides(dv, packed), *lse_strides, *sizes, **common,
+        )
+        return dq, dk, dv, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dispatchers
+
+
+def _use_triton(q: Tensor, impl: str) -> bool:
+    if impl not in IMPLS:
+        raise ValueError(f"attention: unknown impl {impl!r} (expected one of {', '.join(IMPLS)})")
+    supported = q.shape[-1] <= 128 and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    if impl == "triton":
+        if triton is None:
+            raise RuntimeError("attention(impl='triton'): triton is not installed")
+        if not supported:
+            raise ValueError(
+                f"attention(impl='triton'): head dim {q.shape[-1]} and dtype {q.dtype} not supported "
+                "(head dim <= 128; fp32, fp16 or bf16)"
+            )
+        if not (q.is_cuda or INTERPRET):
+            raise RuntimeError("attention(impl='triton'): needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
+        return True
+    return impl == "auto" and triton is not None and q.is_cuda and supported
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, impl: str = "auto") -> Tensor:
+    """Non-causal softmax(q k^T / sqrt(D)) v for q, k, v (B, H, N, D), any N; returns (B, H, N, D)."""
+    if q.shape != k.shape or q.shape != v.shape or q.dim() != 4:
+        raise ValueError(
+            f"attention: q, k, v must share one (B, H, N, D) shape, got {[tuple(t.shape) for t in (q, k, v)]}"
+        )
+    if _use_triton(q, impl):
+        return _FlashAttention.apply(q, k, v, None, None)
+    if impl == "ref":
+        return attention_ref(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def attention_varlen(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, impl: str = "auto"
+) -> Tensor:
+    """Packed attention: q, k, v (T, H, D) hold sequences back to back; sequence i is tokens
+    cu_seqlens[i]:cu_seqlens[i+1] (int32, starts with 0, ends with T) and attends only within itself."""
+    if q.shape != k.shape or q.shape != v.shape or q.dim() != 3:
+        raise ValueError(f"attention_varlen: q, k, v must share one (T, H, D) shape, got {tuple(q.shape)}")
+    if _use_triton(q, impl):
+        return _FlashAttention.apply(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen))
+    return attention_varlen_torch(q, k, v, cu_seqlens, "ref" if impl == "ref" else "sdpa")
+
+
+def flops(batch: int, heads: int, n: int, d: int, backward: bool = False) -> float:
+    """Matrix-product FLOPs of attention: 4 B H N^2 D forward (q k^T and p v); backward counted as 2.5x."""
+    fwd = 4.0 * batch * heads * n * n * d
+    return fwd * (3.5 if backward else 1.0)
+
+
+def packed_offsets(lengths: list[int], device: torch.device | str) -> tuple[Tensor, int]:
+    """cu_seqlens (int32, len(lengths) + 1) and the longest length, for `attention_varlen`."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    return cu.to(device), max(lengths)
+
+
+__all__ = [
+    "attention",
+    "attention_varlen",
+    "attention_ref",
+    "attention_varlen_torch",
+    "packed_offsets",
+    "flops",
+]

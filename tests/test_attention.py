@@ -1,0 +1,195 @@
+"""kernels/attention.py: the Triton kernels against attention_ref (on CPU through the Triton interpreter, on
+GPU when present), packed against per-sequence, the dispatcher, and the ViT's packed multi-crop path."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernels.attention import attention, attention_ref, attention_varlen, attention_varlen_torch, packed_offsets
+from minidino.vit import VisionTransformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Tolerances on max |error| relative to (1 + max |reference|): fp32 products are exact fp32 ("ieee"), 16-bit
+# inputs round the probabilities to 16 bits before the product with v (as every flash kernel does).
+# The checks run in a child process on CPU because TRITON_INTERPRET=1 must be set before triton is imported.
+KERNEL_CHECK = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from kernels.attention import attention, attention_ref, attention_varlen, attention_varlen_torch, packed_offsets
+device, big = sys.argv[2], sys.argv[3] == "big"
+torch.manual_seed(0)
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+def close(got, want, what):
+    err = (got.float() - want.float()).abs().max().item()
+    tol = TOL[dtype] * (1 + want.float().abs().max().item())
+    assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g} ({shape}, {dtype})"
+
+shapes = [(2, 2, 37, 32), (1, 3, 17, 64), (1, 1, 5, 128)]
+big_shapes = [(4, 6, 197, 64), (2, 16, 257, 64), (1, 12, 1370, 64), (3, 4, 50, 128), (5, 3, 65, 32)]
+cases = [(s, dt) for s in shapes for dt in TOL] + ([(s, torch.bfloat16) for s in big_shapes] if big else [])
+for shape, dtype in cases:
+    B, H, N, D = shape
+    # q, k, v as the strided views a fused qkv projection gives: (B, N, 3, H, D) -> three (B, H, N, D)
+    qkv = torch.randn(B, N, 3, H, D, device=device, dtype=dtype, requires_grad=True)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    out = attention(q, k, v, impl="triton")
+    ref = attention_ref(q.float(), k.float(), v.float())
+    close(out, ref, "forward")
+    go = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), go)
+    want = torch.autograd.grad(ref, (q, k, v), go.float())
+    for g, w, name in zip(got, want, "qkv"):
+        close(g, w, "grad " + name)
+    # contiguous inputs take the same kernels with other strides
+    qc, kc, vc = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
+    close(attention(qc, kc, vc, impl="triton"), ref, "forward (contiguous)")
+
+# packed: sequences of mixed lengths in one launch equal each sequence on its own
+lengths = [37, 37, 17, 5, 17, 1] + ([197, 197, 37, 37, 37, 257] if big else [])
+cu, longest = packed_offsets(lengths, device)
+for dtype in TOL:
+    shape = ("packed", lengths)
+    q, k, v = (torch.randn(sum(lengths), 3, 32, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    out = attention_varlen(q, k, v, cu, longest, impl="triton")
+    ref = attention_varlen_torch(q.float(), k.float(), v.float(), cu, impl="ref")
+    close(out, ref, "packed forward")
+    starts = cu.tolist()
+    for i in range(len(lengths)):  # each sequence alone, through the dense kernel
+        s, e = starts[i], starts[i + 1]
+        alone = attention(*(t[s:e].transpose(0, 1)[None] for t in (q, k, v)), impl="triton")[0].transpose(0, 1)
+        close(out[s:e], alone, f"packed sequence {i}")
+    go = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), go)
+    want = torch.autograd.grad(ref, (q, k, v), go.float())
+    for g, w, name in zip(got, want, "qkv"):
+        close(g, w, "packed grad " + name)
+print("ok")
+"""
+
+VIT_CHECK = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from minidino.vit import VisionTransformer
+device = sys.argv[2]
+torch.manual_seed(0)
+vit = VisionTransformer("vit_nano", patch_size=8, img_size=32, attn_impl="sdpa").to(device)
+crops = [torch.randn(2, 3, 32, 32, device=device), torch.randn(2, 3, 16, 16, device=device)]
+
+def run(impl, packed):
+    vit.set_attn_impl(impl)
+    vit.pack_crops = packed
+    vit.zero_grad()
+    out = vit(crops)
+    loss = sum((o["cls"] ** 2).sum() + o["patch"].sum() for o in out)
+    loss.backward()
+    return [o[k] for o in out for k in ("cls", "patch")], [p.grad.clone() for p in vit.parameters() if p.grad is not None]
+
+want_out, want_grad = run("sdpa", False)
+for packed in (False, True):
+    got_out, got_grad = run("triton", packed)
+    for a, b in zip(got_out + got_grad, want_out + want_grad):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+print("ok")
+"""
+
+
+def _child(script: str, device: str, size: str = "small") -> None:
+    # on GPU, one tile config per kernel: this checks correctness, the benchmark autotunes
+    env = dict(os.environ, TRITON_INTERPRET="1" if device == "cpu" else "0", MINIDINO_ATTN_AUTOTUNE="0")
+    res = subprocess.run(
+        [sys.executable, "-c", script, ROOT, device, size], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def test_triton_kernels_match_reference_in_interpreter():
+    pytest.importorskip("triton")
+    _child(KERNEL_CHECK, "cpu")
+
+
+def test_vit_with_triton_attention_matches_sdpa_in_interpreter():
+    pytest.importorskip("triton")
+    _child(VIT_CHECK, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_kernels_match_reference_on_gpu():
+    _child(KERNEL_CHECK, "cuda", "big")
+    _child(VIT_CHECK, "cuda")
+
+
+def test_reference_matches_sdpa_and_softmax_properties():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 37, 16, dtype=torch.float64) for _ in range(3))
+    out = attention_ref(q, k, v)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    # identical keys: uniform attention, so every query returns the mean of v
+    same = attention_ref(q, k[:, :, :1].expand_as(k), v)
+    torch.testing.assert_close(same, v.mean(dim=2, keepdim=True).expand_as(v))
+
+
+def test_dispatcher_fallbacks_and_errors():
+    q, k, v = (torch.randn(1, 2, 17, 8) for _ in range(3))
+    torch.testing.assert_close(attention(q, k, v, impl="auto"), attention_ref(q, k, v), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attention(q, k, v, impl="sdpa"), attention(q, k, v, impl="ref"), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown impl 'flash'"):
+        attention(q, k, v, impl="flash")
+    with pytest.raises(ValueError, match=r"\(B, H, N, D\)"):
+        attention(q, k[:, :, :5], v)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(RuntimeError, match="CUDA"):
+            attention(q, k, v, impl="triton")  # a CPU tensor without the interpreter
+    big_d = torch.randn(1, 1, 5, 160)
+    with pytest.raises(ValueError, match="head dim 160"):
+        attention(big_d, big_d, big_d, impl="triton")
+
+
+def test_packed_torch_path_equals_per_sequence():
+    torch.manual_seed(0)
+    lengths = [17, 17, 5, 37, 37, 37, 5]
+    cu, longest = packed_offsets(lengths, "cpu")
+    assert cu.tolist() == [0, 17, 34, 39, 76, 113, 150, 155] and longest == 37
+    q, k, v = (torch.randn(sum(lengths), 2, 8) for _ in range(3))
+    out = attention_varlen(q, k, v, cu, longest, impl="sdpa")
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        alone = attention_ref(*(t[s:e].transpose(0, 1)[None] for t in (q, k, v)))[0].transpose(0, 1)
+        torch.testing.assert_close(out[s:e], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("registers", [0, 2])
+def test_vit_packed_multicrop_equals_per_resolution(registers):
+    torch.manual_seed(0)
+    vit = VisionTransformer("vit_nano", patch_size=4, img_size=32, n_registers=registers)
+    crops = [torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32), torch.randn(3, 3, 16, 16), torch.randn(3, 3, 12, 12)]
+    masks = [torch.rand(3, 64) < 0.3, None, None, None]
+
+    def run(packed):
+        vit.pack_crops = packed
+        vit.zero_grad()
+        out = vit(crops, masks)
+        sum(o["cls"].pow(2).sum() + o["patch"].sin().sum() for o in out).backward()
+        return out, {n: p.grad.clone() for n, p in vit.named_parameters() if p.grad is not None}
+
+    per_res, grads = run(False)
+    packed, packed_grads = run(True)
+    for a, b in zip(per_res, packed):
+        assert a["patch"].shape == b["patch"].shape
+        torch.testing.assert_close(b["cls"], a["cls"], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(b["patch"], a["patch"], atol=1e-5, rtol=1e-4)
+    assert grads.keys() == packed_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(packed_grads[name], grads[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_packed_stochastic_depth_drops_whole_crops():
+    torch.manual_seed(0)
+    vit = VisionTransformer("vit_nano", patch_size=4, img_size=16, drop_path=0.5, drop_path_schedule="uniform")
+    vit.pack_crops = True
+    vit.train()
+    out = vit([torch.randn(8, 3, 16, 16), torch.randn(8, 3, 8, 8)])  # runs; per-crop shapes kept
+    assert out[0]["patch"].shape == (8, 16, 128) and out[1]["patch"].shape == (8, 4, 128)
