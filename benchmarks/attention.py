@@ -1,12 +1,12 @@
 """Attention speed: the Triton kernels (kernels/attention.py) against every SDPA backend and the reference.
 
-    python benchmarks/attention.py            # on a GPU, bf16: every shape below, one JSON line per (shape, impl)
-    python benchmarks/attention.py --quick    # fewer repeats; on CPU only sdpa (math) and ref run, tiny shapes
+    python benchmarks/attention.py          # on a GPU, bf16: every shape below, a JSON line per (shape, impl)
+    python benchmarks/attention.py --quick  # fewer repeats; on CPU only sdpa and ref run, on tiny shapes
 
-Shapes (B, H, N, D): ViT-S/16 global crops (128, 6, 197, 64), local crops (640, 6, 37, 64), ViT-L/14 global
-(64, 16, 257, 64), ViT-B/14 at 518 px (16, 12, 1370, 64). Then a packed DINO step: 64 images, each with 2 global
-(197 tokens) and 10 local (37 tokens) crops, H=6, D=64: one packed Triton launch against SDPA called once per
-resolution. FLOPs: 4 B H N^2 D forward; forward+backward counted as 3.5x that (backward = 2.5x forward).
+Shapes (B, H, N, D): ViT-S/16 global crops (128, 6, 197, 64), local crops (640, 6, 37, 64), ViT-L/14
+global (64, 16, 257, 64), ViT-B/14 at 518 px (16, 12, 1370, 64). Then a packed DINO step: 64 images, each with
+2 global (197 tokens) and 10 local (37 tokens) crops, H=6, D=64: one packed Triton launch against SDPA called
+once per resolution. FLOPs: 4 B H N^2 D forward; forward+backward counted as 3.5x that (backward 2.5x).
 Times are medians over repeats of a CUDA-event-timed loop; every impl runs in the same process, so compare
 ratios within one run. The last lines summarise: Triton's fwd+bwd speed-up over the best SDPA backend.
 """
@@ -45,7 +45,7 @@ def sdpa_backends() -> dict[str, object]:
 
 
 def timed_ms(fn, repeats: int, device: torch.device) -> float:
-    """Median milliseconds per call of fn(); each sample times a loop of calls so launch gaps are amortised."""
+    """Median milliseconds per call of fn(); each sample times a loop of calls to amortise launch gaps."""
     for _ in range(3):
         fn()
     if device.type != "cuda":
@@ -93,15 +93,31 @@ def impls(device: torch.device) -> dict[str, object]:
 
 
 def measure(fn, inputs, repeats, device) -> tuple[float, float]:
-    """(forward ms, forward+backward ms) of fn(*inputs) with a fixed output gradient."""
+    """(forward ms, forward+backward ms) of fn(*inputs) with a fixed output gradient. The backward returns
+    the input gradients (autograd.grad) rather than adding them into .grad, which would time an extra
+    elementwise add per input whose cost depends on the gradient's memory layout, not on attention."""
     with torch.no_grad():
         fwd = timed_ms(lambda: fn(*inputs), repeats, device)
     go = torch.randn_like(fn(*inputs))
+    return fwd, timed_ms(lambda: torch.autograd.grad(fn(*inputs), inputs, go), repeats, device)
 
-    def fwd_bwd():
-        torch.autograd.backward(fn(*inputs), go)
 
-    return fwd, timed_ms(fwd_bwd, repeats, device)
+def max_error(fn, inputs) -> float:
+    """Largest |difference| to the fp32 reference over the output and the three input gradients."""
+    out = fn(*inputs)
+    go = torch.randn_like(out)
+    ref_inputs = [t.detach().float().requires_grad_() for t in inputs]
+    ref = attention_ref(*ref_inputs) if out.dim() == 4 else None
+    if ref is None:  # packed (T, H, D): compare with the per-length-group reference
+        from kernels.attention import attention_varlen_torch
+
+        ref = attention_varlen_torch(*ref_inputs, CU, impl="ref")
+    got = [out, *torch.autograd.grad(out, inputs, go)]
+    want = [ref, *torch.autograd.grad(ref, ref_inputs, go.float())]
+    return max((a.float() - b).abs().max().item() for a, b in zip(got, want))
+
+
+CU = None  # the packed step's cu_seqlens, set in main
 
 
 def main(argv: list[str]) -> None:
@@ -110,14 +126,28 @@ def main(argv: list[str]) -> None:
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     repeats = 5 if quick or device.type != "cuda" else 15
-    shapes = SHAPES if device.type == "cuda" else {"tiny_global": (4, 2, 65, 32), "tiny_local": (16, 2, 17, 32)}
+    shapes = (
+        SHAPES if device.type == "cuda" else {"tiny_global": (4, 2, 65, 32), "tiny_local": (16, 2, 17, 32)}
+    )
     summary = {}
 
     def report(name, impl, B, H, N, D, fwd, fb, total_flops, **extra):
-        row = {"benchmark": "attention", "device": gpu, "dtype": str(dtype).split(".")[1], "shape": name,
-               "impl": impl, "B": B, "H": H, "N": N, "D": D, "fwd_ms": round(fwd, 4), "fwd_bwd_ms": round(fb, 4),
-               "fwd_tflops": round(total_flops / fwd / 1e9, 1), "fwd_bwd_tflops": round(3.5 * total_flops / fb / 1e9, 1),
-               **extra}  # fmt: skip
+        row = {
+            "benchmark": "attention",
+            "device": gpu,
+            "dtype": str(dtype).split(".")[1],
+            "shape": name,
+            "impl": impl,
+            "B": B,
+            "H": H,
+            "N": N,
+            "D": D,
+            "fwd_ms": round(fwd, 4),
+            "fwd_bwd_ms": round(fb, 4),
+            "fwd_tflops": round(total_flops / fwd / 1e9, 1),
+            "fwd_bwd_tflops": round(3.5 * total_flops / fb / 1e9, 1),
+            **extra,
+        }
         print(json.dumps(row), flush=True)
         summary.setdefault(name, {})[impl] = fb
 
@@ -127,17 +157,34 @@ def main(argv: list[str]) -> None:
             try:
                 fwd, fb = measure(fn, qkv, repeats, device)
             except (RuntimeError, torch.OutOfMemoryError) as e:  # a backend that refuses this shape or dtype
-                print(json.dumps({"benchmark": "attention", "device": gpu, "shape": name, "impl": impl,
-                                  "error": str(e).splitlines()[0][:200]}), flush=True)  # fmt: skip
+                print(
+                    json.dumps(
+                        {
+                            "benchmark": "attention",
+                            "device": gpu,
+                            "shape": name,
+                            "impl": impl,
+                            "error": str(e).splitlines()[0][:200],
+                        }
+                    ),
+                    flush=True,
+                )
                 continue
-            report(name, impl, B, H, N, D, fwd, fb, flops(B, H, N, D))
+            err = {"max_err": round(max_error(fn, qkv), 5)} if impl == "triton" else {}
+            report(name, impl, B, H, N, D, fwd, fb, flops(B, H, N, D), **err)
 
     # a packed DINO step: 2 global + 10 local crops of 64 images (CPU: 4 images, short sequences)
-    images, (n_global, n_local), H, D = (64, (197, 37), 6, 64) if device.type == "cuda" else (4, (65, 17), 2, 32)
+    images, (n_global, n_local), H, D = (
+        (64, (197, 37), 6, 64) if device.type == "cuda" else (4, (65, 17), 2, 32)
+    )
     lengths = [n_global] * (2 * images) + [n_local] * (10 * images)
     total = sum(4.0 * H * n * n * D for n in lengths)
-    q, k, v = (torch.randn(sum(lengths), H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    q, k, v = (
+        torch.randn(sum(lengths), H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3)
+    )
     cu, longest = packed_offsets(lengths, device)
+    global CU
+    CU = cu
     split = 2 * images * n_global
 
     def per_resolution(fn):
@@ -159,20 +206,53 @@ def main(argv: list[str]) -> None:
         try:
             fwd, fb = measure(fn, (q, k, v), repeats, device)
         except (RuntimeError, torch.OutOfMemoryError) as e:
-            print(json.dumps({"benchmark": "attention", "device": gpu, "shape": "dino_step_packed", "impl": impl,
-                              "error": str(e).splitlines()[0][:200]}), flush=True)  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "benchmark": "attention",
+                        "device": gpu,
+                        "shape": "dino_step_packed",
+                        "impl": impl,
+                        "error": str(e).splitlines()[0][:200],
+                    }
+                ),
+                flush=True,
+            )
             continue
-        report("dino_step_packed", impl, images, H, f"2x{n_global}+10x{n_local}", D, fwd, fb, total,
-               per_resolution=impl != "triton_packed")  # fmt: skip
+        err = {"max_err": round(max_error(fn, (q, k, v)), 5)} if impl == "triton_packed" else {}
+        report(
+            "dino_step_packed",
+            impl,
+            images,
+            H,
+            f"2x{n_global}+10x{n_local}",
+            D,
+            fwd,
+            fb,
+            total,
+            per_resolution=impl != "triton_packed",
+            **err,
+        )
 
     for name, times in summary.items():
         sdpa = {k: v for k, v in times.items() if k.startswith("sdpa")}
         mine = times.get("triton_packed", times.get("triton"))
         if sdpa and mine:
             best = min(sdpa, key=sdpa.get)
-            print(json.dumps({"benchmark": "attention_summary", "device": gpu, "shape": name, "best_sdpa": best,
-                              "best_sdpa_fwd_bwd_ms": round(sdpa[best], 4), "triton_fwd_bwd_ms": round(mine, 4),
-                              "speedup_fwd_bwd": round(sdpa[best] / mine, 3)}), flush=True)  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "benchmark": "attention_summary",
+                        "device": gpu,
+                        "shape": name,
+                        "best_sdpa": best,
+                        "best_sdpa_fwd_bwd_ms": round(sdpa[best], 4),
+                        "triton_fwd_bwd_ms": round(mine, 4),
+                        "speedup_fwd_bwd": round(sdpa[best] / mine, 3),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 
 
 def attention_ref(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(D)) v written out; q, k, v: (B, H, N, D). Computed in fp32 (or fp64) for any input."""
+    """softmax(q k^T / sqrt(D)) v written out; q, k, v: (B, H, N, D). In fp32 (fp64 stays fp64)."""
     acc = torch.promote_types(q.dtype, torch.float32)
     scores = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, N)
     return (scores.softmax(dim=-1) @ v.to(acc)).to(q.dtype)
@@ -98,13 +98,15 @@ def attention_varlen_torch(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, 
 if triton is not None:
 
     def _configs(pairs):
-        """Autotuning candidates (BLOCK_M, BLOCK_N, warps, pipeline stages). MINIDINO_ATTN_AUTOTUNE=0 keeps the
-        first only (quick compiles for tests); the interpreter gets one small tile."""
+        """Autotuning candidates (BLOCK_M, BLOCK_N, warps, pipeline stages). MINIDINO_ATTN_AUTOTUNE=0 keeps
+        the first only (quick compiles for tests); the interpreter gets one small tile."""
         if INTERPRET:
             return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
         if os.environ.get("MINIDINO_ATTN_AUTOTUNE") == "0":
             pairs = pairs[:1]
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+        return [
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs
+        ]
 
     @triton.jit
     def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -177,7 +179,7 @@ if triton is not None:
         tl.store(LSE + seq * sl_b + head * sl_h + start + rows, m_i + tl.log2(l_i), mask=row_ok)
 
     @triton.autotune(
-        configs=_configs([(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)]),
+        configs=_configs([(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2), (64, 64, 4, 2)]),
         key=["N_BUCKET", "D", "VARLEN"],
     )
     @triton.jit
@@ -231,7 +233,10 @@ if triton is not None:
         tl.store(dq_tile, (dq * sm_scale).to(DQ.dtype.element_ty), mask=tile_ok)
 
     @triton.autotune(
-        configs=_configs([(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 2)]),
+        configs=_configs(
+            [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 2), (64, 128, 8, 2)]
+            + [(16, 128, 4, 3)]
+        ),
         key=["N_BUCKET", "D", "VARLEN"],
     )
     @triton.jit
@@ -339,9 +344,23 @@ class _FlashAttention(torch.autograd.Function):
             return (triton.cdiv(N, meta["BLOCK_M"]), n_seqs * H)
 
         _attn_fwd[grid](
-            q, k, v, o, lse, cu_seqlens,
-            *_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(o, packed),
-            *lse_strides, H, N, D, triton.next_power_of_2(N), scale * LOG2_E, **_flags(q, packed, block_d),
+            q,
+            k,
+            v,
+            o,
+            lse,
+            cu_seqlens,
+            *_strides(q, packed),
+            *_strides(k, packed),
+            *_strides(v, packed),
+            *_strides(o, packed),
+            *lse_strides,
+            H,
+            N,
+            D,
+            triton.next_power_of_2(N),
+            scale * LOG2_E,
+            **_flags(q, packed, block_d),
         )
         ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
         ctx.meta = (packed, n_seqs, H, N, D, block_d, lse_strides)
@@ -358,14 +377,44 @@ class _FlashAttention(torch.autograd.Function):
         common = _flags(q, packed, block_d)
         sizes = (H, N, D, triton.next_power_of_2(N), scale * LOG2_E, scale)
         _attn_bwd_dq[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), n_seqs * H)](
-            q, k, v, o, do, dq, lse, delta, cu_seqlens,
-            *_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(o, packed),
-            *_strides(do, packed), *_strides(dq, packed), *lse_strides, *sizes, **common,
+            q,
+            k,
+            v,
+            o,
+            do,
+            dq,
+            lse,
+            delta,
+            cu_seqlens,
+            *_strides(q, packed),
+            *_strides(k, packed),
+            *_strides(v, packed),
+            *_strides(o, packed),
+            *_strides(do, packed),
+            *_strides(dq, packed),
+            *lse_strides,
+            *sizes,
+            **common,
         )
         _attn_bwd_dkdv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_seqs * H)](
-            q, k, v, do, dk, dv, lse, delta, cu_seqlens,
-            *_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(do, packed),
-            *_strides(dk, packed), *_strides(dv, packed), *lse_strides, *sizes, **common,
+            q,
+            k,
+            v,
+            do,
+            dk,
+            dv,
+            lse,
+            delta,
+            cu_seqlens,
+            *_strides(q, packed),
+            *_strides(k, packed),
+            *_strides(v, packed),
+            *_strides(do, packed),
+            *_strides(dk, packed),
+            *_strides(dv, packed),
+            *lse_strides,
+            *sizes,
+            **common,
         )
         return dq, dk, dv, None, None
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from kernels.attention import attention, attention_ref, attention_varlen, attention_varlen_torch, packed_offsets
+from kernels.attention import attention, attention_ref, attention_varlen, packed_offsets
 from minidino.vit import VisionTransformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_CHECK = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from kernels.attention import attention, attention_ref, attention_varlen, attention_varlen_torch, packed_offsets
+from kernels.attention import attention, attention_ref, attention_varlen, packed_offsets
+from kernels.attention import attention_varlen_torch
 device, big = sys.argv[2], sys.argv[3] == "big"
 torch.manual_seed(0)
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -54,14 +55,16 @@ lengths = [37, 37, 17, 5, 17, 1] + ([197, 197, 37, 37, 37, 257] if big else [])
 cu, longest = packed_offsets(lengths, device)
 for dtype in TOL:
     shape = ("packed", lengths)
-    q, k, v = (torch.randn(sum(lengths), 3, 32, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    T = sum(lengths)
+    q, k, v = (torch.randn(T, 3, 32, device=device, dtype=dtype).requires_grad_() for _ in range(3))
     out = attention_varlen(q, k, v, cu, longest, impl="triton")
     ref = attention_varlen_torch(q.float(), k.float(), v.float(), cu, impl="ref")
     close(out, ref, "packed forward")
     starts = cu.tolist()
     for i in range(len(lengths)):  # each sequence alone, through the dense kernel
         s, e = starts[i], starts[i + 1]
-        alone = attention(*(t[s:e].transpose(0, 1)[None] for t in (q, k, v)), impl="triton")[0].transpose(0, 1)
+        one = [t[s:e].transpose(0, 1)[None] for t in (q, k, v)]  # (1, H, n, D)
+        alone = attention(*one, impl="triton")[0].transpose(0, 1)
         close(out[s:e], alone, f"packed sequence {i}")
     go = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), go)
@@ -87,7 +90,8 @@ def run(impl, packed):
     out = vit(crops)
     loss = sum((o["cls"] ** 2).sum() + o["patch"].sum() for o in out)
     loss.backward()
-    return [o[k] for o in out for k in ("cls", "patch")], [p.grad.clone() for p in vit.parameters() if p.grad is not None]
+    grads = [p.grad.clone() for p in vit.parameters() if p.grad is not None]
+    return [o[k] for o in out for k in ("cls", "patch")], grads
 
 want_out, want_grad = run("sdpa", False)
 for packed in (False, True):
@@ -102,7 +106,11 @@ def _child(script: str, device: str, size: str = "small") -> None:
     # on GPU, one tile config per kernel: this checks correctness, the benchmark autotunes
     env = dict(os.environ, TRITON_INTERPRET="1" if device == "cpu" else "0", MINIDINO_ATTN_AUTOTUNE="0")
     res = subprocess.run(
-        [sys.executable, "-c", script, ROOT, device, size], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", script, ROOT, device, size],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
@@ -136,7 +144,9 @@ def test_reference_matches_sdpa_and_softmax_properties():
 def test_dispatcher_fallbacks_and_errors():
     q, k, v = (torch.randn(1, 2, 17, 8) for _ in range(3))
     torch.testing.assert_close(attention(q, k, v, impl="auto"), attention_ref(q, k, v), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(attention(q, k, v, impl="sdpa"), attention(q, k, v, impl="ref"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        attention(q, k, v, impl="sdpa"), attention(q, k, v, impl="ref"), atol=1e-5, rtol=1e-5
+    )
     with pytest.raises(ValueError, match="unknown impl 'flash'"):
         attention(q, k, v, impl="flash")
     with pytest.raises(ValueError, match=r"\(B, H, N, D\)"):
@@ -165,7 +175,12 @@ def test_packed_torch_path_equals_per_sequence():
 def test_vit_packed_multicrop_equals_per_resolution(registers):
     torch.manual_seed(0)
     vit = VisionTransformer("vit_nano", patch_size=4, img_size=32, n_registers=registers)
-    crops = [torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32), torch.randn(3, 3, 16, 16), torch.randn(3, 3, 12, 12)]
+    crops = [
+        torch.randn(3, 3, 32, 32),
+        torch.randn(3, 3, 32, 32),
+        torch.randn(3, 3, 16, 16),
+        torch.randn(3, 3, 12, 12),
+    ]
     masks = [torch.rand(3, 64) < 0.3, None, None, None]
 
     def run(packed):
@@ -188,7 +203,9 @@ def test_vit_packed_multicrop_equals_per_resolution(registers):
 
 def test_packed_stochastic_depth_drops_whole_crops():
     torch.manual_seed(0)
-    vit = VisionTransformer("vit_nano", patch_size=4, img_size=16, drop_path=0.5, drop_path_schedule="uniform")
+    vit = VisionTransformer(
+        "vit_nano", patch_size=4, img_size=16, drop_path=0.5, drop_path_schedule="uniform"
+    )
     vit.pack_crops = True
     vit.train()
     out = vit([torch.randn(8, 3, 16, 16), torch.randn(8, 3, 8, 8)])  # runs; per-crop shapes kept
