@@ -30,7 +30,8 @@ from minidino import config as C
 from minidino.augment import BatchMultiCrop, MultiCropAugmentation, eval_transform, to_tensor_image
 from minidino.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from minidino.data import DataError, EpochSampler, SeededViews, build_dataset
-from minidino.dist import print0
+from minidino import parallel
+from minidino.dist import all_reduce_mean, cleanup, init_distributed, is_main, print0, rank, world_size
 from minidino.ema import ema_update
 from minidino.evaluate import knn_eval
 from minidino.koleo import koleo_loss
@@ -83,10 +84,14 @@ def param_groups(model: torch.nn.Module, optim: C.OptimConfig | None = None) -> 
 
 @torch.no_grad()
 def clip_gradients(model: torch.nn.Module, clip: float) -> None:
-    """DINO clips each parameter tensor's gradient norm to `clip` separately (not one global norm)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    norms = torch._foreach_norm(grads)
-    torch._foreach_mul_(grads, [(clip / (n + 1e-6)).clamp(max=1.0) for n in norms])
+    """DINO clips each parameter tensor's gradient norm to `clip` separately (not one global norm). Under
+    FSDP each process holds a shard of every gradient: the squared norms of the shards are summed first."""
+    grads = [parallel.local(p.grad) for p in model.parameters() if p.grad is not None]
+    sq_norms = torch.stack(torch._foreach_norm(grads)) ** 2  # (P,)
+    if parallel.is_sharded(model):
+        torch.distributed.all_reduce(sq_norms)
+    factors = (clip / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, list(factors.unbind()))
 
 
 def train_step(
@@ -113,18 +118,17 @@ def train_step(
     with autocast:
         # teacher: global views only, unmasked, no gradient; centred and sharpened targets
         with torch.no_grad():
-            t_out = teacher(crops[:n_global])
+            t_out = teacher(crops[:n_global], patch_masks=masks)
             t_probs = losses["dino"].teacher_probs(t_out["logits"], sched["teacher_temp"])
             if masks is not None:
-                t_patch_logits = teacher.patch_logits(torch.cat(t_out["patch"]), masks)  # (M, K)
+                t_patch_logits = t_out["patch_logits"]  # (M, K): the masked patches of the global crops
                 t_patch_probs = losses["ibot"].teacher_probs([t_patch_logits], sched["teacher_temp"])[0]
         # student: every view; masked patches of the global views replaced by the mask token
         s_masks = list(masks.chunk(n_global)) if masks is not None and ema_model is None else None
-        s_out = student(crops, s_masks + [None] * (len(crops) - n_global) if s_masks else None)
+        s_out = student(crops, s_masks + [None] * (len(crops) - n_global) if s_masks else None, masks)
         terms = {"loss_dino": losses["dino"](s_out["logits"], t_probs)}  # H(P_t(x), P_s(x')), x != x'
         if masks is not None:
-            s_patch_logits = student.patch_logits(torch.cat(s_out["patch"][:n_global]), masks)
-            terms["loss_ibot"] = losses["ibot"](s_patch_logits, t_patch_probs, masks)
+            terms["loss_ibot"] = losses["ibot"](s_out["patch_logits"], t_patch_probs, masks)
         if w.koleo_weight:  # per global crop, on backbone CLS features (before the head)
             terms["loss_koleo"] = sum(koleo_loss(c) for c in s_out["cls"][:n_global]) / n_global
         weights = {"loss_dino": w.dino_weight, "loss_ibot": w.ibot_weight, "loss_koleo": w.koleo_weight}
@@ -138,13 +142,11 @@ def train_step(
     if (
         freeze_last_layer
     ):  # the prototypes stay fixed in the first epoch(s): DINO finds this stabilises training
-        for head in (student.head, student.ibot_head):
+        for head in (parallel.unwrap(student).head, parallel.unwrap(student).ibot_head):
             if head is not None:
                 head.last_layer.weight.grad, head.last_layer_g.grad = None, None
     optimizer.step()
-    ema_update(
-        teacher if ema_model is None else ema_model, student, sched["momentum"]
-    )  # theta <- m theta + (1-m) theta_s
+    ema_update(teacher if ema_model is None else ema_model, student, sched["momentum"])  # m t + (1-m) s
     losses["dino"].update_center(t_out["logits"])  # c <- m c + (1 - m) mean(g_t)
     if masks is not None:
         losses["ibot"].update_center([t_patch_logits])
@@ -185,7 +187,17 @@ def main(argv: list[str] | None = None) -> dict:
     if wants_help:
         print(C.help_text(cfg))
         return {}
-    device = resolve_device(cfg.run.device)
+    device = init_distributed(resolve_device(cfg.run.device))  # under torchrun: a process group, this GPU
+    world = world_size()
+    if world > 1 and cfg.run.parallel == "none":
+        raise C.ConfigError(
+            f"launched on {world} processes: choose --run.parallel=ddp or --run.parallel=fsdp"
+        )
+    if cfg.optim.batch_size % world:
+        raise C.ConfigError(
+            f"option --optim.batch_size={cfg.optim.batch_size} (the global batch) must be "
+            f"divisible by the {world} processes"
+        )
     run_dir = resume or cfg.run.out_dir
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     if resume is None and os.path.exists(ckpt_path):
@@ -193,8 +205,9 @@ def main(argv: list[str] | None = None) -> dict:
             f"run folder {run_dir} already holds a checkpoint: continue it with --resume "
             f"{run_dir}, or choose another --run.out_dir"
         )
-    os.makedirs(run_dir, exist_ok=True)
-    C.save_json(cfg, os.path.join(run_dir, "config.json"))
+    if is_main():
+        os.makedirs(run_dir, exist_ok=True)
+        C.save_json(cfg, os.path.join(run_dir, "config.json"))
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
     if device.type == "cuda":
@@ -212,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     chosen = C.size_for_data(cfg, len(train_set))  # options left at 0 follow the data size
     if chosen:
         print0(f"for {len(train_set)} images: {' '.join(chosen)}")
-        C.save_json(cfg, os.path.join(run_dir, "config.json"))
+        if is_main():
+            C.save_json(cfg, os.path.join(run_dir, "config.json"))
     total_steps = cfg.optim.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.run.max_steps) if cfg.run.max_steps else total_steps
 
@@ -225,26 +239,38 @@ def main(argv: list[str] | None = None) -> dict:
     for m in (student, teacher, ema_model):
         if m is not None:
             m.to(device)
-
+    step, skipped_images = 0, 0
+    state = load_checkpoint(ckpt_path) if resume is not None and os.path.exists(ckpt_path) else None
+    if state is not None:  # full (unsharded) weights, loaded before any sharding: any process count works
+        load_model_state(student, state["student"], f"checkpoint {ckpt_path} (student)")
+        load_model_state(ema_model or teacher, state["teacher"], f"checkpoint {ckpt_path} (teacher)")
+    # several processes: DDP replicas or FSDP2 shards (minidino/parallel.py); one process: unchanged
+    followers = [m for m in (teacher, ema_model) if m is not None]
+    student = parallel.wrap(
+        student,
+        followers,
+        cfg.run.parallel if world > 1 else "none",
+        device,
+        cfg.run.activation_checkpointing,
+        cfg.run.compile,
+    )
     # 3. losses, holding the teacher centres: DINO on CLS tokens, iBOT on masked patches (DINOv2)
     L = cfg.loss
     losses = {name: module.to(device) for name, module in build_losses(cfg).items()}
 
     # 4. optimiser: AdamW, lr and weight decay set every step from the schedules
-    optimizer = torch.optim.AdamW(param_groups(student, cfg.optim), lr=0.0, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(
+        param_groups(parallel.unwrap(student), cfg.optim), lr=0.0, betas=(0.9, 0.999)
+    )
     global_batch = cfg.optim.batch_size
     if cfg.optim.lr_scaling == "linear":  # DINO: lr x batch / 256
         lr_peak = cfg.optim.lr * global_batch / 256
     else:  # DINOv2: lr x sqrt(batch / 1024)
         lr_peak = cfg.optim.lr * (global_batch / 1024) ** 0.5
 
-    # 5. resume: weights, optimiser, centre, step and RNG states
-    step, skipped_images = 0, 0
-    if resume is not None and os.path.exists(ckpt_path):
-        state = load_checkpoint(ckpt_path)
-        load_model_state(student, state["student"], f"checkpoint {ckpt_path} (student)")
-        load_model_state(ema_model or teacher, state["teacher"], f"checkpoint {ckpt_path} (teacher)")
-        optimizer.load_state_dict(state["optimizer"])
+    # 5. resume: optimiser (the weights are loaded above), centre, step and RNG states
+    if state is not None:
+        parallel.load_optimizer_state(student, optimizer, state["optimizer"])
         for name, loss_module in losses.items():
             loss_module.load_state_dict(state["losses"][name])
         step, skipped_images = state["step"], state["skipped_images"]
@@ -254,14 +280,21 @@ def main(argv: list[str] | None = None) -> dict:
             print0(f"run {run_dir} is already finished ({step} steps): nothing to do")
             return {"step": step}
     log_path = os.path.join(run_dir, "log.jsonl")
-    _truncate_log(log_path, step)
+    if is_main():
+        _truncate_log(log_path, step)
 
     def save() -> None:
+        # every process takes part in gathering FSDP shards; only rank 0 writes (atomically)
+        full = {
+            "student": parallel.full_state_dict(student),
+            "teacher": parallel.full_state_dict(ema_model or teacher),
+            "optimizer": parallel.optimizer_state_dict(student, optimizer),
+        }
+        if not is_main():
+            return
         save_checkpoint(
             {
-                "student": student.state_dict(),
-                "teacher": (ema_model or teacher).state_dict(),
-                "optimizer": optimizer.state_dict(),
+                **full,
                 "losses": {k: v.state_dict() for k, v in losses.items()},
                 "step": step,
                 "epoch": step // steps_per_epoch,
@@ -284,7 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"training {cfg.model.arch}/{cfg.model.patch_size} with {cfg.method} on {cfg.data.dataset} "
         f"({len(train_set)} images, {steps_per_epoch} steps/epoch, {last_step} steps) on {device}"
     )
-    pbar = tqdm(total=last_step, initial=step, dynamic_ncols=True, desc="train")
+    pbar = tqdm(total=last_step, initial=step, dynamic_ncols=True, desc="train", disable=not is_main())
+    local_batch = cfg.optim.batch_size // world
     t_last, n_images = time.perf_counter(), 0
     while step < last_step:
         epoch = step // steps_per_epoch
@@ -302,18 +336,20 @@ def main(argv: list[str] | None = None) -> dict:
             else MultiCropAugmentation.from_config(data_cfg)
         )
         start = (step - epoch * steps_per_epoch) * cfg.optim.batch_size
-        loader = DataLoader(
+        loader = DataLoader(  # this process's share of each global batch (all of it in one process)
             train_set,
-            batch_size=cfg.optim.batch_size,
+            batch_size=local_batch,
             drop_last=True,
-            sampler=EpochSampler(len(train_set), cfg.run.seed, epoch, start),
+            sampler=EpochSampler(
+                len(train_set), cfg.run.seed, epoch, start, cfg.optim.batch_size, rank(), world
+            ),
             num_workers=cfg.data.num_workers,
             pin_memory=device.type == "cuda",
             persistent_workers=False,
         )
         for crops, _, skipped in loader:
             if batch_augment:  # crops is a batch of whole images here; its views depend on (seed, step) only
-                g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)
+                g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step + 7919 * rank())
                 crops = batch_augment(crops.to(device, non_blocking=True), g)
             else:
                 crops = [c.to(device, non_blocking=True) for c in crops]
@@ -322,11 +358,12 @@ def main(argv: list[str] | None = None) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = sched["lr"] * group["lr_mult"]
                 group["weight_decay"] = sched["wd"] if group["apply_wd"] else 0.0
-            masks = step_masks(cfg, crops[0], step) if L.ibot_weight else None
+            masks = step_masks(cfg, crops[0], step, rank(), world) if L.ibot_weight else None
             try:
                 freeze = epoch < cfg.optim.freeze_last_layer
-                out = train_step(student, teacher, losses, optimizer, crops, sched, cfg, freeze, autocast,
-                                 masks, ema_model)
+                out = train_step(
+                    student, teacher, losses, optimizer, crops, sched, cfg, freeze, autocast, masks, ema_model
+                )
             except NonFiniteLoss as e:
                 pbar.close()
                 kept = (
@@ -336,16 +373,15 @@ def main(argv: list[str] | None = None) -> dict:
                 )
                 raise NonFiniteLoss(f"{e} at step {step}: stopping; {kept}") from None
             step += 1
-            n_images += crops[0].shape[0]
+            n_images += crops[0].shape[0] * world
             pbar.update(1)
             knn_now = bool(knn_sets) and step % (cfg.run.knn_every * steps_per_epoch) == 0
             if step % cfg.run.log_every == 0 or step == last_step or knn_now:
                 now = time.perf_counter()
-                row = {
+                row = {  # losses averaged over processes; collapse signals from this process's batch
                     "step": step,
                     "epoch": epoch,
-                    "loss": out["loss"].item(),
-                    **{k: v.item() for k, v in out.items() if k.startswith("loss_")},
+                    **{k: all_reduce_mean(v).item() for k, v in out.items() if k.startswith("loss")},
                     **sched,
                     **entropy_stats(out["teacher_probs"]),
                     "images_per_s": n_images / (now - t_last),
@@ -356,8 +392,9 @@ def main(argv: list[str] | None = None) -> dict:
                         (ema_model or teacher).backbone, *knn_sets, device, (cfg.run.knn_k,)
                     )[cfg.run.knn_k]
                 t_last, n_images = time.perf_counter(), 0
-                with open(log_path, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
+                if is_main():
+                    with open(log_path, "a") as fh:
+                        fh.write(json.dumps(row) + "\n")
                 pbar.set_postfix(
                     loss=f"{row['loss']:.3f}", lr=f"{sched['lr']:.1e}", img_s=f"{row['images_per_s']:.0f}"
                 )
@@ -375,20 +412,26 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"step": step}
     if cfg.run.eval_at_end:
         result.update(evaluate_knn(cfg, (ema_model or teacher).backbone, device, knn_sets))
-        with open(os.path.join(run_dir, "knn.json"), "w") as fh:
-            json.dump(result, fh, indent=2)
+        if is_main():
+            with open(os.path.join(run_dir, "knn.json"), "w") as fh:
+                json.dump(result, fh, indent=2)
+    cleanup()
     return result
 
 
-def step_masks(cfg: C.Config, global_crop: Tensor, step: int) -> Tensor | None:
-    """iBOT masks (2B, N) for the two global crops of a step, seeded by the step like the views; in
-    distillation every patch (no masking, the patch loss on all of them); None if nothing got masked."""
-    n, side = 2 * global_crop.shape[0], global_crop.shape[-1] // cfg.model.patch_size
+def step_masks(cfg: C.Config, global_crop: Tensor, step: int, rank: int = 0, world: int = 1) -> Tensor | None:
+    """iBOT masks (2b, N) for the two global crops (b images here) of a step, seeded by the step like the
+    views: drawn for the global batch, this process keeps its images' rows. In distillation every patch (no
+    masking, the patch loss on all of them). None if nothing got masked."""
+    b, side = global_crop.shape[0], global_crop.shape[-1] // cfg.model.patch_size
     if cfg.run.distill_from:
-        return torch.ones(n, side * side, dtype=torch.bool, device=global_crop.device)
+        return torch.ones(2 * b, side * side, dtype=torch.bool, device=global_crop.device)
     g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step + 7)
-    masks = ibot_masks(n, side, side, g, cfg.loss.mask_ratio, cfg.loss.mask_probability)
-    return masks.to(global_crop.device) if masks.any() else None
+    masks = ibot_masks(2 * b * world, side, side, g, cfg.loss.mask_ratio, cfg.loss.mask_probability)
+    if not masks.any():  # decided on the global batch, so every process takes the same branch
+        return None
+    masks = masks.view(2, world, b, -1)[:, rank].reshape(2 * b, -1)  # (crop, process, image, N) -> ours
+    return masks.to(global_crop.device)
 
 
 def load_distill_teacher(cfg: C.Config):

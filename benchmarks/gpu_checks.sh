@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of minidino in one command, because device time is short. Sections run in the order given
 # (default: all): tests (Triton kernels against their references on the GPU), attention (benchmarks/attention.py),
-# step (full DINO training step, imagenet preset, SDPA vs Triton vs packed Triton), drop_path.
+# step (full DINO training step, imagenet preset, SDPA vs Triton vs packed Triton), parallel (the same step
+# plain, DDP and FSDP2 on one GPU), drop_path.
 #
 #   bash benchmarks/gpu_checks.sh                 # everything; logs in $OUT (or ./gpu_logs)
 #   bash benchmarks/gpu_checks.sh tests attention # just these
@@ -9,7 +10,7 @@ set -u
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-sections=${*:-tests attention step drop_path}
+sections=${*:-tests attention step parallel drop_path}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 for s in $sections; do
@@ -24,10 +25,16 @@ for s in $sections; do
         # shellcheck disable=SC2086
         timeout 150 python benchmarks/step.py --preset imagenet --optim.batch_size=64 --steps=10 $opts 2>&1 | tail -3 | tee -a "$out/step.jsonl"
       done ;;
+    parallel)
+      # one GPU: the plain path, DDP and FSDP2 (each a process group of 1), imagenet preset, synthetic crops
+      for mode in none ddp fsdp; do
+        timeout 150 python -m torch.distributed.run --standalone --nproc_per_node=1 benchmarks/step.py --preset imagenet \
+          --optim.batch_size=64 --steps=10 --run.parallel=$mode 2>&1 | tail -1 | tee -a "$out/parallel.jsonl"
+      done ;;
     drop_path)
       timeout 200 python benchmarks/drop_path.py --quick 2>&1 | tee "$out/drop_path.jsonl" ;;
     *)
-      echo "unknown section $s (expected tests, attention, step, drop_path)" ;;
+      echo "unknown section $s (expected tests, attention, step, parallel, drop_path)" ;;
   esac
 done
 echo "== done ($(date +%T))"

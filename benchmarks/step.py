@@ -2,6 +2,7 @@
 
     python benchmarks/step.py --preset shapes
     python benchmarks/step.py --preset imagenet --optim.batch_size=128 --steps=20
+    torchrun --nproc_per_node=1 benchmarks/step.py --preset imagenet --run.parallel=fsdp   # or ddp
 
 One step = teacher forward, student forward/backward, clipping, optimiser step, EMA update and centre
 update, exactly `train.train_step`. Prints one JSON line: images/s and peak memory (CUDA allocator peak on
@@ -24,6 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
 from minidino import config as C  # noqa: E402
+from minidino import parallel  # noqa: E402
+from minidino.dist import cleanup, init_distributed, print0, world_size  # noqa: E402
 from minidino.losses import build_losses  # noqa: E402
 from minidino.masking import ibot_masks  # noqa: E402
 from minidino.meta_arch import build_student_teacher  # noqa: E402
@@ -57,9 +60,13 @@ def main(argv: list[str]) -> dict:
     cfg, _, _ = C.parse_args(rest)
     device = train.resolve_device(cfg.run.device)
     torch.manual_seed(0)
+    device = init_distributed(device)  # under torchrun (any process count): a process group, this GPU
     student, teacher = build_student_teacher(cfg)
     student.to(device)
     teacher.to(device)
+    student = parallel.wrap(
+        student, [teacher], cfg.run.parallel, device, cfg.run.activation_checkpointing, cfg.run.compile
+    )
     losses = {name: module.to(device) for name, module in build_losses(cfg).items()}
     masks = None
     if cfg.loss.ibot_weight:
@@ -68,7 +75,7 @@ def main(argv: list[str]) -> dict:
         L = cfg.loss
         masks = ibot_masks(2 * cfg.optim.batch_size, side, side, g, L.mask_ratio, L.mask_probability)
         masks = masks.to(device)
-    opt = torch.optim.AdamW(train.param_groups(student, cfg.optim), lr=1e-4)
+    opt = torch.optim.AdamW(train.param_groups(parallel.unwrap(student), cfg.optim), lr=1e-4)
     crops = synthetic_crops(cfg, device)
     sched = schedules(0, 100, 10, cfg.optim, cfg.loss, 1e-4)
     autocast = (
@@ -99,13 +106,15 @@ def main(argv: list[str]) -> dict:
         "arch": cfg.model.arch,
         "patch_size": cfg.model.patch_size,
         "batch_size": cfg.optim.batch_size,
+        "parallel": f"{cfg.run.parallel} x{world_size()}",
         "crops": f"2x{cfg.data.global_crops_size}+{cfg.data.local_crops_number}x{cfg.data.local_crops_size}",
         "device": device_name(device),
-        "images_per_s": round(cfg.optim.batch_size * steps / dt, 2),
+        "images_per_s": round(cfg.optim.batch_size * world_size() * steps / dt, 2),  # batch per process
         "step_ms": round(1000 * dt / steps, 2),
         "peak_memory_mb": round(peak / 2**20, 1),
     }
-    print(json.dumps(result))
+    print0(json.dumps(result))
+    cleanup()
     return result
 
 

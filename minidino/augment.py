@@ -41,8 +41,14 @@ class _FromConfig:
 
     @classmethod
     def from_config(cls, data):
-        return cls(data.global_crops_size, data.global_crops_scale, data.local_crops_number,
-                   data.local_crops_size, data.local_crops_scale, data.hue)
+        return cls(
+            data.global_crops_size,
+            data.global_crops_scale,
+            data.local_crops_number,
+            data.local_crops_size,
+            data.local_crops_scale,
+            data.hue,
+        )
 
 
 class MultiCropAugmentation(_FromConfig):
@@ -102,7 +108,6 @@ class MultiCropAugmentation(_FromConfig):
         return [self.global_1(image), self.global_2(image)] + [
             self.local(image) for _ in range(self.local_crops_number)
         ]
-
 
 
 def eval_transform(size: int) -> v2.Transform:
@@ -166,7 +171,6 @@ class BatchMultiCrop(_FromConfig):
     ):
         self.gsize, self.gscale, self.hue = global_crops_size, global_crops_scale, hue
         self.nlocal, self.lsize, self.lscale = local_crops_number, local_crops_size, local_crops_scale
-
 
     def __call__(self, images: torch.Tensor, g: torch.Generator) -> list[torch.Tensor]:
         crops = [

@@ -115,6 +115,9 @@ class RunConfig:
     knn_every: int = 0  # epochs between k-NN evaluations logged in log.jsonl (0: only at the end)
     distill_from: str = ""  # distillation: run folder/checkpoint of a frozen larger teacher (DINOv2 Sec. 5)
     eval_at_end: bool = True  # print k-NN of the trained and of a random-init model at the end
+    parallel: str = "none"  # under torchrun: ddp (replicas) or fsdp (FSDP2 shards); none for one process
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward (memory)
+    compile: bool = False  # torch.compile each transformer block
 
 
 @dataclass
@@ -297,6 +300,9 @@ def parse_value(key: str, text: str, typ: type) -> object:
 def set_option(cfg: Config, key: str, text: str) -> None:
     """Set one `section.name` option from its text form, with type checking and a did-you-mean error."""
     fields = flat_fields(cfg)
+    by_name = [k for k in fields if k.split(".")[-1] == key]
+    if key not in fields and len(by_name) == 1:  # a unique field name needs no section: --parallel=fsdp
+        key = by_name[0]
     if key not in fields:
         close = difflib.get_close_matches(key, fields, n=3, cutoff=0.5)
         # also match on the last component, so --epochs suggests optim.epochs
@@ -409,6 +415,7 @@ def validate(cfg: Config) -> None:
         "optim.lr_scaling": ("linear", "sqrt"),
         "data.dataset": ("shapes", "imagefolder", "folder", "cifar10", "cifar100", "stl10"),
         "run.device": ("auto", "cpu", "cuda"),
+        "run.parallel": ("none", "ddp", "fsdp"),
     }
     fields = flat_fields(cfg)
     for key, allowed in choices.items():

@@ -295,18 +295,34 @@ class SeededViews(Dataset):
 
 
 class EpochSampler(Sampler):
-    """A permutation seeded by (seed, epoch); skips the first `start` samples when resuming mid-epoch."""
+    """A permutation seeded by (seed, epoch); skips the first `start` samples when resuming mid-epoch.
 
-    def __init__(self, n: int, seed: int, epoch: int, start: int = 0):
+    Several processes: the permutation is cut into global batches of `batch` samples and process `rank` takes
+    its consecutive `batch / world` of each, so the union over processes of step t's batches is exactly the
+    one-process batch of step t (same data order for any process count, which is what makes resuming on
+    another number of processes exact)."""
+
+    def __init__(
+        self, n: int, seed: int, epoch: int, start: int = 0, batch: int = 1, rank: int = 0, world: int = 1
+    ):
         self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+        self.batch, self.rank, self.world = batch, rank, world
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g)[self.start :].tolist())
+        order = torch.randperm(self.n, generator=g)[self.start :]
+        if self.world > 1:
+            local = self.batch // self.world
+            whole = order[: len(order) // self.batch * self.batch].view(
+                -1, self.world, local
+            )  # (steps, P, b)
+            order = whole[:, self.rank].flatten()
+        return iter(order.tolist())
 
     def __len__(self) -> int:
-        return self.n - self.start
-
+        if self.world == 1:
+            return self.n - self.start
+        return (self.n - self.start) // self.batch * (self.batch // self.world)
 
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error (then skipped), never half an image

@@ -1,7 +1,16 @@
-"""Distributed helpers. Everything works without a process group: rank 0 of a world of 1."""
+"""Distributed helpers. Everything works without a process group: rank 0 of a world of 1.
+
+`torchrun --nproc_per_node=N train.py ...` sets RANK, LOCAL_RANK and WORLD_SIZE; `init_distributed` reads
+them, starts the process group (NCCL on GPUs, Gloo on CPUs) and picks this process's GPU. Nothing here is
+stored in module-level globals: the process group itself is the state, and `rank()` / `world_size()` ask it.
+"""
 
 from __future__ import annotations
 
+import datetime
+import os
+
+import torch
 import torch.distributed as dist
 
 
@@ -25,3 +34,48 @@ def print0(*args, **kwargs) -> None:
     """print on rank 0 only (the other ranks stay quiet)."""
     if is_main():
         print(*args, **kwargs, flush=True)
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Start the process group when launched by torchrun; returns the device this process should use.
+
+    CUDA: one GPU per process (cuda:LOCAL_RANK), NCCL. CPU: Gloo. A plain `python train.py` returns `device`.
+    """
+    if not launched_by_torchrun() or is_dist():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, timeout=datetime.timedelta(minutes=30), device_id=device if device.type == "cuda" else None
+    )
+    return device
+
+
+def cleanup() -> None:
+    if is_dist():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over processes of a tensor (a copy; the input is untouched). For logging and metrics."""
+    if not is_dist():
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t / world_size()
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors from every process along dim 0 (rank order)."""
+    if not is_dist():
+        return t
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)

@@ -18,8 +18,13 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 
     Buffers are not averaged (the ViT has none that train); both modules must have the same parameter names.
     """
-    t_params = [p for _, p in teacher.named_parameters()]
-    s_params = [p.detach() for _, p in student.named_parameters()]
+    # FSDP shards teacher and student alike, so the update runs on this process's shards (local tensors);
+    # FSDP2 leaves the root module's parameters gathered after a forward with no backward: shard them again
+    for model in (teacher, student):
+        if hasattr(model, "reshard"):
+            model.reshard()
+    t_params = [p.to_local() if hasattr(p, "to_local") else p for p in teacher.parameters()]
+    s_params = [(p.to_local() if hasattr(p, "to_local") else p).detach() for p in student.parameters()]
     if len(t_params) != len(s_params):
         raise ValueError(
             f"teacher has {len(t_params)} parameters, student {len(s_params)}: not the same model"

@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
+
+from .dist import all_gather_cat, rank, world_size
 
 
 @torch.no_grad()
@@ -27,14 +29,30 @@ def extract_features(
     """CLS features (N, C), L2-normalised, and labels (N,) of a dataset of (image, label, skipped) items."""
     was_training = backbone.training
     backbone.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    # several processes: each takes every world-th image (padded to equal counts), then all gather
+    world, n = world_size(), len(dataset)
+    per = -(-n // world)
+    ids = torch.arange(world)[:, None] + world * torch.arange(per)[None, :]  # (P, per) image index by rank
+    mine = ids[rank()].where(ids[rank()] < n, 0)
+    loader = DataLoader(
+        Subset(dataset, mine.tolist()) if world > 1 else dataset, batch_size, num_workers=num_workers
+    )
     feats, labels = [], []
-    for images, y, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    for images, y, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=rank() > 0):
         out = backbone(images.to(device, non_blocking=True))[0]["cls"]
-        feats.append(F.normalize(out.float(), dim=-1).cpu())
-        labels.append(y)
+        feats.append(F.normalize(out.float(), dim=-1))
+        labels.append(y.to(out.device))
     backbone.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    if world > 1:  # rank-major (P * per) rows back to dataset order, padding dropped
+        flat, valid = ids.flatten(), ids.flatten() < n
+        everyone = (
+            all_gather_cat(feats)[valid.to(feats.device)],
+            all_gather_cat(labels)[valid.to(feats.device)],
+        )
+        feats, labels = torch.empty_like(everyone[0]), torch.empty_like(everyone[1])
+        feats[flat[valid]], labels[flat[valid]] = everyone
+    return feats.cpu(), labels.cpu()
 
 
 @torch.no_grad()

@@ -72,8 +72,9 @@ def ibot_loss(student_logits: Tensor, teacher_probs: Tensor, masks: Tensor, stud
     )
     n_masked = masks.sum(dim=1)  # (n_images,)
     weight = (1.0 / n_masked.clamp(min=1)).repeat_interleave(n_masked)  # (M,): 1 / #masked of its image
-    n_images = (n_masked > 0).sum().clamp(min=1)
-    return (per_patch * weight).sum() / n_images
+    # mean over the masked patches of each image, summed, divided by *all* images, masked or not (as in the
+    # official code): every process divides by the same count, so averaging over processes is exact
+    return (per_patch * weight).sum() / masks.shape[0]
 
 
 class TeacherCentering(nn.Module):
@@ -81,8 +82,14 @@ class TeacherCentering(nn.Module):
     with the running centre c (DINO; a buffer, so it is checkpointed), Sinkhorn-Knopp (DINOv2), or no
     centering (an ablation), and keeps the student temperature tau_s for the subclass's cross-entropy."""
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 centering: str = "center", sinkhorn_iters: int = 3):
+    def __init__(
+        self,
+        out_dim: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: str = "center",
+        sinkhorn_iters: int = 3,
+    ):
         super().__init__()
         self.student_temp, self.center_momentum = student_temp, center_momentum
         self.centering, self.sinkhorn_iters = centering, sinkhorn_iters

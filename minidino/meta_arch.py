@@ -23,12 +23,22 @@ class SSLModel(nn.Module):
         self.backbone, self.head, self.ibot_head = backbone, head, ibot_head
 
     def forward(
-        self, crops: list[Tensor], masks: list[Tensor | None] | None = None
+        self,
+        crops: list[Tensor],
+        masks: list[Tensor | None] | None = None,
+        patch_masks: Tensor | None = None,
     ) -> dict[str, list[Tensor]]:
+        """masks: per crop, patches to replace by the mask token (student side of iBOT). patch_masks: (nB, N)
+        bool over the first n crops: their selected patches also go through the head ('patch_logits', iBOT).
+        Inside forward so that DDP sees every parameter the loss uses."""
         feats = self.backbone(crops, masks)  # one {'cls', 'patch'} dict per crop
         cls = [f["cls"] for f in feats]  # each (B, C)
         logits = self.head(torch.cat(cls)).split([c.shape[0] for c in cls])  # each (B, K)
-        return {"cls": cls, "patch": [f["patch"] for f in feats], "logits": list(logits)}
+        out = {"cls": cls, "patch": [f["patch"] for f in feats], "logits": list(logits)}
+        if patch_masks is not None:
+            n = patch_masks.shape[0] // cls[0].shape[0]
+            out["patch_logits"] = self.patch_logits(torch.cat(out["patch"][:n]), patch_masks)
+        return out
 
     def patch_logits(self, patch_tokens: Tensor, masks: Tensor) -> Tensor:
         """iBOT: head logits (M, K) of the masked patches; patch_tokens (n, N, C), masks (n, N) bool."""

@@ -26,3 +26,7 @@ def tiny_run(run_dir, *extra: str) -> list[str]:
         f"--run.out_dir={run_dir}",
         *extra,
     ]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "distributed: torchrun + gloo tests; run alone with -m distributed")

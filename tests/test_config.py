@@ -51,7 +51,10 @@ def test_unknown_key_names_closest():
     with pytest.raises(C.ConfigError, match=r"unknown option --optim.epoch.*--optim.epochs"):
         C.parse_args(["--optim.epoch=3"])
     with pytest.raises(C.ConfigError, match=r"--optim.epochs"):
-        C.parse_args(["--epochs=3"])
+        C.parse_args(["--epoch=3"])
+    # every field name is unique, so the section may be left out
+    cfg, _, _ = C.parse_args(["--epochs=3", "--parallel", "fsdp"])
+    assert (cfg.optim.epochs, cfg.run.parallel) == (3, "fsdp")
 
 
 def test_wrong_type_and_bad_values():

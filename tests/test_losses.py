@@ -76,7 +76,8 @@ def test_ibot_loss_hand_computed_per_image_then_over_images():
     s = torch.tensor([[0.5, 0.5], [0.25, 0.75], [0.1, 0.9]]).log()
     t = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     per_patch = [math.log(2), -math.log(0.75), -math.log(0.9)]
-    expected = ((per_patch[0] + per_patch[1]) / 2 + per_patch[2]) / 2  # 2 masked images
+    # per-image means, divided by all 3 images (the unmasked one counts, as in the official DINOv2 code)
+    expected = ((per_patch[0] + per_patch[1]) / 2 + per_patch[2]) / 3
     assert abs(ibot_loss(s, t, masks, 1.0).item() - expected) < 1e-6
 
 
