@@ -43,7 +43,7 @@ def wrap(
             followers = [nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in followers]
         else:
             print("note: --head.use_bn on CPU processes normalises with each process's own batch "
-                  "(SyncBatchNorm needs GPUs); results then depend on the process count", flush=True)  # fmt: skip
+                  "(SyncBatchNorm needs GPUs); results depend on the process count", flush=True)  # fmt: skip
     if checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
