@@ -33,7 +33,7 @@ class ModelConfig:
     drop_path_schedule: str = "linear"  # how the rate grows with depth: linear (0 -> drop_path) or uniform
     drop_path_impl: str = "mask"  # mask (classic), subset (branch on kept samples), subset_triton (fused add)
     pos_embed_init: str = "random"  # random (trunc. normal, DINO) or sincos (2-D sin-cos start, small data)
-    attn_impl: str = "auto"  # attention: auto (Triton on CUDA, else sdpa), triton, sdpa (torch) or ref
+    attn_impl: str = "sdpa"  # sdpa (torch), triton (kernels/attention.py), ref, or auto (triton on CUDA)
     pack_crops: bool = False  # all crop sizes through the blocks as one packed batch (varlen attention)
     layerscale: float = 0.0  # LayerScale init (DINOv2: 1e-5); 0 disables LayerScale
     n_registers: int = 0  # register tokens (Darcet et al. 2023, arXiv 2309.16588); DINOv2 uses 4
