@@ -71,7 +71,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, mode, extr
             torch.testing.assert_close(b[part][k], a[part][k], atol=1e-4, rtol=1e-3, msg=f"{part} {k}")
 
 
-def test_fsdp_checkpoint_resumes_in_one_process(tmp_path):
+def test_fsdp_checkpoint_resumes_in_one_process_and_back(tmp_path):
     train.main(_opts(tmp_path / "one", "--run.eval_at_end=false"))
     out = _torchrun(*_opts(tmp_path / "two", "--run.max_steps=2"), "--run.parallel=fsdp")
     assert "k-NN top-1" in out  # the k-NN at the end ran with features gathered from both processes
@@ -79,3 +79,10 @@ def test_fsdp_checkpoint_resumes_in_one_process(tmp_path):
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(two) == 4
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), atol=1e-4, rtol=1e-4)
+    # and the other way round: a one-process checkpoint resumed by 2 FSDP processes
+    train.main(_opts(tmp_path / "three", "--run.max_steps=2", "--run.eval_at_end=false"))
+    _torchrun(
+        "--resume", str(tmp_path / "three"), "--run.max_steps=0", "--run.eval_at_end=false", "--parallel=fsdp"
+    )
+    three = _losses(tmp_path / "three")
+    torch.testing.assert_close(torch.tensor(three), torch.tensor(one), atol=1e-4, rtol=1e-4)
