@@ -1,13 +1,23 @@
-"""Evaluate a trained minidino backbone: weighted k-NN on frozen features (DINO, arXiv 2104.14294, Sec. 4.1).
+"""Evaluate a trained minidino backbone: what its frozen features can do, as numbers and pictures.
 
-    python eval.py runs/shapes                          # k-NN on the run's own data set (held-out split)
-    python eval.py runs/shapes --random-init            # the same architecture at random initialisation
+    python eval.py runs/shapes --all                    # everything below, into runs/shapes/eval/
+    python eval.py runs/shapes                          # k-NN only (the default)
+    python eval.py runs/shapes --linear --seg           # linear probe and the segmentation score
+    python eval.py runs/shapes --all --random-init      # the architecture untrained (eval_random_init/)
     python eval.py runs/cifar10/checkpoint.pt --data data/cifar10 --knn
-    python eval.py runs/shapes --data shapes --ks 10,20,100,200
 
-`--data` is `shapes` or a folder with train/<class>/ and test/<class>/ (or val/) sub-folders. The teacher's
-backbone is evaluated (DINO reports the teacher: it is the better model throughout training). Results are
-printed and written to <run>/eval/report.json.
+  --knn        weighted k-NN on L2-normalised CLS features, k = 10, 20, 100, 200, T = 0.07 (DINO Sec. 4.1)
+  --linear     linear probe on frozen CLS features and on CLS + mean patch token (DINOv2), best of an lr sweep
+  --attention  last-block CLS attention of every head over a grid of held-out images, DINO's 60%-mass masks
+  --pca        DINOv2's PCA of patch features: first component thresholded, next three as RGB (one class)
+  --seg        emergent segmentation on shapes (which has ground-truth masks): Jaccard of the attention masks
+               (per head, best head, mean of heads) and of the PCA foreground, averaged over held-out images
+  --all        all of the above, plus the training curves from the run's log.jsonl
+
+`--data` is `shapes` or a folder with train/<class>/ and test/<class>/ (or val/) sub-folders (default: the
+run's own data). The teacher's backbone is evaluated (DINO reports the teacher). The report folder gets
+report.json (every number), report.md (numbers and figures) and PNGs; features are cached there, so a second
+call with the same checkpoint and data is quick.
 """
 
 from __future__ import annotations
@@ -22,9 +32,20 @@ import torch
 from minidino import config as C
 from minidino.augment import eval_transform
 from minidino.checkpoint import backbone_state_dict, load_checkpoint, load_model_state
-from minidino.data import DataError, build_dataset
-from minidino.evaluate import knn_eval
+from minidino.data import DataError, ShapesDataset, build_dataset
+from minidino.evaluate import (
+    attention_threshold_masks,
+    cls_attention,
+    extract_tokens,
+    knn_classify,
+    linear_probe,
+    pca_foreground,
+    segmentation_scores,
+)
+from minidino.visualize import plot_attention_maps, plot_pca, plot_training_curves
 from minidino.vit import build_vit
+
+TASKS = ("knn", "linear", "attention", "pca", "seg")
 
 
 def load_backbone(path: str, random_init: bool = False) -> tuple[torch.nn.Module, C.Config]:
@@ -55,60 +76,183 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("checkpoint", help="run folder or checkpoint.pt")
     p.add_argument("--data", help="'shapes' or a folder with train/ and test/ (default: the run's data set)")
-    p.add_argument(
-        "--knn", action="store_true", help="weighted k-NN (the default when nothing else is asked)"
-    )
+    for task in TASKS:
+        p.add_argument(f"--{task}", action="store_true", help=f"run the {task} evaluation")
+    p.add_argument("--all", action="store_true", help="every evaluation and the training curves")
     p.add_argument("--ks", default="10,20,100,200", help="k values of the k-NN (default 10,20,100,200)")
     p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature T (default 0.07)")
     p.add_argument("--size", type=int, help="evaluation image size (default: the run's data.eval_size)")
     p.add_argument("--random-init", action="store_true", help="evaluate the architecture at random init")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--out", help="report folder (default: <run>/eval)")
+    p.add_argument("--seg-images", type=int, default=256, help="held-out images scored by --seg")
+    p.add_argument("--out", help="report folder (default: <run>/eval or <run>/eval_random_init)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     return p.parse_args(argv)
 
 
+def cached_tokens(backbone, dataset, split: str, key: dict, out: str, device, args) -> tuple:
+    """extract_tokens, stored in the report folder under a key of (checkpoint, its mtime, data, size)."""
+    path = os.path.join(out, f"features_{split}.pt")
+    if os.path.exists(path):
+        saved = torch.load(path, weights_only=True)
+        if saved["key"] == json.dumps(key, sort_keys=True):
+            return saved["cls"], saved["avg"], saved["labels"]
+    cls, avg, labels = extract_tokens(
+        backbone, dataset, device, args.batch_size, args.num_workers, f"{split} features"
+    )
+    torch.save({"key": json.dumps(key, sort_keys=True), "cls": cls, "avg": avg, "labels": labels}, path)
+    return cls, avg, labels
+
+
+def first_of_class(dataset, label: int, n: int) -> list[int]:
+    targets = getattr(dataset, "targets", None) or [dataset[i][1] for i in range(len(dataset))]
+    return [i for i, t in enumerate(targets) if t == label][:n]
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse(sys.argv[1:] if argv is None else argv)
+    tasks = [t for t in TASKS if args.all or getattr(args, t)] or ["knn"]
     try:
         ks = tuple(int(k) for k in args.ks.split(","))
     except ValueError:
         raise C.ConfigError(f"--ks: expected comma-separated integers, got {args.ks!r}") from None
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if args.device == "auto"
-        else args.device
-    )
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
     backbone, cfg = load_backbone(args.checkpoint, args.random_init)
     backbone.to(device)
     data = data_config(cfg, args.data, args.size)
     tf = eval_transform(data.eval_size)
     train_set, test_set = (build_dataset(data, split, tf, cfg.run.seed) for split in ("train", "test"))
-    report = {
-        "checkpoint": args.checkpoint,
-        "random_init": args.random_init,
-        "data": data.root or data.dataset,
-        "n_train": len(train_set),
-        "n_test": len(test_set),
-    }
-    acc = knn_eval(
-        backbone, train_set, test_set, device, ks, args.temperature, args.num_workers, args.batch_size
-    )
-    report["knn_top1"] = {str(k): v for k, v in acc.items()}
-    print(
-        "k-NN top-1 "
-        + " | ".join(f"k={k}: {v:.2f}%" for k, v in acc.items())
-        + f"  ({len(test_set)} test images{', random init' if args.random_init else ''})"
-    )
     run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
     out = args.out or os.path.join(run_dir, "eval" + ("_random_init" if args.random_init else ""))
     os.makedirs(out, exist_ok=True)
+    ckpt = os.path.join(run_dir, "checkpoint.pt") if os.path.isdir(args.checkpoint) else args.checkpoint
+    key = {
+        "checkpoint": os.path.abspath(ckpt),
+        "mtime": os.path.getmtime(ckpt),
+        "random_init": args.random_init,
+        "data": data.root or data.dataset,
+        "size": data.eval_size,
+        "n": [len(train_set), len(test_set)],
+    }
+    report = {
+        "checkpoint": args.checkpoint,
+        "random_init": args.random_init,
+        "data": key["data"],
+        "n_train": len(train_set),
+        "n_test": len(test_set),
+        "figures": {},
+    }
+
+    if "knn" in tasks or "linear" in tasks:
+        tr = cached_tokens(backbone, train_set, "train", key, out, device, args)
+        te = cached_tokens(backbone, test_set, "test", key, out, device, args)
+    if "knn" in tasks:
+        norm = torch.nn.functional.normalize
+        acc = knn_classify(norm(tr[0], dim=-1), tr[2], norm(te[0], dim=-1), te[2], ks, args.temperature)
+        report["knn_top1"] = {str(k): v for k, v in acc.items()}
+        print("k-NN top-1 " + " | ".join(f"k={k}: {v:.2f}%" for k, v in acc.items()))
+    if "linear" in tasks:
+        report["linear"] = {}
+        for name, (x_tr, x_te) in {
+            "cls": (tr[0], te[0]),
+            "cls+avgpool": (torch.cat(tr[:2], 1), torch.cat(te[:2], 1)),
+        }.items():
+            res = linear_probe(x_tr, tr[2], x_te, te[2], device=device)
+            report["linear"][name] = {
+                "top1": res["top1"],
+                "best_lr": res["best_lr"],
+                "per_lr": {str(k): v for k, v in res["per_lr"].items()},
+            }
+            print(f"linear probe ({name}) top-1 {res['top1']:.2f}% (lr {res['best_lr']:g})")
+
+    grid = torch.stack([test_set[i][0] for i in range(min(8, len(test_set)))]).to(device)
+    if "attention" in tasks:
+        attn = cls_attention(backbone, grid)  # (B, heads, h, w)
+        B, H, h, w = attn.shape
+        masks = attention_threshold_masks(attn.mean(1).flatten(1)).reshape(B, h, w)
+        path = plot_attention_maps(grid, attn, masks, os.path.join(out, "attention.png"))
+        report["figures"]["attention"] = os.path.basename(path)
+    if "pca" in tasks:
+        idx = first_of_class(test_set, test_set[0][1], 8)
+        images = torch.stack([test_set[i][0] for i in idx]).to(device)
+        with torch.no_grad():
+            patches = backbone.forward_features(images)["patch"]
+        hw = (images.shape[-2] // backbone.patch_size, images.shape[-1] // backbone.patch_size)
+        fg, rgb = pca_foreground(patches.cpu(), hw)
+        report["figures"]["pca"] = os.path.basename(plot_pca(images, fg, rgb, os.path.join(out, "pca.png")))
+    if "seg" in tasks:
+        if isinstance(test_set, ShapesDataset):
+            n = min(args.seg_images, len(test_set))
+            images = torch.stack([test_set[i][0] for i in range(n)]).to(device)
+            gt = torch.stack([torch.from_numpy(test_set.sample(i)[2]) for i in range(n)])
+            gt = (
+                torch.nn.functional.interpolate(gt[:, None].float(), size=images.shape[-2:], mode="nearest")[
+                    :, 0
+                ]
+                > 0.5
+            )
+            report["segmentation"] = segmentation_scores(backbone, images, gt.to(device))
+            s = report["segmentation"]
+            print(
+                f"segmentation Jaccard ({n} images): best head {s['jaccard_best_head']:.3f} (head "
+                f"{s['best_head']}) | mean of heads {s['jaccard_mean_of_heads']:.3f} | PCA foreground "
+                f"{s['jaccard_pca_foreground']:.3f}"
+            )
+        else:
+            report["segmentation"] = "skipped: needs ground-truth masks (the shapes data set)"
+    log = os.path.join(run_dir, "log.jsonl")
+    if args.all and os.path.exists(log) and os.path.getsize(log):
+        report["figures"]["curves"] = os.path.basename(
+            plot_training_curves(log, os.path.join(out, "curves.png"))
+        )
+
     with open(os.path.join(out, "report.json"), "w") as fh:
         json.dump(report, fh, indent=2)
+    write_markdown(report, os.path.join(out, "report.md"))
+    print(f"report: {os.path.join(out, 'report.md')}")
     return report
+
+
+def write_markdown(report: dict, path: str) -> None:
+    """A short human-readable page next to report.json, with the figures inline."""
+    lines = [
+        f"# Evaluation of `{report['checkpoint']}`" + (" (random init)" if report["random_init"] else ""),
+        "",
+        f"Data: {report['data']} ({report['n_train']} train / {report['n_test']} held-out images).",
+        "",
+    ]
+    if "knn_top1" in report:
+        lines += ["## k-NN (weighted, T = 0.07)", "", "| k | top-1 |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f}% |" for k, v in report["knn_top1"].items()] + [""]
+    if "linear" in report:
+        lines += ["## Linear probe (best of the lr sweep)", "", "| features | top-1 | lr |", "|---|---|---|"]
+        lines += [f"| {k} | {v['top1']:.2f}% | {v['best_lr']:g} |" for k, v in report["linear"].items()] + [
+            ""
+        ]
+    if isinstance(report.get("segmentation"), dict):
+        s = report["segmentation"]
+        lines += [
+            "## Emergent segmentation (Jaccard with the ground-truth masks)",
+            "",
+            f"- best head: {s['jaccard_best_head']:.3f} (head {s['best_head']})",
+            f"- per head: {s['jaccard_per_head']}",
+            f"- mean-of-heads attention, 60% mass: {s['jaccard_mean_of_heads']:.3f}",
+            f"- PCA foreground: {s['jaccard_pca_foreground']:.3f}",
+            "",
+        ]
+    elif "segmentation" in report:
+        lines += ["## Emergent segmentation", "", report["segmentation"], ""]
+    titles = {
+        "attention": "Attention of the CLS token, last block",
+        "pca": "PCA of patch features",
+        "curves": "Training curves",
+    }
+    for name, file in report["figures"].items():
+        lines += [f"## {titles[name]}", "", f"![{name}]({file})", ""]
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,42 @@ from .dist import all_gather_cat, rank, world_size
 
 
 @torch.no_grad()
+def extract_tokens(
+    backbone: torch.nn.Module,
+    dataset: Dataset,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    desc: str = "features",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Raw CLS tokens (N, C), mean patch tokens (N, C) and labels (N,) of a dataset of (image, label, skipped)
+    items, on CPU. Several processes split the images and gather the results (same order as one process)."""
+    was_training = backbone.training
+    backbone.eval()
+    # several processes: each takes every world-th image (padded to equal counts), then all gather
+    world, n = world_size(), len(dataset)
+    per = -(-n // world)
+    ids = torch.arange(world)[:, None] + world * torch.arange(per)[None, :]  # (P, per) image index by rank
+    mine = ids[rank()].where(ids[rank()] < n, 0)
+    data = Subset(dataset, mine.tolist()) if world > 1 else dataset
+    loader = DataLoader(data, batch_size, num_workers=num_workers)
+    cls, avg, labels = [], [], []
+    for images, y, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=rank() > 0):
+        out = backbone(images.to(device, non_blocking=True))[0]
+        cls.append(out["cls"].float())
+        avg.append(out["patch"].float().mean(1))
+        labels.append(y.to(out["cls"].device))
+    backbone.train(was_training)
+    parts = [torch.cat(t) for t in (cls, avg, labels)]
+    if world > 1:  # rank-major (P * per) rows back to dataset order, padding dropped
+        flat, valid = ids.flatten(), ids.flatten() < n
+        for i, t in enumerate(parts):
+            everyone = all_gather_cat(t)[valid.to(t.device)]
+            parts[i] = torch.empty_like(everyone)
+            parts[i][flat[valid]] = everyone
+    return tuple(t.cpu() for t in parts)
+
+
 def extract_features(
     backbone: torch.nn.Module,
     dataset: Dataset,
@@ -26,33 +62,9 @@ def extract_features(
     num_workers: int = 0,
     desc: str = "features",
 ) -> tuple[Tensor, Tensor]:
-    """CLS features (N, C), L2-normalised, and labels (N,) of a dataset of (image, label, skipped) items."""
-    was_training = backbone.training
-    backbone.eval()
-    # several processes: each takes every world-th image (padded to equal counts), then all gather
-    world, n = world_size(), len(dataset)
-    per = -(-n // world)
-    ids = torch.arange(world)[:, None] + world * torch.arange(per)[None, :]  # (P, per) image index by rank
-    mine = ids[rank()].where(ids[rank()] < n, 0)
-    loader = DataLoader(
-        Subset(dataset, mine.tolist()) if world > 1 else dataset, batch_size, num_workers=num_workers
-    )
-    feats, labels = [], []
-    for images, y, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=rank() > 0):
-        out = backbone(images.to(device, non_blocking=True))[0]["cls"]
-        feats.append(F.normalize(out.float(), dim=-1))
-        labels.append(y.to(out.device))
-    backbone.train(was_training)
-    feats, labels = torch.cat(feats), torch.cat(labels)
-    if world > 1:  # rank-major (P * per) rows back to dataset order, padding dropped
-        flat, valid = ids.flatten(), ids.flatten() < n
-        everyone = (
-            all_gather_cat(feats)[valid.to(feats.device)],
-            all_gather_cat(labels)[valid.to(feats.device)],
-        )
-        feats, labels = torch.empty_like(everyone[0]), torch.empty_like(everyone[1])
-        feats[flat[valid]], labels[flat[valid]] = everyone
-    return feats.cpu(), labels.cpu()
+    """CLS features (N, C), L2-normalised (what the k-NN compares), and labels (N,)."""
+    cls, _, labels = extract_tokens(backbone, dataset, device, batch_size, num_workers, desc)
+    return F.normalize(cls, dim=-1), labels
 
 
 @torch.no_grad()
@@ -102,3 +114,137 @@ def knn_eval(
     )
     test_f, test_y = extract_features(backbone, test_set, device, batch_size, num_workers, "test features")
     return knn_classify(train_f, train_y, test_f, test_y, ks, temperature)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Linear probe (DINO Sec. 4.1; DINOv2 Sec. 7): a linear classifier on frozen features, a small lr sweep.
+
+
+def linear_probe(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+    epochs: int = 100,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> dict:
+    """Top-1 (%) of a linear layer trained with SGD (momentum 0.9, cosine lr, no weight decay) on frozen,
+    standardised features, for each lr; returns {'per_lr': {lr: acc}, 'best_lr', 'top1'}. As in DINO's
+    protocol the best value over the sweep is reported (there is no separate validation split here)."""
+    mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
+    tx, vx = ((x - mean) / std for x in (train_x, test_x))
+    tx, ty, vx, vy = (t.to(device) for t in (tx, train_y, vx, test_y))
+    n_classes = int(max(train_y.max(), test_y.max())) + 1
+    per_lr = {}
+    for lr in lrs:
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        clf = torch.nn.Linear(tx.shape[1], n_classes).to(device)
+        opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9)
+        steps = epochs * -(-len(tx) // batch_size)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(tx), generator=g).split(batch_size):
+                idx = idx.to(device)
+                loss = F.cross_entropy(clf(tx[idx]), ty[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+        with torch.no_grad():
+            per_lr[lr] = 100.0 * (clf(vx).argmax(1) == vy).float().mean().item()
+    best = max(per_lr, key=per_lr.get)
+    return {"per_lr": per_lr, "best_lr": best, "top1": per_lr[best]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Emergent segmentation (DINO Sec. 4.2.1 and Fig. 3; DINOv2 Fig. 1): masks from attention and from PCA.
+
+
+def jaccard(pred: Tensor, target: Tensor) -> Tensor:
+    """Intersection over union of bool masks (..., H, W) -> (...,); two empty masks score 1."""
+    inter = (pred & target).flatten(-2).sum(-1).float()
+    union = (pred | target).flatten(-2).sum(-1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def attention_threshold_masks(attn: Tensor, mass: float = 0.6) -> Tensor:
+    """DINO's attention masks: per map, the smallest set of patches holding `mass` of the attention.
+
+    attn: (..., N) non-negative weights (the CLS row of the last block, one map per head) -> bool (..., N).
+    """
+    attn = attn / attn.sum(-1, keepdim=True)
+    val, idx = attn.sort(dim=-1)  # ascending
+    keep_sorted = val.cumsum(-1) > (1 - mass)  # drop the low tail that holds 1 - mass of the weight
+    return torch.zeros_like(keep_sorted).scatter(-1, idx, keep_sorted)
+
+
+def cls_attention(backbone: torch.nn.Module, images: Tensor) -> Tensor:
+    """Last-block attention of the CLS token to every patch, (B, heads, h, w) (registers dropped)."""
+    attn = backbone.get_last_selfattention(images)  # (B, heads, T, T)
+    B, H = attn.shape[:2]
+    h, w = images.shape[-2] // backbone.patch_size, images.shape[-1] // backbone.patch_size
+    return attn[:, :, 0, 1 + backbone.n_registers :].reshape(B, H, h, w)
+
+
+def pca_foreground(patch: Tensor, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """DINOv2's PCA picture: patch features (B, N, C) of a batch -> (foreground (B, h, w) bool, first three
+    components of the foreground patches as RGB (B, h, w, 3) in [0, 1], background black).
+
+    The first principal component over all patches of the batch is thresholded at 0; its sign is chosen so
+    that the image border is mostly background (objects sit inside the frame). A second PCA over the
+    foreground patches gives the colours.
+    """
+    B, N, C = patch.shape
+    x = patch.reshape(B * N, C).float()
+    x = x - x.mean(0)
+    first = torch.linalg.svd(x, full_matrices=False)[2][0]  # (C,)
+    score = (x @ first).reshape(B, *hw)
+    border = torch.ones(hw, dtype=torch.bool)
+    border[1:-1, 1:-1] = False
+    if (score[:, border] > 0).float().mean() > 0.5:
+        score = -score
+    fg = score > 0
+    rgb = torch.zeros(B, *hw, 3)
+    fx = patch.reshape(B, *hw, C)[fg].float()
+    if len(fx) >= 3:
+        fx = fx - fx.mean(0)
+        comps = fx @ torch.linalg.svd(fx, full_matrices=False)[2][:3].T  # (M, 3)
+        lo, hi = comps.min(0).values, comps.max(0).values
+        rgb[fg] = (comps - lo) / (hi - lo).clamp(min=1e-6)
+    return fg, rgb
+
+
+def upsample_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
+    """Patch-grid bool masks (..., h, w) -> pixel masks (..., H, W) by nearest neighbour."""
+    lead = masks.shape[:-2]
+    up = F.interpolate(masks.reshape(-1, 1, *masks.shape[-2:]).float(), size=size, mode="nearest")
+    return up.reshape(*lead, *size) > 0.5
+
+
+@torch.no_grad()
+def segmentation_scores(backbone: torch.nn.Module, images: Tensor, gt: Tensor, mass: float = 0.6) -> dict:
+    """Jaccard of emergent masks against ground-truth foreground masks gt (B, H, W), averaged over images:
+    each head's attention mask, the best head, the mean-of-heads attention mask, and the PCA foreground."""
+    backbone.eval()
+    attn = cls_attention(backbone, images)  # (B, heads, h, w)
+    B, H, h, w = attn.shape
+    size = tuple(images.shape[-2:])
+    per_head_masks = attention_threshold_masks(attn.flatten(2), mass).reshape(B, H, h, w)
+    per_head = jaccard(upsample_masks(per_head_masks, size), gt[:, None]).mean(0)  # (heads,)
+    mean_mask = attention_threshold_masks(attn.mean(1).flatten(1), mass).reshape(B, h, w)
+    mean_heads = jaccard(upsample_masks(mean_mask, size), gt).mean()
+    patches = backbone.forward_features(images)["patch"]  # (B, N, C)
+    fg, _ = pca_foreground(patches, (h, w))
+    pca = jaccard(upsample_masks(fg, size), gt).mean()
+    return {
+        "jaccard_per_head": [round(v, 4) for v in per_head.tolist()],
+        "jaccard_best_head": per_head.max().item(),
+        "best_head": int(per_head.argmax()),
+        "jaccard_mean_of_heads": mean_heads.item(),
+        "jaccard_pca_foreground": pca.item(),
+        "n_images": B,
+    }

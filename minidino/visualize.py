@@ -48,3 +48,60 @@ def plot_training_curves(log_path: str, out_path: str) -> str:
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return out_path
+
+
+def _show_image(ax, img) -> None:
+    """img: (3, H, W) tensor normalised with the ImageNet statistics (eval_transform), or uint8 HWC."""
+    import torch
+
+    if isinstance(img, torch.Tensor) and img.dim() == 3 and img.shape[0] == 3:
+        mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+        std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        img = (img.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    ax.imshow(img)
+    ax.axis("off")
+
+
+def plot_attention_maps(images, attn, masks, out_path: str, jaccard=None) -> str:
+    """DINO Fig. 3 style: per image, the image, each head's last-block CLS attention, and the mask keeping
+    60% of the mean-of-heads attention mass. images (B, 3, H, W); attn (B, heads, h, w); masks (B, h, w)."""
+    B, H = attn.shape[:2]
+    fig, axes = plt.subplots(B, H + 2, figsize=(1.6 * (H + 2), 1.6 * B), squeeze=False)
+    for i in range(B):
+        _show_image(axes[i, 0], images[i])
+        for j in range(H):
+            axes[i, j + 1].imshow(attn[i, j].detach().cpu().numpy(), cmap="inferno")
+            axes[i, j + 1].axis("off")
+        axes[i, -1].imshow(masks[i].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+        axes[i, -1].axis("off")
+    for j in range(H):
+        axes[0, j + 1].set_title(
+            f"head {j}" + (f"\nJ={jaccard[j]:.2f}" if jaccard is not None else ""), fontsize=8
+        )
+    axes[0, 0].set_title("image", fontsize=8)
+    axes[0, -1].set_title("60% mass\n(mean of heads)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def plot_pca(images, foreground, rgb, out_path: str) -> str:
+    """DINOv2 Fig. 1 style: images, the first principal component thresholded (foreground), and the next
+    three components of a second PCA over the foreground patches as RGB.
+    foreground (B, h, w) bool, rgb (B, h, w, 3)."""
+    B = len(images)
+    fig, axes = plt.subplots(3, B, figsize=(1.6 * B, 5), squeeze=False)
+    for i in range(B):
+        _show_image(axes[0, i], images[i])
+        axes[1, i].imshow(foreground[i].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+        axes[2, i].imshow(rgb[i].cpu().numpy())
+        axes[1, i].axis("off")
+        axes[2, i].axis("off")
+    axes[0, 0].set_title("image", fontsize=8, loc="left")
+    axes[1, 0].set_title("1st component > 0", fontsize=8, loc="left")
+    axes[2, 0].set_title("PCA of foreground patches", fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path

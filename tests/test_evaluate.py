@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -42,3 +43,123 @@ def test_k_larger_than_train_set_is_clipped():
     y = torch.tensor([0, 0, 0, 1, 1, 1])
     acc = knn_classify(f, y, f, y, ks=(200,))
     assert set(acc) == {200} and 0 <= acc[200] <= 100
+
+
+# ---- linear probe, segmentation metrics, figures, weight interop, eval.py --all ----------------------------
+
+
+def test_linear_probe_learns_a_linearly_separable_problem():
+    from minidino.evaluate import linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(7, 3, generator=g)  # 3 classes given by a linear rule in 7 dimensions
+    x_train, x_test = torch.randn(300, 7, generator=g), torch.randn(100, 7, generator=g)
+    res = linear_probe(
+        x_train, (x_train @ w).argmax(1), x_test, (x_test @ w).argmax(1), lrs=(0.01, 0.1), epochs=30
+    )
+    assert set(res["per_lr"]) == {0.01, 0.1} and res["top1"] == max(res["per_lr"].values())
+    assert res["top1"] >= 95.0
+
+
+def test_jaccard_on_hand_made_masks():
+    from minidino.evaluate import jaccard
+
+    a = torch.zeros(4, 4, dtype=torch.bool)
+    a[:2, :2] = True  # 4 pixels
+    b = torch.zeros(4, 4, dtype=torch.bool)
+    b[1:3, 1:3] = True  # 4 pixels, 1 shared
+    empty = torch.zeros(4, 4, dtype=torch.bool)
+    got = jaccard(torch.stack([a, a, a, empty]), torch.stack([a, b, empty, empty]))
+    torch.testing.assert_close(got, torch.tensor([1.0, 1 / 7, 0.0, 1.0]))
+
+
+def test_attention_masks_keep_the_smallest_set_with_60_percent_of_the_mass():
+    from minidino.evaluate import attention_threshold_masks
+
+    attn = torch.rand(3, 2, 37, generator=torch.Generator().manual_seed(0))  # 37 patches, odd on purpose
+    keep = attention_threshold_masks(attn, mass=0.6)
+    p = attn / attn.sum(-1, keepdim=True)
+    kept = (p * keep).sum(-1)
+    assert (kept >= 0.6 - 1e-6).all()
+    # minimal: dropping the smallest kept patch falls below 60%
+    smallest = torch.where(keep, p, torch.inf).min(-1).values
+    assert (kept - smallest < 0.6).all()
+
+
+def test_pca_foreground_finds_a_centred_object():
+    from minidino.evaluate import jaccard, pca_foreground
+
+    g = torch.Generator().manual_seed(0)
+    gt = torch.zeros(4, 6, 6, dtype=torch.bool)
+    gt[:, 2:5, 1:4] = True  # object away from the border
+    fg_feat, bg_feat = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    patch = torch.where(gt.reshape(4, 36, 1), fg_feat, bg_feat) + 0.05 * torch.randn(4, 36, 16, generator=g)
+    fg, rgb = pca_foreground(patch, (6, 6))
+    assert jaccard(fg, gt).min() == 1.0
+    assert rgb.shape == (4, 6, 6, 3) and rgb[~fg].abs().max() == 0 and 0 <= rgb.min() <= rgb.max() <= 1
+
+
+def test_attention_and_pca_figures_are_written(tmp_path):
+    from PIL import Image
+
+    from minidino.evaluate import attention_threshold_masks, cls_attention, pca_foreground
+    from minidino.visualize import plot_attention_maps, plot_pca
+    from minidino.vit import VisionTransformer
+
+    vit = VisionTransformer("vit_nano", patch_size=4, img_size=32, n_registers=2).eval()
+    images = torch.randn(3, 3, 32, 32)
+    attn = cls_attention(vit, images)
+    assert attn.shape == (3, 4, 8, 8)  # registers are not part of the map
+    masks = attention_threshold_masks(attn.mean(1).flatten(1)).reshape(3, 8, 8)
+    a = Image.open(plot_attention_maps(images, attn, masks, str(tmp_path / "attention.png")))
+    fg, rgb = pca_foreground(vit.forward_features(images)["patch"].detach(), (8, 8))
+    b = Image.open(plot_pca(images, fg, rgb, str(tmp_path / "pca.png")))
+    assert a.size == (6 * 160, 3 * 160) and b.size == (3 * 160, 500)  # 1.6-inch panels at 100 dpi
+
+
+def test_timm_vit_converts_both_ways_with_identical_features():
+    timm = pytest.importorskip("timm")
+    from minidino.checkpoint import from_timm, load_model_state, to_timm
+    from minidino.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).eval()  # random weights
+    ours = VisionTransformer("vit_small", 16, 224).eval()
+    load_model_state(ours, from_timm(ref.state_dict()), "timm vit_small_patch16_224")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        want, got = ref.forward_features(x), ours.forward_features(x)
+    assert (got["cls"] - want[:, 0]).abs().max() < 1e-5
+    assert (got["patch"] - want[:, 1:]).abs().max() < 1e-5
+    back = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).eval()
+    back.load_state_dict(to_timm(ours.state_dict()), strict=True)
+    with torch.no_grad():
+        assert (back.forward_features(x) - want).abs().max() < 1e-5
+
+
+def test_eval_all_writes_the_report_and_reuses_cached_features(tmp_path, capsys):
+    import json
+    import os
+
+    import eval as evaluate_cli
+    import train
+    from conftest import tiny_run
+
+    run = tmp_path / "run"
+    train.main(tiny_run(run, "--run.eval_at_end=false"))
+    report = evaluate_cli.main([str(run), "--all", "--num-workers", "0", "--seg-images", "16"])
+    out = run / "eval"
+    for name in ("report.json", "report.md", "attention.png", "pca.png", "curves.png", "features_train.pt"):
+        assert (out / name).exists(), name
+    assert set(report["knn_top1"]) == {"10", "20", "100", "200"}
+    assert set(report["linear"]) == {"cls", "cls+avgpool"}
+    seg = report["segmentation"]
+    assert seg["n_images"] == 16 and len(seg["jaccard_per_head"]) == 4
+    assert 0 <= seg["jaccard_mean_of_heads"] <= 1
+    assert round(seg["jaccard_best_head"], 4) == max(seg["jaccard_per_head"])
+    assert json.loads((out / "report.json").read_text())["knn_top1"] == report["knn_top1"]
+    assert "![attention](attention.png)" in (out / "report.md").read_text()
+    cached = os.path.getmtime(out / "features_train.pt")
+    again = evaluate_cli.main([str(run), "--knn", "--num-workers", "0"])
+    assert os.path.getmtime(out / "features_train.pt") == cached  # features came from the cache
+    assert again["knn_top1"] == report["knn_top1"]
