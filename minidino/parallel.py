@@ -133,6 +133,9 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sav
             return distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
         return v
 
+    if any(not isinstance(k, str) for k in saved["state"]):
+        raise ValueError("the checkpoint's optimiser state is keyed by position (minidino before DDP/FSDP "
+                         "support): it cannot be resumed; its weights still load in eval.py")  # fmt: skip
     sd = optimizer.state_dict()
     sd["state"] = {
         i: {k: like(v, p) for k, v in saved["state"][name].items()}
