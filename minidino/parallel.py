@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .dist import print0
 from .vit import Block
 
 MODES = ("none", "ddp", "fsdp")
@@ -42,8 +43,8 @@ def wrap(
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             followers = [nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in followers]
         else:
-            print("note: --head.use_bn on CPU processes normalises with each process's own batch "
-                  "(SyncBatchNorm needs GPUs); results depend on the process count", flush=True)  # fmt: skip
+            print0("note: --head.use_bn on CPU processes normalises with each process's own batch "
+                   "(SyncBatchNorm needs GPUs); results depend on the process count")  # fmt: skip
     if checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 

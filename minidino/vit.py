@@ -64,9 +64,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, return_attention: bool = False, packing: Packing | None = None) -> Tensor:
         if packing is not None:  # x: (T, C), every crop's tokens back to back
             q, k, v = rearrange(self.qkv(x), "t (three h d) -> three t h d", three=3, h=self.num_heads)
-            out = attention_varlen(
-                q, k, v, packing.cu_seqlens, packing.max_seqlen, self.attn_impl
-            )  # (T, H, D)
+            cu, longest = packing.cu_seqlens, packing.max_seqlen
+            out = attention_varlen(q, k, v, cu, longest, self.attn_impl)  # (T, H, D), each crop on its own
             return self.proj(rearrange(out, "t h d -> t (h d)"))
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         if return_attention:  # materialise the (B, H, N, N) attention: used for maps only, never in training
