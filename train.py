@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
         print0(f"resumed {run_dir} at step {step}/{last_step}")
         if step >= last_step:
             print0(f"run {run_dir} is already finished ({step} steps): nothing to do")
+            cleanup()
             return {"step": step}
     log_path = os.path.join(run_dir, "log.jsonl")
     if is_main():
