@@ -54,16 +54,10 @@ def extract_tokens(
     return tuple(t.cpu() for t in parts)
 
 
-def extract_features(
-    backbone: torch.nn.Module,
-    dataset: Dataset,
-    device: torch.device | str = "cpu",
-    batch_size: int = 256,
-    num_workers: int = 0,
-    desc: str = "features",
-) -> tuple[Tensor, Tensor]:
-    """CLS features (N, C), L2-normalised (what the k-NN compares), and labels (N,)."""
-    cls, _, labels = extract_tokens(backbone, dataset, device, batch_size, num_workers, desc)
+def extract_features(backbone: torch.nn.Module, dataset: Dataset, *args, **kwargs) -> tuple[Tensor, Tensor]:
+    """CLS features (N, C), L2-normalised (what the k-NN compares), and labels (N,); the arguments of
+    `extract_tokens`."""
+    cls, _, labels = extract_tokens(backbone, dataset, *args, **kwargs)
     return F.normalize(cls, dim=-1), labels
 
 
