@@ -55,6 +55,7 @@ def main(argv: list[str]) -> list[dict]:
         train.main(
             [
                 "--run.eval_at_end=false",
+                "--loss.koleo_weight=0",  # DINO alone: the preset's KoLeo term is not part of the ablation
                 f"--run.max_steps={steps}",
                 "--run.log_every=5",
                 f"--run.out_dir={run_dir}",
