@@ -27,11 +27,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from minidino import config as C
+from minidino import parallel
 from minidino.augment import BatchMultiCrop, MultiCropAugmentation, eval_transform, to_tensor_image
 from minidino.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from minidino.data import DataError, EpochSampler, SeededViews, build_dataset
-from minidino import parallel
-from minidino.dist import all_reduce_mean, cleanup, init_distributed, is_main, print0, rank, world_size
+from minidino.dist import all_reduce_mean, cleanup, init_distributed, is_main, local, print0, rank, world_size
 from minidino.ema import ema_update
 from minidino.evaluate import knn_eval
 from minidino.koleo import koleo_loss
@@ -86,7 +86,7 @@ def param_groups(model: torch.nn.Module, optim: C.OptimConfig | None = None) -> 
 def clip_gradients(model: torch.nn.Module, clip: float) -> None:
     """DINO clips each parameter tensor's gradient norm to `clip` separately (not one global norm). Under
     FSDP each process holds a shard of every gradient: the squared norms of the shards are summed first."""
-    grads = [parallel.local(p.grad) for p in model.parameters() if p.grad is not None]
+    grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
     sq_norms = torch.stack(torch._foreach_norm(grads)) ** 2  # (P,)
     if parallel.is_sharded(model):
         torch.distributed.all_reduce(sq_norms)

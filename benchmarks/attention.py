@@ -102,8 +102,9 @@ def measure(fn, inputs, repeats, device) -> tuple[float, float]:
     return fwd, timed_ms(lambda: torch.autograd.grad(fn(*inputs), inputs, go), repeats, device)
 
 
-def max_error(fn, inputs) -> float:
-    """Largest |difference| to the fp32 reference over the output and the three input gradients."""
+def max_error(fn, inputs, cu_seqlens=None) -> float:
+    """Largest |difference| to the fp32 reference over the output and the three input gradients;
+    cu_seqlens for packed (T, H, D) inputs."""
     out = fn(*inputs)
     go = torch.randn_like(out)
     ref_inputs = [t.detach().float().requires_grad_() for t in inputs]
@@ -111,13 +112,10 @@ def max_error(fn, inputs) -> float:
     if ref is None:  # packed (T, H, D): compare with the per-length-group reference
         from kernels.attention import attention_varlen_torch
 
-        ref = attention_varlen_torch(*ref_inputs, CU, impl="ref")
+        ref = attention_varlen_torch(*ref_inputs, cu_seqlens, impl="ref")
     got = [out, *torch.autograd.grad(out, inputs, go)]
     want = [ref, *torch.autograd.grad(ref, ref_inputs, go.float())]
     return max((a.float() - b).abs().max().item() for a, b in zip(got, want))
-
-
-CU = None  # the packed step's cu_seqlens, set in main
 
 
 def main(argv: list[str]) -> None:
@@ -183,8 +181,6 @@ def main(argv: list[str]) -> None:
         torch.randn(sum(lengths), H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3)
     )
     cu, longest = packed_offsets(lengths, device)
-    global CU
-    CU = cu
     split = 2 * images * n_global
 
     def per_resolution(fn):
@@ -219,7 +215,7 @@ def main(argv: list[str]) -> None:
                 flush=True,
             )
             continue
-        err = {"max_err": round(max_error(fn, (q, k, v)), 5)} if impl == "triton_packed" else {}
+        err = {"max_err": round(max_error(fn, (q, k, v), cu), 5)} if impl == "triton_packed" else {}
         report(
             "dino_step_packed",
             impl,

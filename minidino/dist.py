@@ -79,3 +79,8 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(world_size())]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of an FSDP (DTensor) parameter or gradient; a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .dist import local
+
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
@@ -23,8 +25,8 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     for model in (teacher, student):
         if hasattr(model, "reshard"):
             model.reshard()
-    t_params = [p.to_local() if hasattr(p, "to_local") else p for p in teacher.parameters()]
-    s_params = [(p.to_local() if hasattr(p, "to_local") else p).detach() for p in student.parameters()]
+    t_params = [local(p) for p in teacher.parameters()]
+    s_params = [local(p).detach() for p in student.parameters()]
     if len(t_params) != len(s_params):
         raise ValueError(
             f"teacher has {len(t_params)} parameters, student {len(s_params)}: not the same model"

@@ -83,11 +83,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and hasattr(model, "reducer") else model
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This process's shard of an FSDP (DTensor) parameter or gradient; a plain tensor as it is."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def is_sharded(model: nn.Module) -> bool:
     return any(hasattr(p, "to_local") for p in model.parameters())
 
