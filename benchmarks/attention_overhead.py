@@ -1,11 +1,16 @@
-"""Where the time of one attention forward+backward goes: host (Python/launch) time against GPU kernel time.
+"""Where the time of one attention call goes: host (Python + launch) time against GPU kernel time.
 
-    python benchmarks/attention_overhead.py     # GPU only; a JSON line per impl
+    python benchmarks/attention_overhead.py     # GPU only; a JSON line per (shape, impl)
 
-For the ViT-S/16 global shape (128, 6, 197, 64) in bf16, per impl: `host_us`, the wall time per call of
-forward+backward while the GPU queue is kept from draining (no synchronisation inside the loop: when the host
-is slower than the GPU this is what a training step pays), and `gpu_kernel_us`, the summed CUDA kernel time
-per call from torch.profiler. host_us far above gpu_kernel_us means the call is bound by launch overhead.
+For ViT-S/16 global (128, 6, 197, 64), ViT-L/14 global (64, 16, 257, 64) and ViT-S/16 local (640, 6, 37, 64)
+crops in bf16, forward+backward (`fb_*`, autograd.grad with a fixed output gradient) and forward only
+(`f_*`, no grad), per impl:
+  host_us    wall time per call while the GPU queue is kept from draining (no synchronisation inside the
+             loop): what a training step pays when the host is slower than the GPU;
+  ms         the usual timing, CUDA events around a loop of 20 calls, median of 7;
+  kernel_us  summed CUDA kernel time per call from torch.profiler: the GPU work alone.
+host_us far above kernel_us means the call is bound by launch overhead, and `ms` then measures the host.
+Compare ratios within one run: the host side is noisy on shared machines.
 """
 
 from __future__ import annotations
@@ -22,48 +27,83 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels.attention import attention  # noqa: E402
 
+SHAPES = {
+    "vit_s16_global": (128, 6, 197, 64),
+    "vit_l14_global": (64, 16, 257, 64),
+    "vit_s16_local": (640, 6, 37, 64),
+}
+
+
+def measure(step) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(5):  # compiles and autotunes on the first call
+        step()
+    torch.cuda.synchronize()
+    n = 50
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    host = (time.perf_counter() - t0) / n  # the host returned: the GPU may still be busy
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(7):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) / 20)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+    kernel_us = sum(e.self_device_time_total for e in prof.key_averages()) / 10
+    return {
+        "host_us": round(1e6 * host, 1),
+        "ms": round(sorted(samples)[3], 4),
+        "kernel_us": round(kernel_us, 1),
+    }
+
 
 def main() -> None:
     if not torch.cuda.is_available():
         print(json.dumps({"benchmark": "attention_overhead", "skipped": "needs a CUDA GPU"}))
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.profiler import ProfilerActivity, profile
 
+    def sdpa(backend):
+        def run(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v)
+
+        return run
+
+    impls = {
+        "triton": lambda q, k, v: attention(q, k, v, impl="triton"),
+        "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+        "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
+        "sdpa_efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
+    }
     gpu = torch.cuda.get_device_name()
-    shape = (128, 6, 197, 64)
-    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    go = torch.randn_like(q)
-
-    def cudnn(q, k, v):
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v)
-
-    impls = {"triton": lambda q, k, v: attention(q, k, v, impl="triton"), "sdpa_cudnn": cudnn}
-    for name, fn in impls.items():
-
-        def step():
-            return torch.autograd.grad(fn(q, k, v), (q, k, v), go)
-
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-        n = 50
-        t0 = time.perf_counter()
-        for _ in range(n):
-            step()
-        host = (time.perf_counter() - t0) / n  # the host returned: the GPU may still be busy
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / n
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                step()
-            torch.cuda.synchronize()
-        kernel_us = sum(e.self_device_time_total for e in prof.key_averages()) / 10
-        row = {"benchmark": "attention_overhead", "device": gpu, "impl": name, "shape": list(shape)}
-        row.update(host_us=round(1e6 * host, 1), wall_us=round(1e6 * wall, 1))
-        row.update(gpu_kernel_us=round(kernel_us, 1))
-        print(json.dumps(row), flush=True)
+    for shape_name, shape in SHAPES.items():
+        q, k, v = (
+            torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+        )
+        go = torch.randn_like(q)
+        for name, fn in impls.items():
+            row = {"benchmark": "attention_overhead", "device": gpu, "shape": shape_name, "impl": name}
+            try:
+                fb = measure(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), go))
+                with torch.no_grad():
+                    f = measure(lambda: fn(q, k, v))
+            except RuntimeError as e:  # a backend that refuses this shape
+                print(json.dumps({**row, "error": str(e).splitlines()[0][:200]}), flush=True)
+                continue
+            row.update({f"fb_{key}": val for key, val in fb.items()})
+            row.update({f"f_{key}": val for key, val in f.items()})
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

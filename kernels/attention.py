@@ -91,22 +91,23 @@ def attention_varlen_torch(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Triton kernels. Every tensor is addressed as base + seq * s_b + head * s_h + token * s_n + d (d contiguous).
-# Dense inputs: seq = batch index, tokens from 0. Packed inputs: s_b = 0 and tokens from cu_seqlens[seq].
+# Triton kernels. Strides come in a few shared sets, one per memory layout: q, k and v share (s_b, s_h, s_n)
+# (views of one fused qkv projection), out has (so_b, so_h, so_n), and dout, dq, dk, dv share (sg_b, sg_h,
+# sg_n). An element sits at base + seq * s_b + head * s_h + token * s_n + d, with d contiguous. Dense inputs:
+# seq = batch index, tokens from 0. Packed inputs: s_b = 0, tokens from cu_seqlens[seq]. lse and delta are
+# (seq, head, token) arrays with strides (sl_b, sl_h, 1).
 
 # fmt: off
 if triton is not None:
 
-    def _configs(pairs):
-        """Autotuning candidates (BLOCK_M, BLOCK_N, warps, pipeline stages). MINIDINO_ATTN_AUTOTUNE=0 keeps
-        the first only (quick compiles for tests); the interpreter gets one small tile."""
+    def _configs(names, values):
+        """Autotuning candidates: tile sizes, warps, pipeline stages. MINIDINO_ATTN_AUTOTUNE=0 keeps the
+        first only (quick compiles for tests); the interpreter gets one small tile."""
         if INTERPRET:
-            return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+            return [triton.Config(dict.fromkeys(names, 16), num_warps=1, num_stages=1)]
         if os.environ.get("MINIDINO_ATTN_AUTOTUNE") == "0":
-            pairs = pairs[:1]
-        return [
-            triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs
-        ]
+            values = values[:1]
+        return [triton.Config(dict(zip(names, v[:2])), num_warps=v[2], num_stages=v[3]) for v in values]
 
     @triton.jit
     def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -116,25 +117,30 @@ if triton is not None:
         return tl.dot(a, b, input_precision=PRECISION)
 
     @triton.jit
-    def _seq_bounds(cu_ptr, seq, N, VARLEN: tl.constexpr):
-        """(first token, length) of sequence `seq`: from cu_seqlens when packed, else (0, N)."""
+    def _program(cu_ptr, s_b, s_h, so_b, so_h, sl_b, sl_h, H, N, VARLEN: tl.constexpr):
+        """Which (sequence, head) this program works on, where its tokens start in each layout, and how many
+        there are: from cu_seqlens when packed, else N from token 0."""
+        seq, head = tl.program_id(1) // H, tl.program_id(1) % H
         start = 0
         n = N
         if VARLEN:
             start = tl.load(cu_ptr + seq)
             n = tl.load(cu_ptr + seq + 1) - start
-        return start, n
+        qkv = seq * s_b + head * s_h  # + start * s_n, added by the caller (s_n differs per layout)
+        out = seq * so_b + head * so_h
+        lse = seq * sl_b + head * sl_h + start
+        return start, n, qkv, out, lse
 
     @triton.autotune(
         configs=_configs(
+            ("BLOCK_M", "BLOCK_N"),
             [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 2)],
         ),
         key=["N_BUCKET", "D", "VARLEN"],
     )
     @triton.jit
     def _attn_fwd(
-        Q, K, V, Out, LSE, cu_ptr, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
-        sl_b, sl_h, H, N, D, N_BUCKET, qk_scale,
+        Q, K, V, Out, LSE, cu_ptr, s_b, s_h, s_n, so_b, so_h, so_n, sl_b, sl_h, H, N, D, N_BUCKET, qk_scale,
         VARLEN: tl.constexpr,
         BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -142,18 +148,17 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
-        seq, head = tl.program_id(1) // H, tl.program_id(1) % H
-        start, n = _seq_bounds(cu_ptr, seq, N, VARLEN)
+        """One tile of BLOCK_M queries of one (sequence, head): out and the log-sum-exp (log2 units)."""
+        start, n, qkv, o_off, lse_off = _program(cu_ptr, s_b, s_h, so_b, so_h, sl_b, sl_h, H, N, VARLEN)
         if tl.program_id(0) * BLOCK_M >= n:  # a query tile past the end of a short packed sequence
             return
+        Q, K, V = Q + qkv + start * s_n, K + qkv + start * s_n, V + qkv + start * s_n
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query positions
         cols = tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions within a tile
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
-        q_tile = Q + seq * sq_b + head * sq_h + (start + rows[:, None]) * sq_n + d[None, :]
-        q = tl.load(q_tile, mask=(rows[:, None] < n) & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D) on-chip
-        k_base = K + seq * sk_b + head * sk_h + start * sk_n
-        v_base = V + seq * sv_b + head * sv_h + start * sv_n
+        row_ok = rows < n
+        q = tl.load(Q + rows[:, None] * s_n + d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)  # on-chip
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row maximum (log2 units)
         l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m_i)
@@ -161,32 +166,33 @@ if triton is not None:
         for j in range(0, n, BLOCK_N):
             keys = j + cols
             k_ok = keys < n
-            kT = tl.load(k_base + keys[None, :] * sk_n + d[:, None], mask=d_ok[:, None] & k_ok, other=0.0)
+            kT = tl.load(K + keys[None, :] * s_n + d[:, None], mask=d_ok[:, None] & k_ok, other=0.0)
             s = _dot(q, kT, PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N) scores, log2 units
             s = tl.where(k_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old maximum
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + keys[:, None] * sv_n + d[None, :], mask=k_ok[:, None] & d_ok, other=0.0)
+            v = tl.load(V + keys[:, None] * s_n + d[None, :], mask=k_ok[:, None] & d_ok, other=0.0)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
             m_i = m_new
 
-        row_ok = rows < n
-        out = acc / l_i[:, None]
-        o_tile = Out + seq * so_b + head * so_h + (start + rows[:, None]) * so_n + d[None, :]
-        tl.store(o_tile, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(LSE + seq * sl_b + head * sl_h + start + rows, m_i + tl.log2(l_i), mask=row_ok)
+        Out = Out + o_off + start * so_n
+        tl.store(Out + rows[:, None] * so_n + d[None, :], (acc / l_i[:, None]).to(Out.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok)
+        tl.store(LSE + lse_off + rows, m_i + tl.log2(l_i), mask=row_ok)
 
     @triton.autotune(
-        configs=_configs([(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2), (64, 64, 4, 2)]),
+        configs=_configs(
+            ("BLOCK_M", "BLOCK_N"),
+            [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2), (64, 64, 4, 2)],
+        ),
         key=["N_BUCKET", "D", "VARLEN"],
     )
     @triton.jit
     def _attn_bwd_dq(
-        Q, K, V, Out, DO, DQ, LSE, DELTA, cu_ptr, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-        so_b, so_h, so_n, sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n, sl_b, sl_h, H, N, D, N_BUCKET,
-        qk_scale, sm_scale,
+        Q, K, V, Out, DO, DQ, LSE, DELTA, cu_ptr, s_b, s_h, s_n, so_b, so_h, so_n, sg_b, sg_h, sg_n,
+        sl_b, sl_h, H, N, D, N_BUCKET, qk_scale, sm_scale,
         VARLEN: tl.constexpr,
         BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -194,56 +200,53 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
-        """One query tile: delta = rowsum(dO * out) (kept for _attn_bwd_dkdv), then dQ over the key tiles."""
-        seq, head = tl.program_id(1) // H, tl.program_id(1) % H
-        start, n = _seq_bounds(cu_ptr, seq, N, VARLEN)
+        """One tile of BLOCK_M queries: delta = rowsum(dO * out) (stored for _attn_bwd_dkdv), then dQ, with
+        q, dO and dQ on-chip while it walks over the key tiles. dO, dQ, dK, dV share strides (sg_*)."""
+        start, n, qkv, o_off, lse_off = _program(cu_ptr, s_b, s_h, so_b, so_h, sl_b, sl_h, H, N, VARLEN)
         if tl.program_id(0) * BLOCK_M >= n:
             return
+        g_off = tl.program_id(1) // H * sg_b + tl.program_id(1) % H * sg_h + start * sg_n
+        Q, K, V = Q + qkv + start * s_n, K + qkv + start * s_n, V + qkv + start * s_n
+        Out, DO, DQ = Out + o_off + start * so_n, DO + g_off, DQ + g_off
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
         row_ok = rows < n
         tile_ok = row_ok[:, None] & d_ok[None, :]
-        q_base = Q + seq * sq_b + head * sq_h + start * sq_n  # where this sequence and head start
-        k_base = K + seq * sk_b + head * sk_h + start * sk_n
-        v_base = V + seq * sv_b + head * sv_h + start * sv_n
-        o_base = Out + seq * so_b + head * so_h + start * so_n
-        do_base = DO + seq * sdo_b + head * sdo_h + start * sdo_n
-        q = tl.load(q_base + rows[:, None] * sq_n + d[None, :], mask=tile_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
-        do = tl.load(do_base + rows[:, None] * sdo_n + d[None, :], mask=tile_ok, other=0.0)
-        o = tl.load(o_base + rows[:, None] * so_n + d[None, :], mask=tile_ok, other=0.0)
+        q = tl.load(Q + rows[:, None] * s_n + d[None, :], mask=tile_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
+        do = tl.load(DO + rows[:, None] * sg_n + d[None, :], mask=tile_ok, other=0.0)
+        o = tl.load(Out + rows[:, None] * so_n + d[None, :], mask=tile_ok, other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # (BLOCK_M,)
-        lse_off = seq * sl_b + head * sl_h + start + rows
-        tl.store(DELTA + lse_off, delta, mask=row_ok)
-        lse = tl.load(LSE + lse_off, mask=row_ok, other=0.0)
+        tl.store(DELTA + lse_off + rows, delta, mask=row_ok)
+        lse = tl.load(LSE + lse_off + rows, mask=row_ok, other=0.0)
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for j in range(0, n, BLOCK_N):
             keys = j + cols
             k_ok = keys < n
-            k = tl.load(k_base + keys[:, None] * sk_n + d[None, :], mask=k_ok[:, None] & d_ok, other=0.0)
-            vT = tl.load(v_base + keys[None, :] * sv_n + d[:, None], mask=d_ok[:, None] & k_ok, other=0.0)
+            k = tl.load(K + keys[:, None] * s_n + d[None, :], mask=k_ok[:, None] & d_ok, other=0.0)
+            vT = tl.load(V + keys[None, :] * s_n + d[:, None], mask=d_ok[:, None] & k_ok, other=0.0)
             s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
             p = tl.where(k_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)  # the forward's softmax, rebuilt
             dp = _dot(do, vT, PRECISION, UPCAST)  # (BLOCK_M, BLOCK_N)
             ds = p * (dp - delta[:, None])
             dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
-        dq_tile = DQ + seq * sdq_b + head * sdq_h + (start + rows[:, None]) * sdq_n + d[None, :]
-        tl.store(dq_tile, (dq * sm_scale).to(DQ.dtype.element_ty), mask=tile_ok)
+        dq = (dq * sm_scale).to(DQ.dtype.element_ty)
+        tl.store(DQ + rows[:, None] * sg_n + d[None, :], dq, mask=tile_ok)
 
     @triton.autotune(
         configs=_configs(
+            ("BLOCK_M", "BLOCK_N"),
             [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 2), (64, 128, 8, 2)]
-            + [(16, 128, 4, 3)]
+            + [(16, 128, 4, 3)],
         ),
         key=["N_BUCKET", "D", "VARLEN"],
     )
     @triton.jit
     def _attn_bwd_dkdv(
-        Q, K, V, DO, DK, DV, LSE, DELTA, cu_ptr, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-        sdo_b, sdo_h, sdo_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, sl_b, sl_h, H, N, D, N_BUCKET,
-        qk_scale, sm_scale,
+        Q, K, V, DO, DK, DV, LSE, DELTA, cu_ptr, s_b, s_h, s_n, sg_b, sg_h, sg_n, sl_b, sl_h,
+        H, N, D, N_BUCKET, qk_scale, sm_scale,
         VARLEN: tl.constexpr,
         BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -251,44 +254,41 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
-        """One key tile (BLOCK_N keys): dK and dV over all query tiles (BLOCK_M queries each)."""
-        seq, head = tl.program_id(1) // H, tl.program_id(1) % H
-        start, n = _seq_bounds(cu_ptr, seq, N, VARLEN)
+        """One tile of BLOCK_N keys: dK and dV, with k, v, dK, dV on-chip while it walks over the query
+        tiles (BLOCK_M queries each)."""
+        start, n, qkv, _, lse_off = _program(cu_ptr, s_b, s_h, 0, 0, sl_b, sl_h, H, N, VARLEN)
         if tl.program_id(0) * BLOCK_N >= n:
             return
+        g_off = tl.program_id(1) // H * sg_b + tl.program_id(1) % H * sg_h + start * sg_n
+        Q, K, V = Q + qkv + start * s_n, K + qkv + start * s_n, V + qkv + start * s_n
+        DO, DK, DV = DO + g_off, DK + g_off, DV + g_off
         keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.arange(0, BLOCK_M)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
         k_ok = keys < n
         tile_ok = k_ok[:, None] & d_ok[None, :]
-        q_base = Q + seq * sq_b + head * sq_h + start * sq_n  # where this sequence and head start
-        k_base = K + seq * sk_b + head * sk_h + start * sk_n
-        v_base = V + seq * sv_b + head * sv_h + start * sv_n
-        do_base = DO + seq * sdo_b + head * sdo_h + start * sdo_n
-        lse_base = seq * sl_b + head * sl_h + start
-        k = tl.load(k_base + keys[:, None] * sk_n + d[None, :], mask=tile_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(v_base + keys[:, None] * sv_n + d[None, :], mask=tile_ok, other=0.0)
+        k = tl.load(K + keys[:, None] * s_n + d[None, :], mask=tile_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(V + keys[:, None] * s_n + d[None, :], mask=tile_ok, other=0.0)
 
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for i in range(0, n, BLOCK_M):
             qrows = i + rows
             q_ok = qrows < n
-            qT = tl.load(q_base + qrows[None, :] * sq_n + d[:, None], mask=d_ok[:, None] & q_ok, other=0.0)
-            do = tl.load(do_base + qrows[:, None] * sdo_n + d[None, :], mask=q_ok[:, None] & d_ok, other=0.0)
-            lse = tl.load(LSE + lse_base + qrows, mask=q_ok, other=0.0)
-            delta = tl.load(DELTA + lse_base + qrows, mask=q_ok, other=0.0)
+            qT = tl.load(Q + qrows[None, :] * s_n + d[:, None], mask=d_ok[:, None] & q_ok, other=0.0)
+            do = tl.load(DO + qrows[:, None] * sg_n + d[None, :], mask=q_ok[:, None] & d_ok, other=0.0)
+            lse = tl.load(LSE + lse_off + qrows, mask=q_ok, other=0.0)
+            delta = tl.load(DELTA + lse_off + qrows, mask=q_ok, other=0.0)
             sT = _dot(k, qT, PRECISION, UPCAST) * qk_scale  # (BLOCK_N, BLOCK_M): scores, transposed
             pT = tl.where(q_ok[None, :], tl.exp2(sT - lse[None, :]), 0.0)
             dv += _dot(pT.to(do.dtype), do, PRECISION, UPCAST)
             dpT = _dot(v, tl.trans(do), PRECISION, UPCAST)
             dsT = pT * (dpT - delta[None, :])
             dk += _dot(dsT.to(qT.dtype), tl.trans(qT), PRECISION, UPCAST)
-        dk_tile = DK + seq * sdk_b + head * sdk_h + (start + keys[:, None]) * sdk_n + d[None, :]
-        dv_tile = DV + seq * sdv_b + head * sdv_h + (start + keys[:, None]) * sdv_n + d[None, :]
-        tl.store(dk_tile, (dk * sm_scale).to(DK.dtype.element_ty), mask=tile_ok)
-        tl.store(dv_tile, dv.to(DV.dtype.element_ty), mask=tile_ok)
+        dk = (dk * sm_scale).to(DK.dtype.element_ty)
+        tl.store(DK + keys[:, None] * sg_n + d[None, :], dk, mask=tile_ok)
+        tl.store(DV + keys[:, None] * sg_n + d[None, :], dv.to(DV.dtype.element_ty), mask=tile_ok)
 
 
 # fmt: on
@@ -309,23 +309,64 @@ def _flags(q: Tensor, packed: bool, block_d: int) -> dict:
     return dict(VARLEN=packed, BLOCK_D=block_d, PRECISION=precision, UPCAST=upcast)
 
 
-def _d_last(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _empty_like_tokens(t: Tensor, packed: bool) -> Tensor:
-    """Output buffer laid out as (B, N, H, D) in memory, so 'b h n d -> b n (h d)' after it is a free view."""
+    """Buffer laid out as (B, N, H, D) in memory (packed: (T, H, D)), so 'b h n d -> b n (h d)' after it is
+    a free view."""
     if packed:
         return torch.empty_like(t, memory_format=torch.contiguous_format)
     B, H, N, D = t.shape
     return t.new_empty(B, N, H, D).transpose(1, 2)
 
 
+class _Launcher:
+    """Calls kernel[grid](*args, **constexprs) with little host time once a call of the same kind was made.
+
+    Triton's front end inspects every argument on every launch (type, integer divisibility, pointer
+    alignment) to pick the compiled variant, and the autotuner adds its own pass over the arguments. At ViT
+    sizes this host time, tens to hundreds of microseconds per launch depending on the CPU, can exceed the
+    kernel's GPU time, and then the GPU waits for Python. So the first call for a key (exact integer
+    arguments, dtypes, pointer alignment mod 128: everything Triton specialises on, and more) goes the usual
+    way, compiling and autotuning as needed; we keep the compiled kernel it returns and launch that directly
+    for later calls with the same key. The interpreter always goes the usual way."""
+
+    def __init__(self, kernel):
+        self.kernel, self.cache, self.direct = kernel, {}, not INTERPRET
+        self.hits = 0  # direct launches so far (the GPU test checks that this path ran)
+
+    def __call__(self, grid, args: tuple, constexprs: dict) -> None:
+        if not self.direct:
+            self.kernel[grid](*args, **constexprs)
+            return
+        key = (torch.cuda.current_device(), *constexprs.values())
+        key += tuple((a.dtype, a.data_ptr() % 128) if isinstance(a, Tensor) else a for a in args)
+        hit = self.cache.get(key)
+        if hit is None:
+            compiled = self.kernel[grid](*args, **constexprs)
+            try:  # the autotuner's pick for this key completes the argument list and fixes the grid
+                meta = {**constexprs, **self.kernel.best_config.kwargs}
+                grid_3d = (*grid(meta), 1, 1)[:3]
+                self.cache[key] = compiled[grid_3d], [meta[n] for n in self.kernel.arg_names[len(args) :]]
+            except (AttributeError, KeyError, TypeError):  # other Triton internals: keep to the usual path
+                self.direct = False
+            return
+        launch, tail = hit
+        launch(*args, *tail, stream=torch.cuda.current_stream().cuda_stream)
+        self.hits += 1
+
+
+if triton is not None:
+    _fwd, _bwd_dq, _bwd_dkdv = _Launcher(_attn_fwd), _Launcher(_attn_bwd_dq), _Launcher(_attn_bwd_dkdv)
+
+
 class _FlashAttention(torch.autograd.Function):
+    """Strides travel in three sets: q, k, v (one layout); out; dout, dq, dk, dv (dout's layout). Inputs
+    that differ are first copied into one layout; from a fused qkv projection they never differ."""
+
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen):
-        q, k, v = _d_last(q), _d_last(k), _d_last(v)
         packed = cu_seqlens is not None
+        if q.stride(-1) != 1 or k.stride() != q.stride() or v.stride() != q.stride():
+            q, k, v = (_empty_like_tokens(t, packed).copy_(t) for t in (q, k, v))
         if packed:
             T, H, D = q.shape
             n_seqs, N = cu_seqlens.numel() - 1, max_seqlen
@@ -335,86 +376,41 @@ class _FlashAttention(torch.autograd.Function):
             n_seqs, H, N, D = q.shape
             lse = q.new_empty(n_seqs, H, N, dtype=torch.float32)
             lse_strides = (H * N, N)
-            cu_seqlens = lse  # unused pointer
+            cu_seqlens = lse  # not read when VARLEN is off; any pointer will do
         o = _empty_like_tokens(q, packed)
-        block_d = max(16, triton.next_power_of_2(D))
+        flags = _flags(q, packed, max(16, triton.next_power_of_2(D)))
         scale = D**-0.5
-
-        def grid(meta):
-            return (triton.cdiv(N, meta["BLOCK_M"]), n_seqs * H)
-
-        _attn_fwd[grid](
-            q,
-            k,
-            v,
-            o,
-            lse,
-            cu_seqlens,
-            *_strides(q, packed),
-            *_strides(k, packed),
-            *_strides(v, packed),
-            *_strides(o, packed),
-            *lse_strides,
-            H,
-            N,
-            D,
-            triton.next_power_of_2(N),
-            scale * LOG2_E,
-            **_flags(q, packed, block_d),
-        )
+        sizes = (H, N, D, triton.next_power_of_2(N))
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), n_seqs * H)  # noqa: E731
+        qkv_strides, o_strides = _strides(q, packed), _strides(o, packed)
+        args = (q, k, v, o, lse, cu_seqlens, *qkv_strides, *o_strides, *lse_strides, *sizes, scale * LOG2_E)
+        _fwd(grid, args, flags)
         ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
-        ctx.meta = (packed, n_seqs, H, N, D, block_d, lse_strides)
+        ctx.meta = (packed, n_seqs, qkv_strides, o_strides, lse_strides, sizes, scale, flags)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-        packed, n_seqs, H, N, D, block_d, lse_strides = ctx.meta
-        do = _d_last(do)
-        dq, dk, dv = (_empty_like_tokens(t, packed) for t in (q, k, v))
-        delta = torch.empty_like(lse)
-        scale = D**-0.5
-        common = _flags(q, packed, block_d)
-        sizes = (H, N, D, triton.next_power_of_2(N), scale * LOG2_E, scale)
-        _attn_bwd_dq[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), n_seqs * H)](
-            q,
-            k,
-            v,
-            o,
-            do,
-            dq,
-            lse,
-            delta,
-            cu_seqlens,
-            *_strides(q, packed),
-            *_strides(k, packed),
-            *_strides(v, packed),
-            *_strides(o, packed),
-            *_strides(do, packed),
-            *_strides(dq, packed),
-            *lse_strides,
-            *sizes,
-            **common,
+        packed, n_seqs, qkv_strides, o_strides, lse_strides, sizes, scale, flags = ctx.meta
+        H, N = sizes[:2]
+        dq = torch.empty_like(do)  # keeps do's strides when do is dense
+        if do.stride(-1) != 1 or dq.stride() != do.stride():  # d not contiguous, or not dense (broadcast)
+            do = _empty_like_tokens(do, packed).copy_(do)
+            dq = torch.empty_like(do)
+        dk, dv, delta = torch.empty_like(dq), torch.empty_like(dq), torch.empty_like(lse)
+        g_strides, scales = _strides(do, packed), (scale * LOG2_E, scale)
+        _bwd_dq(
+            lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), n_seqs * H),
+            (q, k, v, o, do, dq, lse, delta, cu_seqlens, *qkv_strides, *o_strides, *g_strides, *lse_strides)
+            + (*sizes, *scales),
+            flags,
         )
-        _attn_bwd_dkdv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_seqs * H)](
-            q,
-            k,
-            v,
-            do,
-            dk,
-            dv,
-            lse,
-            delta,
-            cu_seqlens,
-            *_strides(q, packed),
-            *_strides(k, packed),
-            *_strides(v, packed),
-            *_strides(do, packed),
-            *_strides(dk, packed),
-            *_strides(dv, packed),
-            *lse_strides,
-            *sizes,
-            **common,
+        _bwd_dkdv(
+            lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_seqs * H),
+            (q, k, v, do, dk, dv, lse, delta, cu_seqlens, *qkv_strides, *g_strides, *lse_strides)
+            + (*sizes, *scales),
+            flags,
         )
         return dq, dk, dv, None, None
 

@@ -33,6 +33,7 @@ def close(got, want, what):
 shapes = [(2, 2, 37, 32), (1, 3, 17, 64), (1, 1, 5, 128)]
 big_shapes = [(4, 6, 197, 64), (2, 16, 257, 64), (1, 12, 1370, 64), (3, 4, 50, 128), (5, 3, 65, 32)]
 cases = [(s, dt) for s in shapes for dt in TOL] + ([(s, torch.bfloat16) for s in big_shapes] if big else [])
+cases *= 2 if device == "cuda" else 1  # on GPU the second round launches the cached compiled kernels
 for shape, dtype in cases:
     B, H, N, D = shape
     # q, k, v as the strided views a fused qkv projection gives: (B, N, 3, H, D) -> three (B, H, N, D)
@@ -42,10 +43,18 @@ for shape, dtype in cases:
     ref = attention_ref(q.float(), k.float(), v.float())
     close(out, ref, "forward")
     go = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), go)
-    want = torch.autograd.grad(ref, (q, k, v), go.float())
+    got = torch.autograd.grad(out, (q, k, v), go, retain_graph=True)
+    want = torch.autograd.grad(ref, (q, k, v), go.float(), retain_graph=True)
     for g, w, name in zip(got, want, "qkv"):
         close(g, w, "grad " + name)
+    # output gradients in other layouts: d not contiguous, and broadcast (the gradient of out.sum())
+    if shape == shapes[0]:
+        odd = go.transpose(-1, -2).contiguous().transpose(-1, -2)
+        for g, w, name in zip(torch.autograd.grad(out, (q, k, v), odd, retain_graph=True), want, "qkv"):
+            close(g, w, "grad (d-strided dout) " + name)
+        got = torch.autograd.grad(out.float().sum(), (q, k, v), retain_graph=True)
+        for g, w, name in zip(got, torch.autograd.grad(ref.sum(), (q, k, v)), "qkv"):
+            close(g, w, "grad (broadcast dout) " + name)
     # contiguous inputs take the same kernels with other strides
     qc, kc, vc = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
     close(attention(qc, kc, vc, impl="triton"), ref, "forward (contiguous)")
@@ -71,6 +80,9 @@ for dtype in TOL:
     want = torch.autograd.grad(ref, (q, k, v), go.float())
     for g, w, name in zip(got, want, "qkv"):
         close(g, w, "packed grad " + name)
+if device == "cuda":
+    from kernels.attention import _bwd_dkdv, _bwd_dq, _fwd
+    assert all(launcher.hits > 0 for launcher in (_fwd, _bwd_dq, _bwd_dkdv)), "cached launches never ran"
 print("ok")
 """
 
