@@ -100,14 +100,19 @@ def attention_varlen_torch(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, 
 # fmt: off
 if triton is not None:
 
-    def _configs(names, values):
-        """Autotuning candidates: tile sizes, warps, pipeline stages. MINIDINO_ATTN_AUTOTUNE=0 keeps the
-        first only (quick compiles for tests); the interpreter gets one small tile."""
+    def _autotune(candidates):
+        """Autotuning over (BLOCK_M, BLOCK_N, warps, pipeline stages) candidates, once per (sequence length
+        rounded up to a power of 2, head dim, packed or not). MINIDINO_ATTN_AUTOTUNE=0 keeps the first only
+        (quick compiles for tests); the interpreter gets one small tile."""
         if INTERPRET:
-            return [triton.Config(dict.fromkeys(names, 16), num_warps=1, num_stages=1)]
-        if os.environ.get("MINIDINO_ATTN_AUTOTUNE") == "0":
-            values = values[:1]
-        return [triton.Config(dict(zip(names, v[:2])), num_warps=v[2], num_stages=v[3]) for v in values]
+            candidates = [(16, 16, 1, 1)]
+        elif os.environ.get("MINIDINO_ATTN_AUTOTUNE") == "0":
+            candidates = candidates[:1]
+        configs = [
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+            for m, n, warps, stages in candidates
+        ]
+        return triton.autotune(configs=configs, key=["N_BUCKET", "D", "VARLEN"])
 
     @triton.jit
     def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -117,27 +122,23 @@ if triton is not None:
         return tl.dot(a, b, input_precision=PRECISION)
 
     @triton.jit
-    def _program(cu_ptr, s_b, s_h, so_b, so_h, sl_b, sl_h, H, N, VARLEN: tl.constexpr):
-        """Which (sequence, head) this program works on, where its tokens start in each layout, and how many
-        there are: from cu_seqlens when packed, else N from token 0."""
+    def _sequence(cu_ptr, H, N, VARLEN: tl.constexpr):
+        """(sequence, head, first token, length) of this program: from cu_seqlens when packed, else
+        (batch index, head, 0, N)."""
         seq, head = tl.program_id(1) // H, tl.program_id(1) % H
         start = 0
         n = N
         if VARLEN:
             start = tl.load(cu_ptr + seq)
             n = tl.load(cu_ptr + seq + 1) - start
-        qkv = seq * s_b + head * s_h  # + start * s_n, added by the caller (s_n differs per layout)
-        out = seq * so_b + head * so_h
-        lse = seq * sl_b + head * sl_h + start
-        return start, n, qkv, out, lse
+        return seq, head, start, n
 
-    @triton.autotune(
-        configs=_configs(
-            ("BLOCK_M", "BLOCK_N"),
-            [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 2)],
-        ),
-        key=["N_BUCKET", "D", "VARLEN"],
-    )
+    @triton.jit
+    def _at(seq, head, token, s_b, s_h, s_n):
+        """Element offset of (seq, head, token) in a layout with these strides."""
+        return seq * s_b + head * s_h + token * s_n
+
+    @_autotune([(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 2)])
     @triton.jit
     def _attn_fwd(
         Q, K, V, Out, LSE, cu_ptr, s_b, s_h, s_n, so_b, so_h, so_n, sl_b, sl_h, H, N, D, N_BUCKET, qk_scale,
@@ -149,10 +150,13 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
     ):
         """One tile of BLOCK_M queries of one (sequence, head): out and the log-sum-exp (log2 units)."""
-        start, n, qkv, o_off, lse_off = _program(cu_ptr, s_b, s_h, so_b, so_h, sl_b, sl_h, H, N, VARLEN)
+        seq, head, start, n = _sequence(cu_ptr, H, N, VARLEN)
         if tl.program_id(0) * BLOCK_M >= n:  # a query tile past the end of a short packed sequence
             return
-        Q, K, V = Q + qkv + start * s_n, K + qkv + start * s_n, V + qkv + start * s_n
+        qkv = _at(seq, head, start, s_b, s_h, s_n)  # pointers now start at this sequence and head
+        Q, K, V = Q + qkv, K + qkv, V + qkv
+        Out += _at(seq, head, start, so_b, so_h, so_n)
+        LSE += _at(seq, head, start, sl_b, sl_h, 1)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query positions
         cols = tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions within a tile
         d = tl.arange(0, BLOCK_D)
@@ -177,18 +181,11 @@ if triton is not None:
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
             m_i = m_new
 
-        Out = Out + o_off + start * so_n
         tl.store(Out + rows[:, None] * so_n + d[None, :], (acc / l_i[:, None]).to(Out.dtype.element_ty),
                  mask=row_ok[:, None] & d_ok)
-        tl.store(LSE + lse_off + rows, m_i + tl.log2(l_i), mask=row_ok)
+        tl.store(LSE + rows, m_i + tl.log2(l_i), mask=row_ok)
 
-    @triton.autotune(
-        configs=_configs(
-            ("BLOCK_M", "BLOCK_N"),
-            [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2), (64, 64, 4, 2)],
-        ),
-        key=["N_BUCKET", "D", "VARLEN"],
-    )
+    @_autotune([(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2), (64, 64, 4, 2)])
     @triton.jit
     def _attn_bwd_dq(
         Q, K, V, Out, DO, DQ, LSE, DELTA, cu_ptr, s_b, s_h, s_n, so_b, so_h, so_n, sg_b, sg_h, sg_n,
@@ -202,12 +199,14 @@ if triton is not None:
     ):
         """One tile of BLOCK_M queries: delta = rowsum(dO * out) (stored for _attn_bwd_dkdv), then dQ, with
         q, dO and dQ on-chip while it walks over the key tiles. dO, dQ, dK, dV share strides (sg_*)."""
-        start, n, qkv, o_off, lse_off = _program(cu_ptr, s_b, s_h, so_b, so_h, sl_b, sl_h, H, N, VARLEN)
+        seq, head, start, n = _sequence(cu_ptr, H, N, VARLEN)
         if tl.program_id(0) * BLOCK_M >= n:
             return
-        g_off = tl.program_id(1) // H * sg_b + tl.program_id(1) % H * sg_h + start * sg_n
-        Q, K, V = Q + qkv + start * s_n, K + qkv + start * s_n, V + qkv + start * s_n
-        Out, DO, DQ = Out + o_off + start * so_n, DO + g_off, DQ + g_off
+        qkv, grad = _at(seq, head, start, s_b, s_h, s_n), _at(seq, head, start, sg_b, sg_h, sg_n)
+        Q, K, V, DO, DQ = Q + qkv, K + qkv, V + qkv, DO + grad, DQ + grad
+        Out += _at(seq, head, start, so_b, so_h, so_n)
+        rows_at = _at(seq, head, start, sl_b, sl_h, 1)  # lse and delta of this sequence and head
+        LSE, DELTA = LSE + rows_at, DELTA + rows_at
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
         d = tl.arange(0, BLOCK_D)
@@ -218,8 +217,8 @@ if triton is not None:
         do = tl.load(DO + rows[:, None] * sg_n + d[None, :], mask=tile_ok, other=0.0)
         o = tl.load(Out + rows[:, None] * so_n + d[None, :], mask=tile_ok, other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # (BLOCK_M,)
-        tl.store(DELTA + lse_off + rows, delta, mask=row_ok)
-        lse = tl.load(LSE + lse_off + rows, mask=row_ok, other=0.0)
+        tl.store(DELTA + rows, delta, mask=row_ok)
+        lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for j in range(0, n, BLOCK_N):
@@ -235,13 +234,8 @@ if triton is not None:
         dq = (dq * sm_scale).to(DQ.dtype.element_ty)
         tl.store(DQ + rows[:, None] * sg_n + d[None, :], dq, mask=tile_ok)
 
-    @triton.autotune(
-        configs=_configs(
-            ("BLOCK_M", "BLOCK_N"),
-            [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 2), (64, 128, 8, 2)]
-            + [(16, 128, 4, 3)],
-        ),
-        key=["N_BUCKET", "D", "VARLEN"],
+    @_autotune(
+        [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 2), (64, 128, 8, 2), (16, 128, 4, 3)]
     )
     @triton.jit
     def _attn_bwd_dkdv(
@@ -256,12 +250,13 @@ if triton is not None:
     ):
         """One tile of BLOCK_N keys: dK and dV, with k, v, dK, dV on-chip while it walks over the query
         tiles (BLOCK_M queries each)."""
-        start, n, qkv, _, lse_off = _program(cu_ptr, s_b, s_h, 0, 0, sl_b, sl_h, H, N, VARLEN)
+        seq, head, start, n = _sequence(cu_ptr, H, N, VARLEN)
         if tl.program_id(0) * BLOCK_N >= n:
             return
-        g_off = tl.program_id(1) // H * sg_b + tl.program_id(1) % H * sg_h + start * sg_n
-        Q, K, V = Q + qkv + start * s_n, K + qkv + start * s_n, V + qkv + start * s_n
-        DO, DK, DV = DO + g_off, DK + g_off, DV + g_off
+        qkv, grad = _at(seq, head, start, s_b, s_h, s_n), _at(seq, head, start, sg_b, sg_h, sg_n)
+        Q, K, V, DO, DK, DV = Q + qkv, K + qkv, V + qkv, DO + grad, DK + grad, DV + grad
+        rows_at = _at(seq, head, start, sl_b, sl_h, 1)  # lse and delta of this sequence and head
+        LSE, DELTA = LSE + rows_at, DELTA + rows_at
         keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.arange(0, BLOCK_M)
         d = tl.arange(0, BLOCK_D)
@@ -278,8 +273,8 @@ if triton is not None:
             q_ok = qrows < n
             qT = tl.load(Q + qrows[None, :] * s_n + d[:, None], mask=d_ok[:, None] & q_ok, other=0.0)
             do = tl.load(DO + qrows[:, None] * sg_n + d[None, :], mask=q_ok[:, None] & d_ok, other=0.0)
-            lse = tl.load(LSE + lse_off + qrows, mask=q_ok, other=0.0)
-            delta = tl.load(DELTA + lse_off + qrows, mask=q_ok, other=0.0)
+            lse = tl.load(LSE + qrows, mask=q_ok, other=0.0)
+            delta = tl.load(DELTA + qrows, mask=q_ok, other=0.0)
             sT = _dot(k, qT, PRECISION, UPCAST) * qk_scale  # (BLOCK_N, BLOCK_M): scores, transposed
             pT = tl.where(q_ok[None, :], tl.exp2(sT - lse[None, :]), 0.0)
             dv += _dot(pT.to(do.dtype), do, PRECISION, UPCAST)
