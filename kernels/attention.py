@@ -345,7 +345,7 @@ class _Launcher:
                 self.direct = False
             return
         launch, tail = hit
-        launch(*args, *tail, stream=torch.cuda.current_stream().cuda_stream)
+        launch(*args, *tail)  # on the current stream, found as Triton's own launches find it
         self.hits += 1
 
 
