@@ -30,10 +30,14 @@ T = sum of lengths, and passes the cumulative offsets cu_seqlens = [0, n_0, n_0 
 looks up where its sequence starts and how long it is, so all crops of all sizes go through one launch.
 Programs whose query tile lies past the end of a short sequence return at once.
 
+Host time. At ViT sizes one forward+backward is a few hundred microseconds of GPU work, about what Python
+spends launching it, so the wrapper keeps launches lean: strides are passed once per memory layout, and
+`_Launcher` launches the compiled kernel of an earlier call of the same kind directly.
+
 `attention(q, k, v, impl)` and `attention_varlen(q, k, v, cu_seqlens, max_seqlen, impl)` dispatch: impl "auto"
 runs Triton on CUDA and PyTorch's `scaled_dot_product_attention` elsewhere; "triton", "sdpa" and "ref" force
-one.
-Tests run the kernels on CPU through the Triton interpreter (TRITON_INTERPRET=1) against `attention_ref`.
+one. Tests run the kernels on CPU through the Triton interpreter (TRITON_INTERPRET=1) against `attention_ref`
+and compile them for sm_90 and sm_80 (tests/test_kernels_compile.py).
 """
 
 from __future__ import annotations
