@@ -127,13 +127,11 @@ def _child(script: str, device: str, size: str = "small") -> None:
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
 
-def test_triton_kernels_match_reference_in_interpreter():
-    pytest.importorskip("triton")
+def test_triton_kernels_match_reference_in_interpreter(triton_interpreter):
     _child(KERNEL_CHECK, "cpu")
 
 
-def test_vit_with_triton_attention_matches_sdpa_in_interpreter():
-    pytest.importorskip("triton")
+def test_vit_with_triton_attention_matches_sdpa_in_interpreter(triton_interpreter):
     _child(VIT_CHECK, "cpu")
 
 

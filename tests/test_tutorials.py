@@ -22,12 +22,14 @@ def test_there_are_six_tutorials_stored_without_outputs():
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs(name, monkeypatch):
+def test_notebook_runs(name, monkeypatch, request):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("MINIDINO_TUTORIAL_FAST", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(os.path.join(TUTORIALS, name), as_version=4)
+    if any("TRITON_INTERPRET" in c.source for c in nb.cells):  # runs the Triton kernels on CPU
+        request.getfixturevalue("triton_interpreter")
     resources = {"metadata": {"path": TUTORIALS}}  # run in tutorials/, as a reader would
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources=resources)
     client.execute()  # raises CellExecutionError with the failing cell's traceback
