@@ -220,3 +220,52 @@ def test_packed_stochastic_depth_drops_whole_crops():
     vit.train()
     out = vit([torch.randn(8, 3, 16, 16), torch.randn(8, 3, 8, 8)])  # runs; per-crop shapes kept
     assert out[0]["patch"].shape == (8, 16, 128) and out[1]["patch"].shape == (8, 4, 128)
+
+
+def test_launcher_reuses_a_compiled_kernel_only_for_the_same_kind_of_call(monkeypatch):
+    """_Launcher's bookkeeping, with a stand-in for Triton's autotuned kernel (the real direct launches run
+    in the GPU test): the first call of a kind goes through the kernel, later identical kinds launch the
+    kept compiled kernel with the constexpr tail and the autotuned grid; any other integer, dtype or pointer
+    alignment is a new kind; missing internals switch the launcher back to the usual path for good."""
+    pytest.importorskip("triton")
+    from kernels import attention as A
+
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("direct", grid, args))
+
+    class Tuned:  # what Triton's Autotuner offers: kernel[grid](...), arg_names, best_config
+        arg_names = ["X", "n", "FLAG", "BLOCK_M"]
+        best_config = type("Config", (), {"kwargs": {"BLOCK_M": 32}})()
+
+        def __getitem__(self, grid):
+            def run(*args, **constexprs):
+                calls.append(("usual", grid({**constexprs, "BLOCK_M": 32}), args))
+                return Compiled()
+
+            return run
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    launcher = A._Launcher(Tuned())
+    launcher.direct = True  # as on a GPU
+    x, grid = torch.zeros(64), lambda meta: (100 // meta["BLOCK_M"] + 1, 6)
+    for _ in range(3):
+        launcher(grid, (x, 100), {"FLAG": True})
+    launcher(grid, (x, 101), {"FLAG": True})  # another integer
+    launcher(grid, (x.double(), 100), {"FLAG": True})  # another dtype
+    launcher(grid, (x[1:], 100), {"FLAG": True})  # another alignment (4 bytes off)
+    assert [c[0] for c in calls] == ["usual", "direct", "direct", "usual", "usual", "usual"]
+    _, grid_3d, args = calls[1]
+    assert grid_3d == (4, 6, 1) and args[0] is x and args[1:] == (100, True, 32) and launcher.hits == 2
+
+    class Bare(Tuned):  # a Triton without these internals
+        best_config = None
+
+    launcher = A._Launcher(Bare())
+    launcher.direct = True
+    calls.clear()
+    for _ in range(2):
+        launcher(grid, (x, 100), {"FLAG": True})
+    assert [c[0] for c in calls] == ["usual", "usual"] and not launcher.direct
