@@ -341,15 +341,15 @@ class _Launcher:
         hit = self.cache.get(key)
         if hit is None:
             compiled = self.kernel[grid](*args, **constexprs)
-            try:  # the autotuner's pick for this key completes the argument list and fixes the grid
+            try:  # the autotuner's pick for this key (tile sizes) completes the argument list
                 meta = {**constexprs, **self.kernel.best_config.kwargs}
-                grid_3d = (*grid(meta), 1, 1)[:3]
-                self.cache[key] = compiled[grid_3d], [meta[n] for n in self.kernel.arg_names[len(args) :]]
+                self.cache[key] = compiled, meta, [meta[n] for n in self.kernel.arg_names[len(args) :]]
             except (AttributeError, KeyError, TypeError):  # other Triton internals: keep to the usual path
                 self.direct = False
             return
-        launch, tail = hit
-        launch(*args, *tail)  # on the current stream, found as Triton's own launches find it
+        compiled, meta, tail = hit
+        # the grid is worked out anew: it also counts sequences, which no argument of the key does
+        compiled[(*grid(meta), 1, 1)[:3]](*args, *tail)  # on the current stream, as Triton's own launches
         self.hits += 1
 
 

@@ -31,7 +31,9 @@ def close(got, want, what):
     assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g} ({shape}, {dtype})"
 
 shapes = [(2, 2, 37, 32), (1, 3, 17, 64), (1, 1, 5, 128)]
-big_shapes = [(4, 6, 197, 64), (2, 16, 257, 64), (1, 12, 1370, 64), (3, 4, 50, 128), (5, 3, 65, 32)]
+# (2, 6, 197, 64) after (4, 6, 197, 64): the same kind of call with fewer sequences (a last, smaller batch)
+big_shapes = [(4, 6, 197, 64), (2, 6, 197, 64), (2, 16, 257, 64), (1, 12, 1370, 64), (3, 4, 50, 128)]
+big_shapes += [(5, 3, 65, 32)]
 cases = [(s, dt) for s in shapes for dt in TOL] + ([(s, torch.bfloat16) for s in big_shapes] if big else [])
 cases *= 2 if device == "cuda" else 1  # on GPU the second round launches the cached compiled kernels
 for shape, dtype in cases:
@@ -250,15 +252,21 @@ def test_launcher_reuses_a_compiled_kernel_only_for_the_same_kind_of_call(monkey
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     launcher = A._Launcher(Tuned())
     launcher.direct = True  # as on a GPU
-    x, grid = torch.zeros(64), lambda meta: (100 // meta["BLOCK_M"] + 1, 6)
+    x = torch.zeros(64)
+
+    def grid(sequences):  # the grid counts sequences, which need not show in any argument
+        return lambda meta: (100 // meta["BLOCK_M"] + 1, sequences)
+
     for _ in range(3):
-        launcher(grid, (x, 100), {"FLAG": True})
-    launcher(grid, (x, 101), {"FLAG": True})  # another integer
-    launcher(grid, (x.double(), 100), {"FLAG": True})  # another dtype
-    launcher(grid, (x[1:], 100), {"FLAG": True})  # another alignment (4 bytes off)
-    assert [c[0] for c in calls] == ["usual", "direct", "direct", "usual", "usual", "usual"]
+        launcher(grid(6), (x, 100), {"FLAG": True})
+    launcher(grid(2), (x, 100), {"FLAG": True})  # fewer sequences, same kind of call
+    launcher(grid(6), (x, 101), {"FLAG": True})  # another integer
+    launcher(grid(6), (x.double(), 100), {"FLAG": True})  # another dtype
+    launcher(grid(6), (x[1:], 100), {"FLAG": True})  # another alignment (4 bytes off)
+    assert [c[0] for c in calls] == ["usual", "direct", "direct", "direct", "usual", "usual", "usual"]
     _, grid_3d, args = calls[1]
-    assert grid_3d == (4, 6, 1) and args[0] is x and args[1:] == (100, True, 32) and launcher.hits == 2
+    assert grid_3d == (4, 6, 1) and args[0] is x and args[1:] == (100, True, 32)
+    assert calls[3][1] == (4, 2, 1) and launcher.hits == 3
 
     class Bare(Tuned):  # a Triton without these internals
         best_config = None
