@@ -16,6 +16,7 @@ The blur's kernel and sigma (0.1-2.0 at 224 px) scale with the crop size so 32 p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -36,38 +37,35 @@ def _to_tensor() -> v2.Transform:
     )
 
 
-class _FromConfig:
-    """`from_config(data)`: both multi-crop implementations take the same options of a `DataConfig`."""
+@dataclasses.dataclass
+class MultiCropOptions:
+    """The options both multi-crop implementations take, with their defaults (DINO's ImageNet values);
+    `from_config(data)` reads them from a `DataConfig`, where the fields have the same names."""
+
+    global_crops_size: int = 224
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops_number: int = 10
+    local_crops_size: int = 96
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    hue: float = 0.1
 
     @classmethod
     def from_config(cls, data):
-        return cls(
-            data.global_crops_size,
-            data.global_crops_scale,
-            data.local_crops_number,
-            data.local_crops_size,
-            data.local_crops_scale,
-            data.hue,
-        )
+        return cls(**{f.name: getattr(data, f.name) for f in dataclasses.fields(MultiCropOptions)})
+
+    def __post_init__(self) -> None:  # subclasses build their transforms here
+        pass
 
 
-class MultiCropAugmentation(_FromConfig):
+class MultiCropAugmentation(MultiCropOptions):
     """PIL image -> list of tensors: [global 1, global 2, local 1, ..., local n], each (3, size, size)."""
 
-    def __init__(
-        self,
-        global_crops_size: int = 224,
-        global_crops_scale: tuple[float, float] = (0.4, 1.0),
-        local_crops_number: int = 10,
-        local_crops_size: int = 96,
-        local_crops_scale: tuple[float, float] = (0.05, 0.4),
-        hue: float = 0.1,
-    ):
+    def __post_init__(self) -> None:
         flip_and_jitter = v2.Compose(
             [
                 v2.RandomHorizontalFlip(p=0.5),
                 v2.RandomApply(
-                    [v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=hue)], p=0.8
+                    [v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=self.hue)], p=0.8
                 ),
                 v2.RandomGrayscale(p=0.2),
             ]
@@ -77,32 +75,22 @@ class MultiCropAugmentation(_FromConfig):
         def crop(size, scale):
             return v2.RandomResizedCrop(size, scale=scale, interpolation=bicubic, antialias=True)
 
+        gsize, lsize = self.global_crops_size, self.local_crops_size
         self.global_1 = v2.Compose(
-            [
-                crop(global_crops_size, global_crops_scale),
-                flip_and_jitter,
-                _blur(global_crops_size, 1.0),
-                _to_tensor(),
-            ]
+            [crop(gsize, self.global_crops_scale), flip_and_jitter, _blur(gsize, 1.0), _to_tensor()]
         )
         self.global_2 = v2.Compose(
             [
-                crop(global_crops_size, global_crops_scale),
+                crop(gsize, self.global_crops_scale),
                 flip_and_jitter,
-                _blur(global_crops_size, 0.1),
+                _blur(gsize, 0.1),
                 v2.RandomSolarize(128, p=0.2),
                 _to_tensor(),
             ]
         )
         self.local = v2.Compose(
-            [
-                crop(local_crops_size, local_crops_scale),
-                flip_and_jitter,
-                _blur(local_crops_size, 0.5),
-                _to_tensor(),
-            ]
+            [crop(lsize, self.local_crops_scale), flip_and_jitter, _blur(lsize, 0.5), _to_tensor()]
         )
-        self.local_crops_number = local_crops_number
 
     def __call__(self, image) -> list[torch.Tensor]:
         return [self.global_1(image), self.global_2(image)] + [
@@ -152,7 +140,7 @@ def _rotate_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(to_yiq), yiq)
 
 
-class BatchMultiCrop(_FromConfig):
+class BatchMultiCrop(MultiCropOptions):
     """Multi-crop of a batch of images (B, 3, H, W) in [0, 1], all random draws from one generator.
 
     Same distributions as `MultiCropAugmentation`: random resized crop (area `scale`, aspect 3/4-4/3, bicubic
@@ -160,24 +148,11 @@ class BatchMultiCrop(_FromConfig):
     saturation, hue), grayscale, Gaussian blur with a per-image sigma, solarize on the second global crop.
     """
 
-    def __init__(
-        self,
-        global_crops_size: int = 224,
-        global_crops_scale: tuple[float, float] = (0.4, 1.0),
-        local_crops_number: int = 10,
-        local_crops_size: int = 96,
-        local_crops_scale: tuple[float, float] = (0.05, 0.4),
-        hue: float = 0.1,
-    ):
-        self.gsize, self.gscale, self.hue = global_crops_size, global_crops_scale, hue
-        self.nlocal, self.lsize, self.lscale = local_crops_number, local_crops_size, local_crops_scale
-
     def __call__(self, images: torch.Tensor, g: torch.Generator) -> list[torch.Tensor]:
-        crops = [
-            self.view(images, self.gsize, self.gscale, 1.0, 0.0, g),
-            self.view(images, self.gsize, self.gscale, 0.1, 0.2, g),
-        ]
-        return crops + [self.view(images, self.lsize, self.lscale, 0.5, 0.0, g) for _ in range(self.nlocal)]
+        size, scale = self.global_crops_size, self.global_crops_scale
+        crops = [self.view(images, size, scale, 1.0, 0.0, g), self.view(images, size, scale, 0.1, 0.2, g)]
+        size, scale = self.local_crops_size, self.local_crops_scale
+        return crops + [self.view(images, size, scale, 0.5, 0.0, g) for _ in range(self.local_crops_number)]
 
     def view(
         self,
