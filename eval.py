@@ -41,6 +41,7 @@ from minidino.evaluate import (
     linear_probe,
     pca_foreground,
     segmentation_scores,
+    upsample_masks,
 )
 from minidino.visualize import plot_attention_maps, plot_pca, plot_training_curves
 from minidino.vit import build_vit
@@ -167,8 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
             }
             print(f"linear probe ({name}) top-1 {res['top1']:.2f}% (lr {res['best_lr']:g})")
 
-    grid = torch.stack([test_set[i][0] for i in range(min(8, len(test_set)))]).to(device)
     if "attention" in tasks:
+        grid = torch.stack([test_set[i][0] for i in range(min(8, len(test_set)))]).to(device)
         attn = cls_attention(backbone, grid)  # (B, heads, h, w)
         B, H, h, w = attn.shape
         masks = attention_threshold_masks(attn.mean(1).flatten(1)).reshape(B, h, w)
@@ -187,12 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
             n = min(args.seg_images, len(test_set))
             images = torch.stack([test_set[i][0] for i in range(n)]).to(device)
             gt = torch.stack([torch.from_numpy(test_set.sample(i)[2]) for i in range(n)])
-            gt = (
-                torch.nn.functional.interpolate(gt[:, None].float(), size=images.shape[-2:], mode="nearest")[
-                    :, 0
-                ]
-                > 0.5
-            )
+            gt = upsample_masks(gt, tuple(images.shape[-2:]))  # to the evaluation size
             report["segmentation"] = segmentation_scores(backbone, images, gt.to(device))
             s = report["segmentation"]
             print(

@@ -54,9 +54,11 @@ def _show_image(ax, img) -> None:
     """img: (3, H, W) tensor normalised with the ImageNet statistics (eval_transform), or uint8 HWC."""
     import torch
 
+    from .augment import IMAGENET_MEAN, IMAGENET_STD
+
     if isinstance(img, torch.Tensor) and img.dim() == 3 and img.shape[0] == 3:
-        mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-        std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+        std = torch.tensor(IMAGENET_STD)[:, None, None]
         img = (img.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
     ax.imshow(img)
     ax.axis("off")
