@@ -28,7 +28,6 @@ from minidino import config as C  # noqa: E402
 from minidino import parallel  # noqa: E402
 from minidino.dist import cleanup, init_distributed, print0, world_size  # noqa: E402
 from minidino.losses import build_losses  # noqa: E402
-from minidino.masking import ibot_masks  # noqa: E402
 from minidino.meta_arch import build_student_teacher  # noqa: E402
 from minidino.schedules import schedules  # noqa: E402
 
@@ -68,15 +67,9 @@ def main(argv: list[str]) -> dict:
         student, [teacher], cfg.run.parallel, device, cfg.run.activation_checkpointing, cfg.run.compile
     )
     losses = {name: module.to(device) for name, module in build_losses(cfg).items()}
-    masks = None
-    if cfg.loss.ibot_weight:
-        side = cfg.data.global_crops_size // cfg.model.patch_size
-        g = torch.Generator().manual_seed(0)
-        L = cfg.loss
-        masks = ibot_masks(2 * cfg.optim.batch_size, side, side, g, L.mask_ratio, L.mask_probability)
-        masks = masks.to(device)
     opt = torch.optim.AdamW(train.param_groups(parallel.unwrap(student), cfg.optim), lr=1e-4)
     crops = synthetic_crops(cfg, device)
+    masks = train.step_masks(cfg, crops[0], step=0) if cfg.loss.ibot_weight else None  # as in train.py
     sched = schedules(0, 100, 10, cfg.optim, cfg.loss, 1e-4)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
