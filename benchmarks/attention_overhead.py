@@ -7,8 +7,8 @@ crops in bf16, forward+backward (`fb_*`, autograd.grad with a fixed output gradi
 (`f_*`, no grad), per impl:
   host_us    wall time per call while the GPU queue is kept from draining (no synchronisation inside the
              loop): what a training step pays when the host is slower than the GPU;
-  ms         the usual timing, CUDA events around a loop of 20 calls, median of 7;
-  kernel_us  summed CUDA kernel time per call from torch.profiler: the GPU work alone.
+  ms         the usual timing (`timed_ms` of benchmarks/attention.py: CUDA events around loops of calls);
+  kernel_us  summed CUDA kernel time per call from torch.profiler (`gpu_ms`): the GPU work alone.
 host_us far above kernel_us means the call is bound by launch overhead, and `ms` then measures the host.
 Compare ratios within one run: the host side is noisy on shared machines.
 """
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.attention import gpu_ms, timed_ms  # noqa: E402
 from kernels.attention import attention  # noqa: E402
 
 SHAPES = {
@@ -35,8 +36,8 @@ SHAPES = {
 
 
 def measure(step) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
+    """Host time per call (no synchronisation inside the loop), the usual CUDA-event timing and the summed
+    GPU kernel time, for one callable."""
     for _ in range(5):  # compiles and autotunes on the first call
         step()
     torch.cuda.synchronize()
@@ -46,24 +47,11 @@ def measure(step) -> dict:
         step()
     host = (time.perf_counter() - t0) / n  # the host returned: the GPU may still be busy
     torch.cuda.synchronize()
-    samples = []
-    for _ in range(7):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(20):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) / 20)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
-            step()
-        torch.cuda.synchronize()
-    kernel_us = sum(e.self_device_time_total for e in prof.key_averages()) / 10
+    device = torch.device("cuda")
     return {
         "host_us": round(1e6 * host, 1),
-        "ms": round(sorted(samples)[3], 4),
-        "kernel_us": round(kernel_us, 1),
+        "ms": round(timed_ms(step, 7, device), 4),
+        "kernel_us": round(1000 * gpu_ms(step), 1),
     }
 
 
