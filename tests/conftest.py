@@ -51,19 +51,34 @@ print("ok" if out.item() == 3 else f"counted {out.item()} of 3")
 """
 
 
+def run_python(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`script` in a fresh interpreter, with sys.argv[1] = the repository root (then `args`) and these
+    environment variables set. The Triton tests need it: TRITON_INTERPRET must be fixed before triton is
+    first imported, and this test process may have imported it already."""
+    return subprocess.run(
+        [sys.executable, "-c", script, ROOT, *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def assert_printed_ok(res: subprocess.CompletedProcess) -> None:
+    """The script ran to its end, where it prints exactly 'ok' after its own assertions."""
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout[-1000:] + res.stderr[-3000:]
+
+
 @pytest.fixture(scope="session")
 def triton_interpreter():
     """Skips when Triton is missing or its interpreter cannot run the attention kernels' loops."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run(
-        [sys.executable, "-c", LOOP_PROBE], env=env, capture_output=True, text=True, timeout=120
-    )
+    res = run_python(LOOP_PROBE, TRITON_INTERPRET="1")
     if "only 0-dimensional arrays" in res.stderr:
         pytest.skip(
             "this Triton's interpreter cannot loop to a run-time bound with this NumPy (fixed in Triton 3.8)"
         )
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr[-2000:]
+    assert_printed_ok(res)
 
 
 def pytest_configure(config):

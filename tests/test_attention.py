@@ -2,16 +2,13 @@
 GPU when present), packed against per-sequence, the dispatcher, and the ViT's packed multi-crop path."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import assert_printed_ok, run_python
 
 from kernels.attention import attention, attention_ref, attention_varlen, packed_offsets
 from minidino.vit import VisionTransformer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Tolerances on max |error| relative to (1 + max |reference|): fp32 products are exact fp32 ("ieee"), 16-bit
 # inputs round the probabilities to 16 bits before the product with v (as every flash kernel does).
@@ -118,15 +115,8 @@ print("ok")
 
 def _child(script: str, device: str, size: str = "small") -> None:
     # on GPU, one tile config per kernel: this checks correctness, the benchmark autotunes
-    env = dict(os.environ, TRITON_INTERPRET="1" if device == "cpu" else "0", MINIDINO_ATTN_AUTOTUNE="0")
-    res = subprocess.run(
-        [sys.executable, "-c", script, ROOT, device, size],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    env = dict(TRITON_INTERPRET="1" if device == "cpu" else "0", MINIDINO_ATTN_AUTOTUNE="0")
+    assert_printed_ok(run_python(script, device, size, **env))
 
 
 def test_triton_kernels_match_reference_in_interpreter(triton_interpreter):

@@ -1,17 +1,12 @@
 """kernels/drop_path.py: the Triton kernels against the PyTorch reference (on CPU through the Triton
 interpreter, on GPU when present) and the three stochastic-depth paths of vit.Block."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from conftest import assert_printed_ok, run_python
 
 from kernels.drop_path import drop_add, drop_add_ref
 from minidino.vit import Block, LayerScale
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The interpreter must be switched on before triton is imported, so the kernel comparison runs in a child
 # process with TRITON_INTERPRET=1 (the test process may already have imported triton without it).
@@ -45,10 +40,7 @@ print("ok")
 
 
 def _run_kernel_check(device: str) -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1" if device == "cpu" else "0")
-    proc = subprocess.run([sys.executable, "-c", KERNEL_CHECK, ROOT, device], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    assert_printed_ok(run_python(KERNEL_CHECK, device, TRITON_INTERPRET="1" if device == "cpu" else "0"))
 
 
 def test_triton_kernels_match_reference_interpreter():

@@ -6,13 +6,8 @@ NumPy and accept code that the compiler rejects: a variable that changes type in
 the wrong kind of value, a tile that needs more shared memory than the chip has. Compiling ahead of time for
 a named target catches those here and in CI, before a GPU session spends its minutes on them."""
 
-import os
-import subprocess
-import sys
-
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import assert_printed_ok, run_python
 
 COMPILE_CHECK = r"""
 import sys
@@ -67,8 +62,5 @@ print("ok")
 
 def test_triton_kernels_compile_for_h100_and_a100():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="0")  # the real compiler, whatever the calling shell set
-    res = subprocess.run(
-        [sys.executable, "-c", COMPILE_CHECK, ROOT], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    # the real compiler, whatever the calling shell set
+    assert_printed_ok(run_python(COMPILE_CHECK, TRITON_INTERPRET="0"))
