@@ -46,8 +46,9 @@ class Packing:
     @classmethod
     def from_lengths(cls, lengths: list[int], device) -> Packing:
         cu, longest = packed_offsets(lengths, device)
+        # from the offsets already on the device; output_size spares a device-to-host sync for the length
         ids = torch.repeat_interleave(
-            torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device)
+            torch.arange(len(lengths), device=device), cu.diff(), output_size=sum(lengths)
         )
         return cls(cu, longest, ids)
 
