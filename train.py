@@ -139,10 +139,10 @@ def train_step(
     loss.backward()
     if cfg.optim.clip_grad:
         clip_gradients(student, cfg.optim.clip_grad)
-    if (
-        freeze_last_layer
-    ):  # the prototypes stay fixed in the first epoch(s): DINO finds this stabilises training
-        for head in (parallel.unwrap(student).head, parallel.unwrap(student).ibot_head):
+    # the prototypes stay fixed in the first epoch(s): DINO finds this stabilises training
+    if freeze_last_layer:
+        model = parallel.unwrap(student)
+        for head in (model.head, model.ibot_head):
             if head is not None:
                 head.last_layer.weight.grad, head.last_layer_g.grad = None, None
     optimizer.step()

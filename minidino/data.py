@@ -313,9 +313,8 @@ class EpochSampler(Sampler):
         order = torch.randperm(self.n, generator=g)[self.start :]
         if self.world > 1:
             local = self.batch // self.world
-            whole = order[: len(order) // self.batch * self.batch].view(
-                -1, self.world, local
-            )  # (steps, P, b)
+            steps = len(order) // self.batch
+            whole = order[: steps * self.batch].view(steps, self.world, local)  # (steps, P, b)
             order = whole[:, self.rank].flatten()
         return iter(order.tolist())
 

@@ -82,9 +82,8 @@ def knn_classify(
         sim = test_features[start : start + chunk] @ train_features.T  # (b, N_train) cosine similarities
         top_sim, top_idx = sim.topk(k_max, dim=1)  # (b, k_max), sorted
         weights = (top_sim / temperature).exp()
-        votes = F.one_hot(train_labels[top_idx], n_classes).float() * weights.unsqueeze(
-            -1
-        )  # (b, k_max, classes)
+        # (b, k_max, classes)
+        votes = F.one_hot(train_labels[top_idx], n_classes).float() * weights.unsqueeze(-1)
         truth = test_labels[start : start + chunk]
         for k in ks:
             pred = votes[:, : min(k, k_max)].sum(1).argmax(1)

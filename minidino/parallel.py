@@ -71,9 +71,7 @@ def wrap(
         for model in (student, *followers):
             for block in model.backbone.blocks:
                 fully_shard(block, mp_policy=mp)
-            fully_shard(
-                model.backbone, mp_policy=mp
-            )  # its own unit: k-NN evaluation calls the backbone alone
+            fully_shard(model.backbone, mp_policy=mp)  # its own unit: k-NN evaluation calls it alone
             fully_shard(model, mp_policy=mp)
     return student
 
