@@ -14,13 +14,12 @@ import os
 import sys
 import time
 
+import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minidino import config as C  # noqa: E402
-import torch  # noqa: E402
-
 from minidino.augment import BatchMultiCrop, MultiCropAugmentation, to_tensor_image  # noqa: E402
 from minidino.data import build_dataset  # noqa: E402
 
