@@ -32,7 +32,7 @@ Programs whose query tile lies past the end of a short sequence return at once.
 
 Host time. At ViT sizes one forward+backward is a few hundred microseconds of GPU work, about what Python
 spends launching it, so the wrapper keeps launches lean: strides are passed once per memory layout, and
-`_Launcher` launches the compiled kernel of an earlier call of the same kind directly.
+`Launcher` (kernels/launch.py) launches the compiled kernel of an earlier call of the same kind directly.
 
 `attention(q, k, v, impl)` and `attention_varlen(q, k, v, cu_seqlens, max_seqlen, impl)` dispatch: impl "auto"
 runs Triton on CUDA and PyTorch's `scaled_dot_product_attention` elsewhere; "triton", "sdpa" and "ref" force
@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels.launch import INTERPRET, Launcher
+
 try:
     import triton
     import triton.language as tl
@@ -55,7 +57,6 @@ except ImportError:  # triton is Linux-only; the PyTorch paths still work
     triton = None
 
 IMPLS = ("auto", "triton", "sdpa", "ref")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 
 
@@ -317,44 +318,8 @@ def _empty_like_tokens(t: Tensor, packed: bool) -> Tensor:
     return t.new_empty(B, N, H, D).transpose(1, 2)
 
 
-class _Launcher:
-    """Calls kernel[grid](*args, **constexprs) with little host time once a call of the same kind was made.
-
-    Triton's front end inspects every argument on every launch (type, integer divisibility, pointer
-    alignment) to pick the compiled variant, and the autotuner adds its own pass over the arguments. At ViT
-    sizes this host time, tens to hundreds of microseconds per launch depending on the CPU, can exceed the
-    kernel's GPU time, and then the GPU waits for Python. So the first call for a key (exact integer
-    arguments, dtypes, pointer alignment mod 128: everything Triton specialises on, and more) goes the usual
-    way, compiling and autotuning as needed; we keep the compiled kernel it returns and launch that directly
-    for later calls with the same key. The interpreter always goes the usual way."""
-
-    def __init__(self, kernel):
-        self.kernel, self.cache, self.direct = kernel, {}, not INTERPRET
-        self.hits = 0  # direct launches so far (the GPU test checks that this path ran)
-
-    def __call__(self, grid, args: tuple, constexprs: dict) -> None:
-        if not self.direct:
-            self.kernel[grid](*args, **constexprs)
-            return
-        key = (torch.cuda.current_device(), *constexprs.values())
-        key += tuple((a.dtype, a.data_ptr() % 128) if isinstance(a, Tensor) else a for a in args)
-        hit = self.cache.get(key)
-        if hit is None:
-            compiled = self.kernel[grid](*args, **constexprs)
-            try:  # the autotuner's pick for this key (tile sizes) completes the argument list
-                meta = {**constexprs, **self.kernel.best_config.kwargs}
-                self.cache[key] = compiled, meta, [meta[n] for n in self.kernel.arg_names[len(args) :]]
-            except (AttributeError, KeyError, TypeError):  # other Triton internals: keep to the usual path
-                self.direct = False
-            return
-        compiled, meta, tail = hit
-        # the grid is worked out anew: it also counts sequences, which no argument of the key does
-        compiled[(*grid(meta), 1, 1)[:3]](*args, *tail)  # on the current stream, as Triton's own launches
-        self.hits += 1
-
-
 if triton is not None:
-    _fwd, _bwd_dq, _bwd_dkdv = _Launcher(_attn_fwd), _Launcher(_attn_bwd_dq), _Launcher(_attn_bwd_dkdv)
+    _fwd, _bwd_dq, _bwd_dkdv = Launcher(_attn_fwd), Launcher(_attn_bwd_dq), Launcher(_attn_bwd_dkdv)
 
 
 class _FlashAttention(torch.autograd.Function):

@@ -22,10 +22,10 @@ CUDA and the reference elsewhere. Tests run the kernels on CPU through TRITON_IN
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
+
+from kernels.launch import INTERPRET
 
 try:
     import triton
@@ -162,7 +162,7 @@ def drop_add(
 ) -> Tensor:
     """x[kept] += scale * gamma * y, out of place; impl: auto (Triton on CUDA, else ref), triton, ref."""
     if impl == "auto":
-        use_triton = triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+        use_triton = triton is not None and (x.is_cuda or INTERPRET)
     elif impl == "triton":
         if triton is None:
             raise RuntimeError("drop_add(impl='triton'): triton is not installed")

@@ -215,12 +215,12 @@ def test_packed_stochastic_depth_drops_whole_crops():
 
 
 def test_launcher_reuses_a_compiled_kernel_only_for_the_same_kind_of_call(monkeypatch):
-    """_Launcher's bookkeeping, with a stand-in for Triton's autotuned kernel (the real direct launches run
+    """Launcher's bookkeeping, with a stand-in for Triton's autotuned kernel (the real direct launches run
     in the GPU test): the first call of a kind goes through the kernel, later identical kinds launch the
     kept compiled kernel with the constexpr tail and the autotuned grid; any other integer, dtype or pointer
     alignment is a new kind; missing internals switch the launcher back to the usual path for good."""
     pytest.importorskip("triton")
-    from kernels import attention as A
+    from kernels.launch import Launcher
 
     calls = []
 
@@ -240,7 +240,7 @@ def test_launcher_reuses_a_compiled_kernel_only_for_the_same_kind_of_call(monkey
             return run
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    launcher = A._Launcher(Tuned())
+    launcher = Launcher(Tuned())
     launcher.direct = True  # as on a GPU
     x = torch.zeros(64)
 
@@ -261,7 +261,7 @@ def test_launcher_reuses_a_compiled_kernel_only_for_the_same_kind_of_call(monkey
     class Bare(Tuned):  # a Triton without these internals
         best_config = None
 
-    launcher = A._Launcher(Bare())
+    launcher = Launcher(Bare())
     launcher.direct = True
     calls.clear()
     for _ in range(2):
