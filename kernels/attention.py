@@ -301,6 +301,12 @@ def _strides(t: Tensor, packed: bool) -> tuple[int, int, int]:
     return (0, t.stride(1), t.stride(0)) if packed else (t.stride(0), t.stride(1), t.stride(2))
 
 
+def _next_power_of_2(n: int) -> int:
+    """Plain Python: triton.next_power_of_2 goes through Triton's JIT-function call machinery, several
+    microseconds of host time per call."""
+    return 1 << (n - 1).bit_length()
+
+
 def _flags(q: Tensor, packed: bool, block_d: int) -> dict:
     """Compile-time switches. fp32 inputs get exact fp32 products ("ieee", not TF32); 16-bit inputs multiply
     natively; both accumulate in fp32."""
@@ -342,13 +348,13 @@ class _FlashAttention(torch.autograd.Function):
             lse_strides = (H * N, N)
             cu_seqlens = lse  # not read when VARLEN is off; any pointer will do
         o = _empty_like_tokens(q, packed)
-        flags = _flags(q, packed, max(16, triton.next_power_of_2(D)))
+        flags = _flags(q, packed, max(16, _next_power_of_2(D)))
         scale = D**-0.5
-        sizes = (H, N, D, triton.next_power_of_2(N))
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), n_seqs * H)  # noqa: E731
+        sizes = (H, N, D, _next_power_of_2(N))
+        grid = lambda meta: (-(-N // meta["BLOCK_M"]), n_seqs * H)  # noqa: E731
         qkv_strides, o_strides = _strides(q, packed), _strides(o, packed)
-        args = (q, k, v, o, lse, cu_seqlens, *qkv_strides, *o_strides, *lse_strides, *sizes, scale * LOG2_E)
-        _fwd(grid, args, flags)
+        scalars = (*qkv_strides, *o_strides, *lse_strides, *sizes, scale * LOG2_E)
+        _fwd(grid, (q, k, v, o, lse, cu_seqlens), scalars, flags)
         ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
         ctx.meta = (packed, n_seqs, qkv_strides, o_strides, lse_strides, sizes, scale, flags)
         return o
@@ -365,15 +371,15 @@ class _FlashAttention(torch.autograd.Function):
         dk, dv, delta = torch.empty_like(dq), torch.empty_like(dq), torch.empty_like(lse)
         g_strides, scales = _strides(do, packed), (scale * LOG2_E, scale)
         _bwd_dq(
-            lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), n_seqs * H),
-            (q, k, v, o, do, dq, lse, delta, cu_seqlens, *qkv_strides, *o_strides, *g_strides, *lse_strides)
-            + (*sizes, *scales),
+            lambda meta: (-(-N // meta["BLOCK_M"]), n_seqs * H),
+            (q, k, v, o, do, dq, lse, delta, cu_seqlens),
+            (*qkv_strides, *o_strides, *g_strides, *lse_strides, *sizes, *scales),
             flags,
         )
         _bwd_dkdv(
-            lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_seqs * H),
-            (q, k, v, do, dk, dv, lse, delta, cu_seqlens, *qkv_strides, *g_strides, *lse_strides)
-            + (*sizes, *scales),
+            lambda meta: (-(-N // meta["BLOCK_N"]), n_seqs * H),
+            (q, k, v, do, dk, dv, lse, delta, cu_seqlens),
+            (*qkv_strides, *g_strides, *lse_strides, *sizes, *scales),
             flags,
         )
         return dq, dk, dv, None, None

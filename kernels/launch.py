@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import Tensor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run as Python on the CPU (tests)
 
 
 class Launcher:
-    """Calls kernel[grid](*args, **constexprs) with little host time once a call of the same kind was made.
+    """Calls kernel[grid](*tensors, *scalars, **constexprs) with little host time once a call of the same
+    kind was made.
 
     Triton's front end inspects every argument on every launch (type, integer divisibility, pointer
     alignment) to pick the compiled variant, and the autotuner adds its own pass over the arguments. At ViT
@@ -25,28 +25,31 @@ class Launcher:
     kernel's GPU time, and then the GPU waits for Python. So the first call for a key (exact integer
     arguments, dtypes, pointer alignment mod 128: everything Triton specialises on, and more) goes the usual
     way, compiling and autotuning as needed; we keep the compiled kernel it returns and launch that directly
-    for later calls with the same key. The interpreter always goes the usual way."""
+    for later calls with the same key. Tensors and scalars come apart so that the key is cheap to build: the
+    scalars as one tuple, the tensors by dtype and alignment. The interpreter always goes the usual way."""
 
     def __init__(self, kernel):
         self.kernel, self.cache, self.direct = kernel, {}, not INTERPRET
         self.hits = 0  # direct launches so far (the GPU test checks that this path ran)
 
-    def __call__(self, grid, args: tuple, constexprs: dict) -> None:
+    def __call__(self, grid, tensors: tuple, scalars: tuple, constexprs: dict) -> None:
+        """kernel[grid](*tensors, *scalars, **constexprs): the kernel's arguments in that order."""
         if not self.direct:
-            self.kernel[grid](*args, **constexprs)
+            self.kernel[grid](*tensors, *scalars, **constexprs)
             return
-        key = (torch.cuda.current_device(), *constexprs.values())
-        key += tuple((a.dtype, a.data_ptr() % 128) if isinstance(a, Tensor) else a for a in args)
+        key = (torch.cuda.current_device(), scalars, *constexprs.values())
+        key += tuple([(t.dtype, t.data_ptr() % 128) for t in tensors])
         hit = self.cache.get(key)
         if hit is None:
-            compiled = self.kernel[grid](*args, **constexprs)
+            compiled = self.kernel[grid](*tensors, *scalars, **constexprs)
             try:  # the autotuner's pick for this key (tile sizes) completes the argument list
                 meta = {**constexprs, **self.kernel.best_config.kwargs}
-                self.cache[key] = compiled, meta, [meta[n] for n in self.kernel.arg_names[len(args) :]]
+                n_args = len(tensors) + len(scalars)
+                self.cache[key] = compiled, meta, [meta[n] for n in self.kernel.arg_names[n_args:]]
             except (AttributeError, KeyError, TypeError):  # other Triton internals: keep to the usual path
                 self.direct = False
             return
         compiled, meta, tail = hit
         # the grid is worked out anew: it also counts sequences, which no argument of the key does
-        compiled[(*grid(meta), 1, 1)[:3]](*args, *tail)  # on the current stream, as Triton's own launches
+        compiled[(*grid(meta), 1, 1)[:3]](*tensors, *scalars, *tail)  # on the current stream, as Triton's own
         self.hits += 1

@@ -248,11 +248,11 @@ def test_launcher_reuses_a_compiled_kernel_only_for_the_same_kind_of_call(monkey
         return lambda meta: (100 // meta["BLOCK_M"] + 1, sequences)
 
     for _ in range(3):
-        launcher(grid(6), (x, 100), {"FLAG": True})
-    launcher(grid(2), (x, 100), {"FLAG": True})  # fewer sequences, same kind of call
-    launcher(grid(6), (x, 101), {"FLAG": True})  # another integer
-    launcher(grid(6), (x.double(), 100), {"FLAG": True})  # another dtype
-    launcher(grid(6), (x[1:], 100), {"FLAG": True})  # another alignment (4 bytes off)
+        launcher(grid(6), (x,), (100,), {"FLAG": True})
+    launcher(grid(2), (x,), (100,), {"FLAG": True})  # fewer sequences, same kind of call
+    launcher(grid(6), (x,), (101,), {"FLAG": True})  # another integer
+    launcher(grid(6), (x.double(),), (100,), {"FLAG": True})  # another dtype
+    launcher(grid(6), (x[1:],), (100,), {"FLAG": True})  # another alignment (4 bytes off)
     assert [c[0] for c in calls] == ["usual", "direct", "direct", "direct", "usual", "usual", "usual"]
     _, grid_3d, args = calls[1]
     assert grid_3d == (4, 6, 1) and args[0] is x and args[1:] == (100, True, 32)
@@ -265,5 +265,5 @@ def test_launcher_reuses_a_compiled_kernel_only_for_the_same_kind_of_call(monkey
     launcher.direct = True
     calls.clear()
     for _ in range(2):
-        launcher(grid, (x, 100), {"FLAG": True})
+        launcher(grid(6), (x,), (100,), {"FLAG": True})
     assert [c[0] for c in calls] == ["usual", "usual"] and not launcher.direct
