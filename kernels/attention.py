@@ -36,8 +36,10 @@ spends launching it, so the wrapper keeps launches lean: strides are passed once
 
 `attention(q, k, v, impl)` and `attention_varlen(q, k, v, cu_seqlens, max_seqlen, impl)` dispatch: impl "auto"
 runs Triton on CUDA and PyTorch's `scaled_dot_product_attention` elsewhere; "triton", "sdpa" and "ref" force
-one. Tests run the kernels on CPU through the Triton interpreter (TRITON_INTERPRET=1) against `attention_ref`
-and compile them for sm_90 and sm_80 (tests/test_kernels_compile.py).
+one. `attention_qkv(qkv, impl)` (what the ViT calls) takes the fused output of the qkv projection as it is,
+(B, N, 3, H, D) or packed (T, 3, H, D), and with Triton returns its gradient as one tensor in that layout.
+Tests run the kernels on CPU through the Triton interpreter (TRITON_INTERPRET=1) against `attention_ref` and
+compile them for sm_90 and sm_80 (tests/test_kernels_compile.py).
 """
 
 from __future__ import annotations
@@ -97,10 +99,11 @@ def attention_varlen_torch(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, 
 
 # ----------------------------------------------------------------------------------------------------------
 # Triton kernels. Strides come in a few shared sets, one per memory layout: q, k and v share (s_b, s_h, s_n)
-# (views of one fused qkv projection), out has (so_b, so_h, so_n), and dout, dq, dk, dv share (sg_b, sg_h,
-# sg_n). An element sits at base + seq * s_b + head * s_h + token * s_n + d, with d contiguous. Dense inputs:
-# seq = batch index, tokens from 0. Packed inputs: s_b = 0, tokens from cu_seqlens[seq]. lse and delta are
-# (seq, head, token) arrays with strides (sl_b, sl_h, 1).
+# (views of one fused qkv projection), out has (so_b, so_h, so_n), dout (sg_b, sg_h, sg_n), and dq, dk, dv
+# share (sd_b, sd_h, sd_n) (views of one fused gradient buffer). An element sits at
+# base + seq * s_b + head * s_h + token * s_n + d, with d contiguous. Dense inputs: seq = batch index, tokens
+# from 0. Packed inputs: s_b = 0, tokens from cu_seqlens[seq]. lse and delta are (seq, head, token) arrays
+# with strides (sl_b, sl_h, 1).
 
 # fmt: off
 if triton is not None:
@@ -194,7 +197,7 @@ if triton is not None:
     @triton.jit
     def _attn_bwd_dq(
         Q, K, V, Out, DO, DQ, LSE, DELTA, cu_ptr, s_b, s_h, s_n, so_b, so_h, so_n, sg_b, sg_h, sg_n,
-        sl_b, sl_h, H, N, D, N_BUCKET, qk_scale, sm_scale,
+        sd_b, sd_h, sd_n, sl_b, sl_h, H, N, D, N_BUCKET, qk_scale, sm_scale,
         VARLEN: tl.constexpr,
         BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -203,12 +206,13 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
     ):
         """One tile of BLOCK_M queries: delta = rowsum(dO * out) (stored for _attn_bwd_dkdv), then dQ, with
-        q, dO and dQ on-chip while it walks over the key tiles. dO, dQ, dK, dV share strides (sg_*)."""
+        q, dO and dQ on-chip while it walks over the key tiles. dO has strides sg_*, dQ sd_*."""
         seq, head, start, n = _sequence(cu_ptr, H, N, VARLEN)
         if tl.program_id(0) * BLOCK_M >= n:
             return
-        qkv, grad = _at(seq, head, start, s_b, s_h, s_n), _at(seq, head, start, sg_b, sg_h, sg_n)
-        Q, K, V, DO, DQ = Q + qkv, K + qkv, V + qkv, DO + grad, DQ + grad
+        qkv, grad = _at(seq, head, start, s_b, s_h, s_n), _at(seq, head, start, sd_b, sd_h, sd_n)
+        Q, K, V, DQ = Q + qkv, K + qkv, V + qkv, DQ + grad
+        DO += _at(seq, head, start, sg_b, sg_h, sg_n)
         Out += _at(seq, head, start, so_b, so_h, so_n)
         rows_at = _at(seq, head, start, sl_b, sl_h, 1)  # lse and delta of this sequence and head
         LSE, DELTA = LSE + rows_at, DELTA + rows_at
@@ -237,15 +241,15 @@ if triton is not None:
             ds = p * (dp - delta[:, None])
             dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
         dq = (dq * sm_scale).to(DQ.dtype.element_ty)
-        tl.store(DQ + rows[:, None] * sg_n + d[None, :], dq, mask=tile_ok)
+        tl.store(DQ + rows[:, None] * sd_n + d[None, :], dq, mask=tile_ok)
 
     @_autotune(
         [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 2), (64, 128, 8, 2), (16, 128, 4, 3)]
     )
     @triton.jit
     def _attn_bwd_dkdv(
-        Q, K, V, DO, DK, DV, LSE, DELTA, cu_ptr, s_b, s_h, s_n, sg_b, sg_h, sg_n, sl_b, sl_h,
-        H, N, D, N_BUCKET, qk_scale, sm_scale,
+        Q, K, V, DO, DK, DV, LSE, DELTA, cu_ptr, s_b, s_h, s_n, sg_b, sg_h, sg_n, sd_b, sd_h, sd_n,
+        sl_b, sl_h, H, N, D, N_BUCKET, qk_scale, sm_scale,
         VARLEN: tl.constexpr,
         BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -258,8 +262,9 @@ if triton is not None:
         seq, head, start, n = _sequence(cu_ptr, H, N, VARLEN)
         if tl.program_id(0) * BLOCK_N >= n:
             return
-        qkv, grad = _at(seq, head, start, s_b, s_h, s_n), _at(seq, head, start, sg_b, sg_h, sg_n)
-        Q, K, V, DO, DK, DV = Q + qkv, K + qkv, V + qkv, DO + grad, DK + grad, DV + grad
+        qkv, grad = _at(seq, head, start, s_b, s_h, s_n), _at(seq, head, start, sd_b, sd_h, sd_n)
+        Q, K, V, DK, DV = Q + qkv, K + qkv, V + qkv, DK + grad, DV + grad
+        DO += _at(seq, head, start, sg_b, sg_h, sg_n)
         rows_at = _at(seq, head, start, sl_b, sl_h, 1)  # lse and delta of this sequence and head
         LSE, DELTA = LSE + rows_at, DELTA + rows_at
         keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -287,8 +292,8 @@ if triton is not None:
             dsT = pT * (dpT - delta[None, :])
             dk += _dot(dsT.to(qT.dtype), tl.trans(qT), PRECISION, UPCAST)
         dk = (dk * sm_scale).to(DK.dtype.element_ty)
-        tl.store(DK + keys[:, None] * sg_n + d[None, :], dk, mask=tile_ok)
-        tl.store(DV + keys[:, None] * sg_n + d[None, :], dv.to(DV.dtype.element_ty), mask=tile_ok)
+        tl.store(DK + keys[:, None] * sd_n + d[None, :], dk, mask=tile_ok)
+        tl.store(DV + keys[:, None] * sd_n + d[None, :], dv.to(DV.dtype.element_ty), mask=tile_ok)
 
 
 # fmt: on
@@ -324,18 +329,30 @@ def _empty_like_tokens(t: Tensor, packed: bool) -> Tensor:
     return t.new_empty(B, N, H, D).transpose(1, 2)
 
 
+def _split_qkv(qkv: Tensor, packed: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v as views of a fused (B, N, 3, H, D) tensor, (B, H, N, D) each; packed: of a (T, 3, H, D)
+    tensor, (T, H, D) each."""
+    return qkv.unbind(1) if packed else qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
 if triton is not None:
     _fwd, _bwd_dq, _bwd_dkdv = Launcher(_attn_fwd), Launcher(_attn_bwd_dq), Launcher(_attn_bwd_dkdv)
 
 
 class _FlashAttention(torch.autograd.Function):
-    """Strides travel in three sets: q, k, v (one layout); out; dout, dq, dk, dv (dout's layout). Inputs
-    that differ are first copied into one layout; from a fused qkv projection they never differ."""
+    """Inputs: q, k, v (B, H, N, D) or packed (T, H, D); or, with k = v = None, q holding all three as one
+    fused (B, N, 3, H, D) or (T, 3, H, D) tensor, whose gradient then comes back as one tensor too.
+
+    Strides travel in four sets: q, k, v (one layout; inputs that differ are first copied into one, from a
+    fused qkv projection they never differ); out; dout; dq, dk, dv (views of one fused buffer, so a fused
+    input's gradient needs no concatenation)."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen):
-        packed = cu_seqlens is not None
-        if q.stride(-1) != 1 or k.stride() != q.stride() or v.stride() != q.stride():
+        packed, ctx.fused = cu_seqlens is not None, k is None
+        if ctx.fused:
+            q, k, v = _split_qkv(q, packed)
+        elif q.stride(-1) != 1 or k.stride() != q.stride() or v.stride() != q.stride():
             q, k, v = (_empty_like_tokens(t, packed).copy_(t) for t in (q, k, v))
         if packed:
             T, H, D = q.shape
@@ -364,24 +381,28 @@ class _FlashAttention(torch.autograd.Function):
         q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
         packed, n_seqs, qkv_strides, o_strides, lse_strides, sizes, scale, flags = ctx.meta
         H, N = sizes[:2]
-        dq = torch.empty_like(do)  # keeps do's strides when do is dense
-        if do.stride(-1) != 1 or dq.stride() != do.stride():  # d not contiguous, or not dense (broadcast)
+        if do.stride(-1) != 1:  # d not contiguous (a broadcast gradient has stride 0 there too)
             do = _empty_like_tokens(do, packed).copy_(do)
-            dq = torch.empty_like(do)
-        dk, dv, delta = torch.empty_like(dq), torch.empty_like(dq), torch.empty_like(lse)
-        g_strides, scales = _strides(do, packed), (scale * LOG2_E, scale)
+        # dq, dk, dv: views of one (B, N, 3, H, D) buffer, the layout of a fused qkv projection's output
+        D = q.shape[-1]
+        dqkv = q.new_empty(q.shape[0], 3, H, D) if packed else q.new_empty(n_seqs, N, 3, H, D)
+        dq, dk, dv = _split_qkv(dqkv, packed)
+        delta = torch.empty_like(lse)
+        g_strides, d_strides, scales = _strides(do, packed), _strides(dq, packed), (scale * LOG2_E, scale)
         _bwd_dq(
             lambda meta: (-(-N // meta["BLOCK_M"]), n_seqs * H),
             (q, k, v, o, do, dq, lse, delta, cu_seqlens),
-            (*qkv_strides, *o_strides, *g_strides, *lse_strides, *sizes, *scales),
+            (*qkv_strides, *o_strides, *g_strides, *d_strides, *lse_strides, *sizes, *scales),
             flags,
         )
         _bwd_dkdv(
             lambda meta: (-(-N // meta["BLOCK_N"]), n_seqs * H),
             (q, k, v, do, dk, dv, lse, delta, cu_seqlens),
-            (*qkv_strides, *g_strides, *lse_strides, *sizes, *scales),
+            (*qkv_strides, *g_strides, *d_strides, *lse_strides, *sizes, *scales),
             flags,
         )
+        if ctx.fused:
+            return dqkv, None, None, None, None
         return dq, dk, dv, None, None
 
 
@@ -432,6 +453,29 @@ def attention_varlen(
     return attention_varlen_torch(q, k, v, cu_seqlens, "ref" if impl == "ref" else "sdpa")
 
 
+def attention_qkv(
+    qkv: Tensor, impl: str = "auto", cu_seqlens: Tensor | None = None, max_seqlen: int | None = None
+) -> Tensor:
+    """Attention on the fused output of a qkv projection, token-major in and out, as a ViT block holds it:
+    qkv (B, N, 3, H, D) -> (B, N, H, D); packed (cu_seqlens given, as in `attention_varlen`):
+    qkv (T, 3, H, D) -> (T, H, D). With Triton the gradient comes back as one tensor in qkv's layout, where
+    splitting qkv into q, k and v first would cost a concatenation of their three gradients."""
+    packed = cu_seqlens is not None
+    if qkv.dim() != (4 if packed else 5) or qkv.shape[-3] != 3:
+        want = "(T, 3, H, D) with cu_seqlens" if packed else "(B, N, 3, H, D)"
+        raise ValueError(f"attention_qkv: qkv must be {want}, got {tuple(qkv.shape)}")
+    if _use_triton(qkv, impl):
+        if qkv.stride(-1) != 1:
+            qkv = qkv.contiguous()
+        args = (cu_seqlens.to(torch.int32), int(max_seqlen)) if packed else (None, None)
+        out = _FlashAttention.apply(qkv, None, None, *args)
+        return out if packed else out.transpose(1, 2)
+    q, k, v = _split_qkv(qkv, packed)
+    if packed:
+        return attention_varlen(q, k, v, cu_seqlens, max_seqlen, impl)
+    return attention(q, k, v, impl).transpose(1, 2)
+
+
 def flops(batch: int, heads: int, n: int, d: int, backward: bool = False) -> float:
     """Matrix-product FLOPs of attention: 4 B H N^2 D forward (q k^T and p v); backward counted as 2.5x."""
     fwd = 4.0 * batch * heads * n * n * d
@@ -447,6 +491,7 @@ def packed_offsets(lengths: list[int], device: torch.device | str) -> tuple[Tens
 
 __all__ = [
     "attention",
+    "attention_qkv",
     "attention_varlen",
     "attention_ref",
     "attention_varlen_torch",

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from kernels.attention import attention, attention_ref, attention_varlen, packed_offsets  # noqa: F401
+from kernels.attention import attention_qkv, packed_offsets
 from kernels.drop_path import drop_add
 
 ARCHS = {  # name -> (embed_dim, depth, num_heads); mlp ratio 4 throughout
@@ -63,17 +63,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, return_attention: bool = False, packing: Packing | None = None) -> Tensor:
-        if packing is not None:  # x: (T, C), every crop's tokens back to back
-            q, k, v = rearrange(self.qkv(x), "t (three h d) -> three t h d", three=3, h=self.num_heads)
-            cu, longest = packing.cu_seqlens, packing.max_seqlen
-            out = attention_varlen(q, k, v, cu, longest, self.attn_impl)  # (T, H, D), each crop on its own
-            return self.proj(rearrange(out, "t h d -> t (h d)"))
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        if return_attention:  # materialise the (B, H, N, N) attention: used for maps only, never in training
-            attn = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1)
-            return attn
-        out = attention(q, k, v, self.attn_impl)  # (B, H, N, D)
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+        # one fused (..., 3, H, D) tensor: attention_qkv splits it into q, k, v as views, and with Triton its
+        # gradient comes back whole (no concatenation of three gradients in the backward)
+        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1))
+        if packing is not None:  # x: (T, C), every crop's tokens back to back; each crop attends on its own
+            out = attention_qkv(qkv, self.attn_impl, packing.cu_seqlens, packing.max_seqlen)  # (T, H, D)
+        elif return_attention:  # the (B, H, N, N) attention itself: for maps only, never in training
+            q, k, _ = rearrange(qkv, "b n three h d -> three b h n d")
+            return ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1)
+        else:
+            out = attention_qkv(qkv, self.attn_impl)  # (B, N, H, D)
+        return self.proj(out.flatten(-2))
 
 
 class Mlp(nn.Module):

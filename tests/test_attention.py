@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import assert_printed_ok, run_python
 
-from kernels.attention import attention, attention_ref, attention_varlen, packed_offsets
+from kernels.attention import attention, attention_qkv, attention_ref, attention_varlen, packed_offsets
 from minidino.vit import VisionTransformer
 
 # Tolerances on max |error| relative to (1 + max |reference|): fp32 products are exact fp32 ("ieee"), 16-bit
@@ -16,7 +16,7 @@ from minidino.vit import VisionTransformer
 KERNEL_CHECK = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from kernels.attention import attention, attention_ref, attention_varlen, packed_offsets
+from kernels.attention import attention, attention_qkv, attention_ref, attention_varlen, packed_offsets
 from kernels.attention import attention_varlen_torch
 device, big = sys.argv[2], sys.argv[3] == "big"
 torch.manual_seed(0)
@@ -54,6 +54,11 @@ for shape, dtype in cases:
         got = torch.autograd.grad(out.float().sum(), (q, k, v), retain_graph=True)
         for g, w, name in zip(got, torch.autograd.grad(ref.sum(), (q, k, v)), "qkv"):
             close(g, w, "grad (broadcast dout) " + name)
+    # the fused entry point: qkv in, (B, N, H, D) out, one gradient for qkv
+    out_f = attention_qkv(qkv, impl="triton")
+    close(out_f.transpose(1, 2), ref, "forward (fused qkv)")
+    g_f = torch.autograd.grad(out_f, qkv, go.transpose(1, 2))[0]
+    close(g_f, torch.stack([w.transpose(1, 2) for w in want], 2), "grad (fused qkv)")  # (B, N, 3, H, D)
     # contiguous inputs take the same kernels with other strides
     qc, kc, vc = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
     close(attention(qc, kc, vc, impl="triton"), ref, "forward (contiguous)")
@@ -79,6 +84,10 @@ for dtype in TOL:
     want = torch.autograd.grad(ref, (q, k, v), go.float())
     for g, w, name in zip(got, want, "qkv"):
         close(g, w, "packed grad " + name)
+    qkv = torch.stack((q, k, v), 1).detach().requires_grad_()  # (T, 3, H, D)
+    out_f = attention_qkv(qkv, "triton", cu, longest)
+    close(out_f, ref, "packed forward (fused qkv)")
+    close(torch.autograd.grad(out_f, qkv, go)[0], torch.stack(want, 1), "packed grad (fused qkv)")
 if device == "cuda":
     from kernels.attention import _bwd_dkdv, _bwd_dq, _fwd
     assert all(launcher.hits > 0 for launcher in (_fwd, _bwd_dq, _bwd_dkdv)), "cached launches never ran"
@@ -159,6 +168,23 @@ def test_dispatcher_fallbacks_and_errors():
     big_d = torch.randn(1, 1, 5, 160)
     with pytest.raises(ValueError, match="head dim 160"):
         attention(big_d, big_d, big_d, impl="triton")
+
+
+def test_fused_qkv_entry_point_without_triton():
+    """attention_qkv on CPU (SDPA and the reference): token-major in and out, dense and packed."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 37, 3, 3, 8)  # (B, N, 3, H, D)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    want = attention_ref(q, k, v).transpose(1, 2)  # (B, N, H, D)
+    for impl in ("auto", "sdpa", "ref"):
+        torch.testing.assert_close(attention_qkv(qkv, impl), want, atol=1e-5, rtol=1e-5)
+    cu, longest = packed_offsets([37, 37], "cpu")
+    packed = attention_qkv(qkv.flatten(0, 1), "sdpa", cu, longest)  # (T, 3, H, D) -> (T, H, D)
+    torch.testing.assert_close(packed, want.flatten(0, 1), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"\(B, N, 3, H, D\), got \(2, 37, 9, 8\)"):
+        attention_qkv(qkv.flatten(2, 3))
+    with pytest.raises(ValueError, match=r"\(T, 3, H, D\) with cu_seqlens"):
+        attention_qkv(qkv, "sdpa", cu, longest)
 
 
 def test_packed_torch_path_equals_per_sequence():

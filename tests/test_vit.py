@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from kernels.attention import attention_ref
 from minidino.heads import DINOHead
-from minidino.vit import VisionTransformer, attention_ref
+from minidino.vit import VisionTransformer
 
 
 def _vit(**kw):
