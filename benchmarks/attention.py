@@ -2,6 +2,7 @@
 
     python benchmarks/attention.py          # on a GPU, bf16: every shape below, a JSON line per (shape, impl)
     python benchmarks/attention.py --quick  # fewer repeats; on CPU only sdpa and ref run, on tiny shapes
+    python benchmarks/attention.py --graphs # also fwd+bwd replayed from a CUDA graph (GPU)
 
 Shapes (B, H, N, D): ViT-S/16 global crops (128, 6, 197, 64), local crops (640, 6, 37, 64), ViT-L/14
 global (64, 16, 257, 64), ViT-B/14 at 518 px (16, 12, 1370, 64). Then a packed DINO step: 64 images, each with
@@ -9,8 +10,10 @@ global (64, 16, 257, 64), ViT-B/14 at 518 px (16, 12, 1370, 64). Then a packed D
 once per resolution. FLOPs: 4 B H N^2 D forward; forward+backward counted as 3.5x that (backward 2.5x).
 Times are medians over repeats of a CUDA-event-timed loop; every impl runs in the same process, so compare
 ratios within one run. `fwd_bwd_gpu_ms` is the summed GPU kernel time per call (torch.profiler), which
-leaves out the host's share. The last lines summarise Triton's fwd+bwd speed-up over the best SDPA backend,
-in wall time and in GPU kernel time.
+leaves out the host's share; `fwd_bwd_graph_ms` (with --graphs) is the wall time of the same call captured
+once in a CUDA graph and replayed, which takes the host's share out of the wall time for every impl alike.
+The last lines summarise Triton's fwd+bwd speed-up over the best SDPA backend, in wall time, in GPU kernel
+time and, with --graphs, replayed from graphs.
 """
 
 from __future__ import annotations
@@ -107,16 +110,42 @@ def gpu_ms(fn, calls: int = 10) -> float:
     return sum(e.self_device_time_total for e in prof.key_averages()) / calls / 1000
 
 
-def measure(fn, inputs, repeats, device) -> tuple[float, float, float | None]:
-    """(forward ms, forward+backward ms, forward+backward GPU kernel ms or None on CPU) of fn(*inputs) with a
-    fixed output gradient. The backward returns the input gradients (autograd.grad) rather than adding them
-    into .grad, which would time an extra elementwise add per input whose cost depends on the gradient's
-    memory layout, not on attention."""
+def graphed_ms(fn, repeats: int, device: torch.device) -> float | str:
+    """Milliseconds per call of fn() captured once in a CUDA graph and replayed: the host's share (Python,
+    launches) is gone, so this is the wall time the kernels need back to back. An error message instead
+    where capture fails."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the default stream (compiles, autotunes, fills caches)
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as e:
+        return str(e).splitlines()[0][:200]
+    ms = timed_ms(graph.replay, repeats, device)
+    del graph
+    torch.cuda.empty_cache()
+    return ms
+
+
+def measure(
+    fn, inputs, repeats, device, graphs=False
+) -> tuple[float, float, float | None, float | str | None]:
+    """(forward ms, forward+backward ms, forward+backward GPU kernel ms or None on CPU, forward+backward ms
+    replayed from a CUDA graph or None) of fn(*inputs) with a fixed output gradient. The backward returns
+    the input gradients (autograd.grad) rather than adding them into .grad, which would time an extra
+    elementwise add per input whose cost depends on the gradient's memory layout, not on attention."""
     with torch.no_grad():
         fwd = timed_ms(lambda: fn(*inputs), repeats, device)
     go = torch.randn_like(fn(*inputs))
     step = lambda: torch.autograd.grad(fn(*inputs), inputs, go)  # noqa: E731
-    return fwd, timed_ms(step, repeats, device), gpu_ms(step) if device.type == "cuda" else None
+    cuda = device.type == "cuda"
+    fb, fb_gpu = timed_ms(step, repeats, device), gpu_ms(step) if cuda else None
+    return fwd, fb, fb_gpu, graphed_ms(step, repeats, device) if graphs and cuda else None
 
 
 def max_error(fn, inputs, cu_seqlens=None) -> float:
@@ -136,7 +165,7 @@ def max_error(fn, inputs, cu_seqlens=None) -> float:
 
 
 def main(argv: list[str]) -> None:
-    quick = "--quick" in argv
+    quick, graphs = "--quick" in argv, "--graphs" in argv
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -146,7 +175,7 @@ def main(argv: list[str]) -> None:
     )
     summary = {}
 
-    def report(name, impl, B, H, N, D, fwd, fb, fb_gpu, total_flops, **extra):
+    def report(name, impl, B, H, N, D, fwd, fb, fb_gpu, fb_graph, total_flops, **extra):
         row = {
             "benchmark": "attention",
             "device": gpu,
@@ -162,16 +191,22 @@ def main(argv: list[str]) -> None:
             "fwd_tflops": round(total_flops / fwd / 1e9, 1),
             "fwd_bwd_tflops": round(3.5 * total_flops / fb / 1e9, 1),
             "fwd_bwd_gpu_ms": None if fb_gpu is None else round(fb_gpu, 4),
+            **(
+                {}
+                if fb_graph is None
+                else {"fwd_bwd_graph_ms": fb_graph if isinstance(fb_graph, str) else round(fb_graph, 4)}
+            ),
             **extra,
         }
         print(json.dumps(row), flush=True)
-        summary.setdefault(name, {})[impl] = (fb, fb_gpu)
+        graph = fb_graph if isinstance(fb_graph, float) else None
+        summary.setdefault(name, {})[impl] = (fb, fb_gpu, graph)
 
     for name, (B, H, N, D) in shapes.items():
         qkv = [torch.randn(B, H, N, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
         for impl, fn in impls(device).items():
             try:
-                fwd, fb, fb_gpu = measure(fn, qkv, repeats, device)
+                fwd, fb, fb_gpu, fb_graph = measure(fn, qkv, repeats, device, graphs)
             except (RuntimeError, torch.OutOfMemoryError) as e:  # a backend that refuses this shape or dtype
                 print(
                     json.dumps(
@@ -187,7 +222,7 @@ def main(argv: list[str]) -> None:
                 )
                 continue
             err = {"max_err": round(max_error(fn, qkv), 5)} if impl == "triton" else {}
-            report(name, impl, B, H, N, D, fwd, fb, fb_gpu, flops(B, H, N, D), **err)
+            report(name, impl, B, H, N, D, fwd, fb, fb_gpu, fb_graph, flops(B, H, N, D), **err)
 
     # a packed DINO step: 2 global + 10 local crops of 64 images (CPU: 4 images, short sequences)
     images, (n_global, n_local), H, D = (
@@ -218,7 +253,7 @@ def main(argv: list[str]) -> None:
         candidates["triton_packed"] = lambda q, k, v: attention_varlen(q, k, v, cu, longest, impl="triton")
     for impl, fn in candidates.items():
         try:
-            fwd, fb, fb_gpu = measure(fn, (q, k, v), repeats, device)
+            fwd, fb, fb_gpu, fb_graph = measure(fn, (q, k, v), repeats, device, graphs)
         except (RuntimeError, torch.OutOfMemoryError) as e:
             print(
                 json.dumps(
@@ -244,6 +279,7 @@ def main(argv: list[str]) -> None:
             fwd,
             fb,
             fb_gpu,
+            fb_graph,
             total,
             per_resolution=impl != "triton_packed",
             **err,
@@ -263,13 +299,17 @@ def main(argv: list[str]) -> None:
                 "triton_fwd_bwd_ms": round(mine[0], 4),
                 "speedup_fwd_bwd": round(sdpa[best][0] / mine[0], 3),
             }
-            if (
-                mine[1] is not None
-            ):  # the same comparison in GPU kernel time (best SDPA backend by that measure)
-                best_gpu = min(sdpa, key=lambda k: sdpa[k][1])
-                row.update(
-                    best_sdpa_gpu=best_gpu, speedup_fwd_bwd_gpu_time=round(sdpa[best_gpu][1] / mine[1], 3)
-                )
+            # the same comparison in GPU kernel time and replayed from CUDA graphs (best SDPA by each measure)
+            for i, what in ((1, "gpu_time"), (2, "graph")):
+                timed = {k: v[i] for k, v in sdpa.items() if v[i] is not None}
+                if mine[i] is not None and timed:
+                    best_k = min(timed, key=timed.get)
+                    row.update(
+                        {
+                            f"best_sdpa_{what}": best_k,
+                            f"speedup_fwd_bwd_{what}": round(timed[best_k] / mine[i], 3),
+                        }
+                    )
             print(json.dumps(row), flush=True)
 
 

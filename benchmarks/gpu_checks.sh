@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of minidino in one command, because device time is short. Sections run in the order given
 # (default: all): tests (Triton kernels against their references on the GPU), attention (benchmarks/attention.py),
+# graphs (the same, quick, with fwd+bwd also replayed from CUDA graphs: wall time without the host's share),
 # overhead (benchmarks/attention_overhead.py: host time against GPU kernel time per attention call),
 # step (full DINO training step, imagenet preset, SDPA vs Triton vs packed Triton), parallel (the same step
 # plain, DDP and FSDP2 on one GPU), drop_path.
@@ -11,7 +12,7 @@ set -u
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-sections=${*:-tests attention overhead step parallel drop_path}
+sections=${*:-tests attention graphs overhead step parallel drop_path}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 for s in $sections; do
@@ -21,6 +22,8 @@ for s in $sections; do
       timeout 300 python -m pytest -q -rs -k "gpu or cuda" tests/test_attention.py tests/test_drop_path.py 2>&1 | tee "$out/tests.txt" ;;
     attention)
       TRITON_PRINT_AUTOTUNING=1 timeout 300 python benchmarks/attention.py 2>&1 | tee "$out/attention.jsonl" ;;
+    graphs)
+      timeout 300 python benchmarks/attention.py --quick --graphs 2>&1 | tee "$out/graphs.jsonl" ;;
     overhead)
       timeout 200 python benchmarks/attention_overhead.py 2>&1 | grep '^{' | tee "$out/overhead.jsonl" ;;
     step)
@@ -37,7 +40,7 @@ for s in $sections; do
     drop_path)
       timeout 200 python benchmarks/drop_path.py --quick 2>&1 | tee "$out/drop_path.jsonl" ;;
     *)
-      echo "unknown section $s (expected tests, attention, overhead, step, parallel, drop_path)" ;;
+      echo "unknown section $s (expected tests, attention, graphs, overhead, step, parallel, drop_path)" ;;
   esac
 done
 echo "== done ($(date +%T))"
