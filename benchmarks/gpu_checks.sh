@@ -3,8 +3,8 @@
 # (default: all): tests (Triton kernels against their references on the GPU), attention (benchmarks/attention.py),
 # graphs (the same, quick, with fwd+bwd also replayed from CUDA graphs: wall time without the host's share),
 # overhead (benchmarks/attention_overhead.py: host time against GPU kernel time per attention call),
-# step (full DINO training step, imagenet preset, SDPA vs Triton vs packed Triton), parallel (the same step
-# plain, DDP and FSDP2 on one GPU), drop_path.
+# step (full DINO training step, imagenet preset, SDPA vs Triton vs packed Triton, each with its profile line),
+# parallel (the same step plain, DDP and FSDP2 on one GPU), drop_path.
 #
 #   bash benchmarks/gpu_checks.sh                 # everything; logs in $OUT (or ./gpu_logs)
 #   bash benchmarks/gpu_checks.sh tests attention # just these
@@ -29,7 +29,7 @@ for s in $sections; do
     step)
       for opts in "--model.attn_impl=sdpa" "--model.attn_impl=triton" "--model.attn_impl=triton --model.pack_crops=true"; do
         # shellcheck disable=SC2086
-        timeout 150 python benchmarks/step.py --preset imagenet --optim.batch_size=64 --steps=10 $opts 2>&1 | tail -3 | tee -a "$out/step.jsonl"
+        timeout 150 python benchmarks/step.py --preset imagenet --optim.batch_size=64 --steps=10 --profile $opts 2>&1 | grep '^{' | tee -a "$out/step.jsonl"
       done ;;
     parallel)
       # one GPU: the plain path, DDP and FSDP2 (each a process group of 1), imagenet preset, synthetic crops

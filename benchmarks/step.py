@@ -2,11 +2,14 @@
 
     python benchmarks/step.py --preset shapes
     python benchmarks/step.py --preset imagenet --optim.batch_size=128 --steps=20
+    python benchmarks/step.py --preset imagenet --profile    # and where a step's time goes (second line)
     torchrun --nproc_per_node=1 benchmarks/step.py --preset imagenet --run.parallel=fsdp   # or ddp
 
 One step = teacher forward, student forward/backward, clipping, optimiser step, EMA update and centre
 update, exactly `train.train_step`. Prints one JSON line: images/s and peak memory (CUDA allocator peak on
-GPU, the process's peak RSS on CPU).
+GPU, the process's peak RSS on CPU). With --profile, a second line from torch.profiler over the timed steps:
+GPU kernel time per step against the step's wall time (a GPU busy far less than the wall time means the
+step waits on the host) and the ten largest kernels and host-side ops by their own time.
 """
 
 from __future__ import annotations
@@ -46,11 +49,36 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
+def profile_steps(run, steps: int, device: torch.device) -> dict:
+    """torch.profiler over `steps` steps: wall and GPU kernel milliseconds per step, and the largest
+    kernels and host-side ops by their own (self) time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        run(steps)
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+
+    def top(key):
+        ranked = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:10]
+        return [[e.key[:80], round(getattr(e, key) / 1000 / steps, 3)] for e in ranked]
+
+    out = {"wall_ms_per_step": round(1000 * wall / steps, 2), "top_host_ops_ms": top("self_cpu_time_total")}
+    if device.type == "cuda":
+        gpu = sum(e.self_device_time_total for e in events) / 1000 / steps
+        out.update(gpu_kernel_ms_per_step=round(gpu, 2), top_kernels_ms=top("self_device_time_total"))
+    return out
+
+
 def main(argv: list[str]) -> dict:
-    steps, warmup = 10, 3
+    steps, warmup, profile = 10, 3, False
     rest = []
     for a in argv:
-        if a.startswith("--steps="):
+        if a == "--profile":
+            profile = True
+        elif a.startswith("--steps="):
             steps = int(a.split("=", 1)[1])
         elif a.startswith("--warmup="):
             warmup = int(a.split("=", 1)[1])
@@ -107,6 +135,8 @@ def main(argv: list[str]) -> dict:
         "peak_memory_mb": round(peak / 2**20, 1),
     }
     print0(json.dumps(result))
+    if profile:
+        print0(json.dumps({"benchmark": "step_profile", **profile_steps(run, steps, device)}))
     cleanup()
     return result
 

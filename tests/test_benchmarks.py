@@ -41,6 +41,9 @@ def test_attention_overhead_stub_measures_the_wrapper():
     assert row["stubbed_launches"] > 0.9 * 3 * 7 * 2100 * 2, row
 
 
-def test_step_benchmark_runs_on_cpu():
-    (row,) = json_lines("step.py", "--preset", "shapes", "--steps=2", "--warmup=1")
-    assert row["benchmark"] == "step" and row["images_per_s"] > 0 and row["peak_memory_mb"] > 0, row
+def test_step_benchmark_runs_on_cpu_with_its_profile():
+    rows = json_lines("step.py", "--preset", "shapes", "--steps=1", "--warmup=1", "--profile")
+    assert [r["benchmark"] for r in rows] == ["step", "step_profile"]
+    assert rows[0]["images_per_s"] > 0 and rows[0]["peak_memory_mb"] > 0, rows[0]
+    ops = rows[1]["top_host_ops_ms"]  # the ViT's matrix products are among the ten largest host-side ops
+    assert rows[1]["wall_ms_per_step"] > 0 and any("mm" in name for name, _ in ops[:10]), ops
