@@ -7,10 +7,12 @@ For ViT-S/16 global (128, 6, 197, 64), ViT-L/14 global (64, 16, 257, 64) and ViT
 crops in bf16, forward+backward (`fb_*`, autograd.grad with a fixed output gradient) and forward only
 (`f_*`, no grad), per impl:
   host_us    wall time per call while the GPU queue is kept from draining (no synchronisation inside the
-             loop): what a training step pays when the host is slower than the GPU;
+             loop; the least of 5 rounds): what a training step pays when the host is slower than the GPU;
   ms         the usual timing (`timed_ms` of benchmarks/attention.py: CUDA events around loops of calls);
   kernel_us  summed CUDA kernel time per call from torch.profiler (`gpu_ms`): the GPU work alone.
 host_us far above kernel_us means the call is bound by launch overhead, and `ms` then measures the host.
+Per shape, one more line (`attention_host_profile`) lists the functions where the Triton call spends its
+host time (cProfile, microseconds of own time per forward+backward).
 Compare ratios within one run: the host side is noisy on shared machines.
 
 Without a GPU (`--stub`, the default there) it measures what it can of the host side on the CPU: the
@@ -22,6 +24,7 @@ Triton's own launch code is left out, so this tracks the wrapper, not the whole 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -43,23 +46,46 @@ SHAPES = {
 
 
 def measure(step) -> dict:
-    """Host time per call (no synchronisation inside the loop), the usual CUDA-event timing and the summed
-    GPU kernel time, for one callable."""
+    """Host time per call (no synchronisation inside the loop; the least of 5 rounds of 50 calls, each after
+    a garbage collection and with the GPU queue empty, since a shared host's noise only ever adds), the usual
+    CUDA-event timing and the summed GPU kernel time, for one callable."""
     for _ in range(5):  # compiles and autotunes on the first call
         step()
-    torch.cuda.synchronize()
-    n = 50
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    host = (time.perf_counter() - t0) / n  # the host returned: the GPU may still be busy
+    rounds = []
+    for _ in range(5):
+        gc.collect()
+        torch.cuda.synchronize()
+        n, t0 = 50, time.perf_counter()
+        for _ in range(n):
+            step()
+        rounds.append((time.perf_counter() - t0) / n)  # the host returned: the GPU may still be busy
     torch.cuda.synchronize()
     device = torch.device("cuda")
     return {
-        "host_us": round(1e6 * host, 1),
+        "host_us": round(1e6 * min(rounds), 1),
         "ms": round(timed_ms(step, 7, device), 4),
         "kernel_us": round(1000 * gpu_ms(step), 1),
     }
+
+
+def host_profile(step, calls: int = 200) -> list:
+    """cProfile of `calls` calls: the 12 functions with the most own time, in microseconds per call (the
+    profiler's own cost inflates them all; the shares are what to read)."""
+    import cProfile
+    import pstats
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.runcall(lambda: [step() for _ in range(calls)])
+    torch.cuda.synchronize()
+    stats = pstats.Stats(
+        prof
+    ).stats  # (file, line, name) -> (calls, primitive calls, own s, total s, callers)
+    top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:12]
+    where = lambda f: f"{os.path.basename(f[0])}:{f[1]}({f[2]})"  # noqa: E731
+    return [[where(f), round(1e6 * st[2] / calls, 1)] for f, st in top]
 
 
 class _Nothing(torch.autograd.Function):
@@ -161,6 +187,20 @@ def main(argv: list[str]) -> None:
             row.update({f"fb_{key}": val for key, val in fb.items()})
             row.update({f"f_{key}": val for key, val in f.items()})
             print(json.dumps(row), flush=True)
+        # where the Triton call's host time goes, function by function
+        top = host_profile(lambda: torch.autograd.grad(impls["triton"](q, k, v), (q, k, v), go))
+        print(
+            json.dumps(
+                {
+                    "benchmark": "attention_host_profile",
+                    "device": gpu,
+                    "shape": shape_name,
+                    "impl": "triton",
+                    "fb_top_own_us": top,
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
