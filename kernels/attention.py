@@ -428,6 +428,12 @@ def _use_triton(q: Tensor, impl: str) -> bool:
     return impl == "auto" and triton is not None and q.is_cuda and supported
 
 
+def _one_device(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """The Triton path launches with raw addresses (kernels/launch.py), so it checks devices itself."""
+    if not q.get_device() == k.get_device() == v.get_device():
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, impl: str = "auto") -> Tensor:
     """Non-causal softmax(q k^T / sqrt(D)) v for q, k, v (B, H, N, D), any N; returns (B, H, N, D)."""
     if q.shape != k.shape or q.shape != v.shape or q.dim() != 4:
@@ -435,6 +441,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, impl: str = "auto") -> Tensor:
             f"attention: q, k, v must share one (B, H, N, D) shape, got {[tuple(t.shape) for t in (q, k, v)]}"
         )
     if _use_triton(q, impl):
+        _one_device(q, k, v)
         return _FlashAttention.apply(q, k, v, None, None)
     if impl == "ref":
         return attention_ref(q, k, v)
@@ -449,7 +456,8 @@ def attention_varlen(
     if q.shape != k.shape or q.shape != v.shape or q.dim() != 3:
         raise ValueError(f"attention_varlen: q, k, v must share one (T, H, D) shape, got {tuple(q.shape)}")
     if _use_triton(q, impl):
-        return _FlashAttention.apply(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen))
+        _one_device(q, k, v)
+        return _FlashAttention.apply(q, k, v, cu_seqlens.to(q.device, torch.int32), int(max_seqlen))
     return attention_varlen_torch(q, k, v, cu_seqlens, "ref" if impl == "ref" else "sdpa")
 
 
@@ -467,7 +475,7 @@ def attention_qkv(
     if _use_triton(qkv, impl):
         if qkv.stride(-1) != 1:
             qkv = qkv.contiguous()
-        args = (cu_seqlens.to(torch.int32), int(max_seqlen)) if packed else (None, None)
+        args = (cu_seqlens.to(qkv.device, torch.int32), int(max_seqlen)) if packed else (None, None)
         out = _FlashAttention.apply(qkv, None, None, *args)
         return out if packed else out.transpose(1, 2)
     q, k, v = _split_qkv(qkv, packed)

@@ -26,7 +26,14 @@ class Launcher:
     arguments, dtypes, pointer alignment mod 128: everything Triton specialises on, and more) goes the usual
     way, compiling and autotuning as needed; we keep the compiled kernel it returns and launch that directly
     for later calls with the same key. Tensors and scalars come apart so that the key is cheap to build: the
-    scalars as one tuple, the tensors by dtype and alignment. The interpreter always goes the usual way."""
+    scalars as one tuple, the tensors by dtype, device type and alignment.
+
+    Direct launches pass each tensor as its address (an int). Given a tensor, Triton's C launcher calls its
+    data_ptr() and then asks the CUDA driver (cuPointerGetAttribute) whether the address is device memory,
+    for every pointer argument of every launch: two dozen driver calls per attention forward+backward.
+    The first call of a kind made that check with the usual path, and the key keeps CPU tensors from ever
+    matching a CUDA kind; the dispatchers check that all tensors sit on one device. The interpreter always
+    goes the usual way."""
 
     def __init__(self, kernel):
         self.kernel, self.cache, self.direct = kernel, {}, not INTERPRET
@@ -37,8 +44,9 @@ class Launcher:
         if not self.direct:
             self.kernel[grid](*tensors, *scalars, **constexprs)
             return
+        pointers = [t.data_ptr() for t in tensors]
         key = (torch.cuda.current_device(), scalars, *constexprs.values())
-        key += tuple([(t.dtype, t.data_ptr() % 128) for t in tensors])
+        key += tuple([(t.dtype, t.is_cuda, p % 128) for t, p in zip(tensors, pointers)])
         hit = self.cache.get(key)
         if hit is None:
             compiled = self.kernel[grid](*tensors, *scalars, **constexprs)
@@ -50,6 +58,7 @@ class Launcher:
                 self.direct = False
             return
         compiled, meta, tail = hit
-        # the grid is worked out anew: it also counts sequences, which no argument of the key does
-        compiled[(*grid(meta), 1, 1)[:3]](*tensors, *scalars, *tail)  # on the current stream, as Triton's own
+        # the grid is worked out anew: it also counts sequences, which no argument of the key does; the launch
+        # goes on the current stream, as Triton's own
+        compiled[(*grid(meta), 1, 1)[:3]](*pointers, *scalars, *tail)
         self.hits += 1

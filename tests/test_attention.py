@@ -91,6 +91,13 @@ for dtype in TOL:
 if device == "cuda":
     from kernels.attention import _bwd_dkdv, _bwd_dq, _fwd
     assert all(launcher.hits > 0 for launcher in (_fwd, _bwd_dq, _bwd_dkdv)), "cached launches never ran"
+    # cached launches pass raw addresses, so the dispatcher must refuse a CPU tensor among CUDA ones
+    q = torch.randn(1, 2, 17, 32, device=device)
+    try:
+        attention(q, q.cpu(), q, impl="triton")
+        raise AssertionError("a CPU k was accepted")
+    except ValueError as e:
+        assert "one device" in str(e), e
 print("ok")
 """
 
@@ -243,8 +250,9 @@ def test_packed_stochastic_depth_drops_whole_crops():
 def test_launcher_reuses_a_compiled_kernel_only_for_the_same_kind_of_call(monkeypatch):
     """Launcher's bookkeeping, with a stand-in for Triton's autotuned kernel (the real direct launches run
     in the GPU test): the first call of a kind goes through the kernel, later identical kinds launch the
-    kept compiled kernel with the constexpr tail and the autotuned grid; any other integer, dtype or pointer
-    alignment is a new kind; missing internals switch the launcher back to the usual path for good."""
+    kept compiled kernel, with tensors passed as their addresses, the constexpr tail and the autotuned grid;
+    any other integer, dtype, device type or pointer alignment is a new kind; missing internals switch the
+    launcher back to the usual path for good."""
     pytest.importorskip("triton")
     from kernels.launch import Launcher
 
@@ -279,9 +287,14 @@ def test_launcher_reuses_a_compiled_kernel_only_for_the_same_kind_of_call(monkey
     launcher(grid(6), (x,), (101,), {"FLAG": True})  # another integer
     launcher(grid(6), (x.double(),), (100,), {"FLAG": True})  # another dtype
     launcher(grid(6), (x[1:],), (100,), {"FLAG": True})  # another alignment (4 bytes off)
-    assert [c[0] for c in calls] == ["usual", "direct", "direct", "direct", "usual", "usual", "usual"]
+
+    class OnGPU:  # x as a CUDA tensor would present itself to the launcher
+        dtype, is_cuda, data_ptr = x.dtype, True, x.data_ptr
+
+    launcher(grid(6), (OnGPU(),), (100,), {"FLAG": True})  # same address and dtype, another device type
+    assert [c[0] for c in calls] == ["usual", "direct", "direct", "direct"] + ["usual"] * 4
     _, grid_3d, args = calls[1]
-    assert grid_3d == (4, 6, 1) and args[0] is x and args[1:] == (100, True, 32)
+    assert grid_3d == (4, 6, 1) and args == (x.data_ptr(), 100, True, 32)
     assert calls[3][1] == (4, 2, 1) and launcher.hits == 3
 
     class Bare(Tuned):  # a Triton without these internals
