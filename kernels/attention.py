@@ -33,6 +33,8 @@ Programs whose query tile lies past the end of a short sequence return at once.
 Host time. At ViT sizes one forward+backward is a few hundred microseconds of GPU work, about what Python
 spends launching it, so the wrapper keeps launches lean: strides are passed once per memory layout, and
 `Launcher` (kernels/launch.py) launches the compiled kernel of an earlier call of the same kind directly.
+Under torch.compile the same launches run inside two custom operators (forward, backward), so the compiler
+keeps the attention in its graph instead of tracing the launcher's Python.
 
 `attention(q, k, v, impl)` and `attention_varlen(q, k, v, cu_seqlens, max_seqlen, impl)` dispatch: impl "auto"
 runs Triton on CUDA and PyTorch's `scaled_dot_product_attention` elsewhere; "triton", "sdpa" and "ref" force
@@ -45,6 +47,7 @@ compile them for sm_90 and sm_80 (tests/test_kernels_compile.py).
 from __future__ import annotations
 
 import os
+from typing import Optional  # the custom operators' schemas are read from these annotations
 
 import torch
 import torch.nn.functional as F
@@ -303,7 +306,8 @@ if triton is not None:
 
 def _strides(t: Tensor, packed: bool) -> tuple[int, int, int]:
     """(per sequence, per head, per token) element strides; packed sequences are found by token offset."""
-    return (0, t.stride(1), t.stride(0)) if packed else (t.stride(0), t.stride(1), t.stride(2))
+    st = t.stride()  # one call: each stride(i) is a call into C++
+    return (0, st[1], st[0]) if packed else st[:3]
 
 
 def _next_power_of_2(n: int) -> int:
@@ -312,12 +316,18 @@ def _next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _flags(q: Tensor, packed: bool, block_d: int) -> dict:
+def _flags(q: Tensor, packed: bool) -> dict:
     """Compile-time switches. fp32 inputs get exact fp32 products ("ieee", not TF32); 16-bit inputs multiply
-    natively; both accumulate in fp32."""
+    natively; both accumulate in fp32. The head dim is padded to a power of 2 (at least 16) on-chip."""
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     upcast = INTERPRET and q.dtype == torch.bfloat16
+    block_d = max(16, _next_power_of_2(q.shape[-1]))
     return dict(VARLEN=packed, BLOCK_D=block_d, PRECISION=precision, UPCAST=upcast)
+
+
+def _sizes(H: int, N: int, D: int) -> tuple[int, int, int, int]:
+    """(H, N, D, N_BUCKET): the longest sequence rounded up to a power of 2 keys the autotuner."""
+    return H, N, D, _next_power_of_2(N)
 
 
 def _empty_like_tokens(t: Tensor, packed: bool) -> Tensor:
@@ -335,8 +345,71 @@ def _split_qkv(qkv: Tensor, packed: bool) -> tuple[Tensor, Tensor, Tensor]:
     return qkv.unbind(1) if packed else qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
+def _one_layout(q: Tensor, k: Tensor, v: Tensor, packed: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v as they are if they share strides with d contiguous (views of one fused qkv always do), else
+    copies into one layout: the kernels take one stride set for the three."""
+    st = q.stride()
+    if st[-1] != 1 or k.stride() != st or v.stride() != st:
+        return tuple(_empty_like_tokens(t, packed).copy_(t) for t in (q, k, v))
+    return q, k, v
+
+
 if triton is not None:
     _fwd, _bwd_dq, _bwd_dkdv = Launcher(_attn_fwd), Launcher(_attn_bwd_dq), Launcher(_attn_bwd_dkdv)
+
+
+def _launch_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None, max_seqlen: int):
+    """(out, lse): the forward kernel on q, k, v of one layout; out in the (B, N, H, D) memory layout, lse the
+    log-sum-exp per row in log2 units, (B, H, N) dense or (H, T) packed."""
+    packed = cu_seqlens is not None
+    if packed:
+        T, H, D = q.shape
+        n_seqs, N = cu_seqlens.numel() - 1, max_seqlen
+        lse = q.new_empty(H, T, dtype=torch.float32)
+        lse_strides = (0, T)
+    else:
+        n_seqs, H, N, D = q.shape
+        lse = q.new_empty(n_seqs, H, N, dtype=torch.float32)
+        lse_strides = (H * N, N)
+    o = _empty_like_tokens(q, packed)
+    grid = lambda meta: (-(-N // meta["BLOCK_M"]), n_seqs * H)  # noqa: E731
+    scalars = (*_strides(q, packed), *_strides(o, packed), *lse_strides, *_sizes(H, N, D), D**-0.5 * LOG2_E)
+    # dense: cu_seqlens is not read (VARLEN off), any pointer will do
+    _fwd(grid, (q, k, v, o, lse, lse if cu_seqlens is None else cu_seqlens), scalars, _flags(q, packed))
+    return o, lse
+
+
+def _launch_backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, dq, dk, dv) -> None:
+    """Writes dq, dk, dv (one layout among them) from dout (d contiguous) and what the forward kept."""
+    packed = cu_seqlens is not None
+    D = q.shape[-1]
+    if packed:
+        H, T = lse.shape
+        n_seqs, N, lse_strides = cu_seqlens.numel() - 1, max_seqlen, (0, T)
+    else:
+        n_seqs, H, N = lse.shape
+        lse_strides = (H * N, N)
+        cu_seqlens = lse  # not read
+    delta = torch.empty_like(lse)  # rowsum(dO * out), written by the dq kernel for the dk/dv kernel
+    flags, qkv_strides, d_strides = _flags(q, packed), _strides(q, packed), _strides(dq, packed)
+    rest = (*lse_strides, *_sizes(H, N, D), D**-0.5 * LOG2_E, D**-0.5)
+    _bwd_dq(
+        lambda meta: (-(-N // meta["BLOCK_M"]), n_seqs * H),
+        (q, k, v, o, do, dq, lse, delta, cu_seqlens),
+        (*qkv_strides, *_strides(o, packed), *_strides(do, packed), *d_strides, *rest),
+        flags,
+    )
+    _bwd_dkdv(
+        lambda meta: (-(-N // meta["BLOCK_N"]), n_seqs * H),
+        (q, k, v, do, dk, dv, lse, delta, cu_seqlens),
+        (*qkv_strides, *_strides(do, packed), *d_strides, *rest),
+        flags,
+    )
+
+
+def _d_contiguous(do: Tensor, packed: bool) -> Tensor:
+    """dout as it is when d is contiguous, else a copy (a broadcast gradient has stride 0 there too)."""
+    return do if do.stride(-1) == 1 else _empty_like_tokens(do, packed).copy_(do)
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -349,61 +422,77 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen):
-        packed, ctx.fused = cu_seqlens is not None, k is None
-        if ctx.fused:
-            q, k, v = _split_qkv(q, packed)
-        elif q.stride(-1) != 1 or k.stride() != q.stride() or v.stride() != q.stride():
-            q, k, v = (_empty_like_tokens(t, packed).copy_(t) for t in (q, k, v))
-        if packed:
-            T, H, D = q.shape
-            n_seqs, N = cu_seqlens.numel() - 1, max_seqlen
-            lse = q.new_empty(H, T, dtype=torch.float32)
-            lse_strides = (0, T)
-        else:
-            n_seqs, H, N, D = q.shape
-            lse = q.new_empty(n_seqs, H, N, dtype=torch.float32)
-            lse_strides = (H * N, N)
-            cu_seqlens = lse  # not read when VARLEN is off; any pointer will do
-        o = _empty_like_tokens(q, packed)
-        flags = _flags(q, packed, max(16, _next_power_of_2(D)))
-        scale = D**-0.5
-        sizes = (H, N, D, _next_power_of_2(N))
-        grid = lambda meta: (-(-N // meta["BLOCK_M"]), n_seqs * H)  # noqa: E731
-        qkv_strides, o_strides = _strides(q, packed), _strides(o, packed)
-        scalars = (*qkv_strides, *o_strides, *lse_strides, *sizes, scale * LOG2_E)
-        _fwd(grid, (q, k, v, o, lse, cu_seqlens), scalars, flags)
+        packed, ctx.fused, ctx.max_seqlen = cu_seqlens is not None, k is None, max_seqlen
+        q, k, v = _split_qkv(q, packed) if ctx.fused else _one_layout(q, k, v, packed)
+        o, lse = _launch_forward(q, k, v, cu_seqlens, max_seqlen)
         ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
-        ctx.meta = (packed, n_seqs, qkv_strides, o_strides, lse_strides, sizes, scale, flags)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-        packed, n_seqs, qkv_strides, o_strides, lse_strides, sizes, scale, flags = ctx.meta
-        H, N = sizes[:2]
-        if do.stride(-1) != 1:  # d not contiguous (a broadcast gradient has stride 0 there too)
-            do = _empty_like_tokens(do, packed).copy_(do)
+        packed = cu_seqlens is not None
         # dq, dk, dv: views of one (B, N, 3, H, D) buffer, the layout of a fused qkv projection's output
-        D = q.shape[-1]
-        dqkv = q.new_empty(q.shape[0], 3, H, D) if packed else q.new_empty(n_seqs, N, 3, H, D)
+        H, D = q.shape[-2:] if packed else (q.shape[1], q.shape[3])
+        dqkv = q.new_empty(q.shape[0], 3, H, D) if packed else q.new_empty(q.shape[0], q.shape[2], 3, H, D)
         dq, dk, dv = _split_qkv(dqkv, packed)
-        delta = torch.empty_like(lse)
-        g_strides, d_strides, scales = _strides(do, packed), _strides(dq, packed), (scale * LOG2_E, scale)
-        _bwd_dq(
-            lambda meta: (-(-N // meta["BLOCK_M"]), n_seqs * H),
-            (q, k, v, o, do, dq, lse, delta, cu_seqlens),
-            (*qkv_strides, *o_strides, *g_strides, *d_strides, *lse_strides, *sizes, *scales),
-            flags,
-        )
-        _bwd_dkdv(
-            lambda meta: (-(-N // meta["BLOCK_N"]), n_seqs * H),
-            (q, k, v, do, dk, dv, lse, delta, cu_seqlens),
-            (*qkv_strides, *g_strides, *d_strides, *lse_strides, *sizes, *scales),
-            flags,
-        )
+        _launch_backward(_d_contiguous(do, packed), q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, dq, dk, dv)
         if ctx.fused:
             return dqkv, None, None, None, None
         return dq, dk, dv, None, None
+
+
+# Under torch.compile the kernels are custom operators: the compiler sees an opaque op with known output
+# shapes (the "fake" functions) and a registered backward, where it would otherwise trace into the Python
+# of the launcher and break the graph. Eager calls keep the autograd.Function above (less host time).
+if triton is not None:
+
+    @torch.library.custom_op("minidino::flash_attention", mutates_args=())
+    def _flash_op(
+        q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: int
+    ) -> tuple[Tensor, Tensor]:
+        """(out, lse), as `_launch_forward`; lse is kept for the backward, not differentiated."""
+        return _launch_forward(*_one_layout(q, k, v, cu_seqlens is not None), cu_seqlens, max_seqlen)
+
+    @_flash_op.register_fake
+    def _(q, k, v, cu_seqlens, max_seqlen):
+        if cu_seqlens is not None:
+            return _empty_like_tokens(q, True), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+        return _empty_like_tokens(q, False), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    @torch.library.custom_op("minidino::flash_attention_backward", mutates_args=())
+    def _flash_backward_op(
+        do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, cu: Optional[Tensor], n: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(dq, dk, dv); cu and n: cu_seqlens and the longest sequence, as for the forward."""
+        packed = cu is not None
+        q, k, v = _one_layout(q, k, v, packed)
+        dq, dk, dv = (_empty_like_tokens(q, packed) for _ in range(3))  # one layout for the three
+        _launch_backward(_d_contiguous(do, packed), q, k, v, o, lse, cu, n, dq, dk, dv)
+        return dq, dk, dv
+
+    @_flash_backward_op.register_fake
+    def _(do, q, k, v, o, lse, cu, n):
+        return tuple(_empty_like_tokens(q, cu is not None) for _ in range(3))
+
+    def _save_for_backward(ctx, inputs, output):
+        q, k, v, cu_seqlens, ctx.max_seqlen = inputs
+        ctx.save_for_backward(q, k, v, *output, cu_seqlens)
+
+    def _op_backward(ctx, do, _dlse):
+        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+        return *_flash_backward_op(do, q, k, v, o, lse, cu_seqlens, ctx.max_seqlen), None, None
+
+    _flash_op.register_autograd(_op_backward, setup_context=_save_for_backward)
+
+
+def _flash(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None, max_seqlen: int) -> Tensor:
+    """The Triton path: the custom operator under torch.compile, the autograd.Function otherwise."""
+    if torch.compiler.is_compiling():
+        if k is None:  # fused qkv: the compiler handles its split and the gradients' concatenation
+            q, k, v = _split_qkv(q, cu_seqlens is not None)
+        return _flash_op(q, k, v, cu_seqlens, max_seqlen)[0]
+    return _FlashAttention.apply(q, k, v, cu_seqlens, max_seqlen)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -442,7 +531,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, impl: str = "auto") -> Tensor:
         )
     if _use_triton(q, impl):
         _one_device(q, k, v)
-        return _FlashAttention.apply(q, k, v, None, None)
+        return _flash(q, k, v, None, q.shape[2])
     if impl == "ref":
         return attention_ref(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
@@ -457,7 +546,7 @@ def attention_varlen(
         raise ValueError(f"attention_varlen: q, k, v must share one (T, H, D) shape, got {tuple(q.shape)}")
     if _use_triton(q, impl):
         _one_device(q, k, v)
-        return _FlashAttention.apply(q, k, v, cu_seqlens.to(q.device, torch.int32), int(max_seqlen))
+        return _flash(q, k, v, cu_seqlens.to(q.device, torch.int32), int(max_seqlen))
     return attention_varlen_torch(q, k, v, cu_seqlens, "ref" if impl == "ref" else "sdpa")
 
 
@@ -475,8 +564,8 @@ def attention_qkv(
     if _use_triton(qkv, impl):
         if qkv.stride(-1) != 1:
             qkv = qkv.contiguous()
-        args = (cu_seqlens.to(qkv.device, torch.int32), int(max_seqlen)) if packed else (None, None)
-        out = _FlashAttention.apply(qkv, None, None, *args)
+        args = (cu_seqlens.to(qkv.device, torch.int32), int(max_seqlen)) if packed else (None, qkv.shape[1])
+        out = _flash(qkv, None, None, *args)
         return out if packed else out.transpose(1, 2)
     q, k, v = _split_qkv(qkv, packed)
     if packed:

@@ -128,6 +128,29 @@ for packed in (False, True):
 print("ok")
 """
 
+COMPILE_CHECK = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from minidino.vit import Attention, Packing
+device = sys.argv[2]
+# CPU: dynamo + AOTAutograd (no C++ compiler needed); GPU: inductor, with the kernels inside its graph
+backend = "inductor" if device == "cuda" else "aot_eager"
+torch.manual_seed(0)
+m = Attention(64, 2, "triton").to(device)
+ref = Attention(64, 2, "sdpa").to(device)
+ref.load_state_dict(m.state_dict())
+for packing in (None, Packing.from_lengths([17, 17, 5, 5, 5], device)):
+    x = torch.randn((3, 17, 64) if packing is None else (49, 64), device=device, requires_grad=True)
+    # fullgraph: the attention call must not break the graph (it is a custom operator under compile)
+    out = torch.compile(lambda x: m(x, packing=packing), backend=backend, fullgraph=True)(x)
+    want = ref(x, packing=packing)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    got = torch.autograd.grad((out * want.detach()).sum(), [x, *m.parameters()])
+    for g, w in zip(got, torch.autograd.grad((want * want.detach()).sum(), [x, *ref.parameters()])):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+print("ok")
+"""
+
 
 def _child(script: str, device: str, size: str = "small") -> None:
     # on GPU, one tile config per kernel: this checks correctness, the benchmark autotunes
@@ -143,10 +166,17 @@ def test_vit_with_triton_attention_matches_sdpa_in_interpreter(triton_interprete
     _child(VIT_CHECK, "cpu")
 
 
+def test_compiled_attention_with_triton_in_interpreter(triton_interpreter):
+    """torch.compile sees the Triton path as one custom operator (forward and backward): no graph break,
+    the same outputs and gradients as SDPA, dense and packed."""
+    _child(COMPILE_CHECK, "cpu")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_kernels_match_reference_on_gpu():
     _child(KERNEL_CHECK, "cuda", "big")
     _child(VIT_CHECK, "cuda")
+    _child(COMPILE_CHECK, "cuda")
 
 
 def test_reference_matches_sdpa_and_softmax_properties():
