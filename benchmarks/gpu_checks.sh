@@ -19,7 +19,7 @@ for s in $sections; do
   echo "== $s ($(date +%T))"
   case $s in
     tests)
-      timeout 300 python -m pytest -q -rs -k "gpu or cuda" tests/test_attention.py tests/test_drop_path.py 2>&1 | tee "$out/tests.txt" ;;
+      timeout 420 python -m pytest -q -rs -k "gpu or cuda" tests/test_attention.py tests/test_drop_path.py 2>&1 | tee "$out/tests.txt" ;;
     attention)
       TRITON_PRINT_AUTOTUNING=1 timeout 300 python benchmarks/attention.py 2>&1 | tee "$out/attention.jsonl" ;;
     graphs)
