@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.launch import INTERPRET, Launcher
+from kernels.launch import INTERPRET, Launcher, cdiv, next_power_of_2
 
 try:
     import triton
@@ -310,24 +310,18 @@ def _strides(t: Tensor, packed: bool) -> tuple[int, int, int]:
     return (0, st[1], st[0]) if packed else st[:3]
 
 
-def _next_power_of_2(n: int) -> int:
-    """Plain Python: triton.next_power_of_2 goes through Triton's JIT-function call machinery, several
-    microseconds of host time per call."""
-    return 1 << (n - 1).bit_length()
-
-
 def _flags(q: Tensor, packed: bool) -> dict:
     """Compile-time switches. fp32 inputs get exact fp32 products ("ieee", not TF32); 16-bit inputs multiply
     natively; both accumulate in fp32. The head dim is padded to a power of 2 (at least 16) on-chip."""
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     upcast = INTERPRET and q.dtype == torch.bfloat16
-    block_d = max(16, _next_power_of_2(q.shape[-1]))
+    block_d = max(16, next_power_of_2(q.shape[-1]))
     return dict(VARLEN=packed, BLOCK_D=block_d, PRECISION=precision, UPCAST=upcast)
 
 
 def _sizes(H: int, N: int, D: int) -> tuple[int, int, int, int]:
     """(H, N, D, N_BUCKET): the longest sequence rounded up to a power of 2 keys the autotuner."""
-    return H, N, D, _next_power_of_2(N)
+    return H, N, D, next_power_of_2(N)
 
 
 def _empty_like_tokens(t: Tensor, packed: bool) -> Tensor:
@@ -372,7 +366,7 @@ def _launch_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None, 
         lse = q.new_empty(n_seqs, H, N, dtype=torch.float32)
         lse_strides = (H * N, N)
     o = _empty_like_tokens(q, packed)
-    grid = lambda meta: (-(-N // meta["BLOCK_M"]), n_seqs * H)  # noqa: E731
+    grid = lambda meta: (cdiv(N, meta["BLOCK_M"]), n_seqs * H)  # noqa: E731
     scalars = (*_strides(q, packed), *_strides(o, packed), *lse_strides, *_sizes(H, N, D), D**-0.5 * LOG2_E)
     # dense: cu_seqlens is not read (VARLEN off), any pointer will do
     _fwd(grid, (q, k, v, o, lse, lse if cu_seqlens is None else cu_seqlens), scalars, _flags(q, packed))
@@ -394,13 +388,13 @@ def _launch_backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, dq, dk, dv) ->
     flags, qkv_strides, d_strides = _flags(q, packed), _strides(q, packed), _strides(dq, packed)
     rest = (*lse_strides, *_sizes(H, N, D), D**-0.5 * LOG2_E, D**-0.5)
     _bwd_dq(
-        lambda meta: (-(-N // meta["BLOCK_M"]), n_seqs * H),
+        lambda meta: (cdiv(N, meta["BLOCK_M"]), n_seqs * H),
         (q, k, v, o, do, dq, lse, delta, cu_seqlens),
         (*qkv_strides, *_strides(o, packed), *_strides(do, packed), *d_strides, *rest),
         flags,
     )
     _bwd_dkdv(
-        lambda meta: (-(-N // meta["BLOCK_N"]), n_seqs * H),
+        lambda meta: (cdiv(N, meta["BLOCK_N"]), n_seqs * H),
         (q, k, v, do, dk, dv, lse, delta, cu_seqlens),
         (*qkv_strides, *_strides(do, packed), *d_strides, *rest),
         flags,

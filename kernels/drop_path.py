@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.launch import INTERPRET
+from kernels.launch import INTERPRET, cdiv, next_power_of_2
 
 try:
     import triton
@@ -108,8 +108,8 @@ if triton is not None:
 
 def _tiles(N: int, C: int) -> tuple[int, int]:
     """BLOCK_C covers all channels (next power of 2); BLOCK_N keeps a tile near 4k elements."""
-    block_c = triton.next_power_of_2(C)
-    return max(1, min(triton.next_power_of_2(N), 4096 // block_c)), block_c
+    block_c = next_power_of_2(C)
+    return max(1, min(next_power_of_2(N), 4096 // block_c)), block_c
 
 
 class _DropAdd(torch.autograd.Function):
@@ -122,7 +122,7 @@ class _DropAdd(torch.autograd.Function):
         out = torch.empty_like(x)
         block_n, block_c = _tiles(N, C)
         g = gamma if gamma is not None else x  # a dummy pointer when there is no gamma
-        _drop_add_fwd[(B, triton.cdiv(N, block_n))](
+        _drop_add_fwd[(B, cdiv(N, block_n))](
             x, y, g, src, out, N, C, scale, HAS_GAMMA=gamma is not None, BLOCK_N=block_n, BLOCK_C=block_c
         )
         ctx.save_for_backward(y, kept, gamma if gamma is not None else torch.empty(0, device=x.device))
@@ -135,7 +135,7 @@ class _DropAdd(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         _, N, C = grad_out.shape
         block_n, block_c = _tiles(N, C)
-        n_tiles = triton.cdiv(N, block_n)
+        n_tiles = cdiv(N, block_n)
         grad_y = torch.empty_like(y)
         partial = torch.empty(kept.numel() * n_tiles, C, dtype=torch.float32, device=y.device)
         g = gamma if ctx.has_gamma else y

@@ -1,5 +1,5 @@
-"""Launching Triton kernels with little host time per call (used by kernels/attention.py), and whether
-Triton runs in its CPU interpreter.
+"""Launching Triton kernels with little host time per call (used by kernels/attention.py), whether Triton
+runs in its CPU interpreter, and the two grid-size helpers both kernel files use.
 
 At ViT sizes a fused kernel can finish on the GPU in less time than Python takes to launch it; then the GPU
 waits for the host, and a kernel that is faster on the GPU loses end to end. `Launcher` removes most of the
@@ -13,6 +13,16 @@ import os
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run as Python on the CPU (tests)
+
+
+# Host-side sizes in plain Python: triton.cdiv and triton.next_power_of_2 go through Triton's JIT-function
+# call machinery, several microseconds of host time per call.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 class Launcher:
