@@ -59,6 +59,16 @@ for shape, dtype in cases:
     close(out_f.transpose(1, 2), ref, "forward (fused qkv)")
     g_f = torch.autograd.grad(out_f, qkv, go.transpose(1, 2))[0]
     close(g_f, torch.stack([w.transpose(1, 2) for w in want], 2), "grad (fused qkv)")  # (B, N, 3, H, D)
+    if shape == shapes[0]:
+        # the gradient reaches qkv straight from the kernels' node: no unbind/stack in between
+        nodes, fn = [], out_f.grad_fn
+        while fn is not None:
+            nodes.append(type(fn).__name__)
+            fn = fn.next_functions[0][0] if fn.next_functions else None
+        assert nodes[-1] == "AccumulateGrad" and not any("Unbind" in n or "Stack" in n for n in nodes), nodes
+        # a qkv whose d axis is not contiguous is copied first, with the same results
+        odd = qkv.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_()
+        close(attention_qkv(odd, impl="triton").transpose(1, 2), ref, "forward (d-strided qkv)")
     # contiguous inputs take the same kernels with other strides
     qc, kc, vc = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
     close(attention(qc, kc, vc, impl="triton"), ref, "forward (contiguous)")
