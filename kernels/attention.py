@@ -348,6 +348,16 @@ def _one_layout(q: Tensor, k: Tensor, v: Tensor, packed: bool) -> tuple[Tensor, 
     return q, k, v
 
 
+def _empty_qkv_like(q: Tensor, packed: bool) -> Tensor:
+    """One buffer for three tensors shaped like q, in the layout of a fused qkv projection's output:
+    (B, N, 3, H, D) for q (B, H, N, D); packed: (T, 3, H, D) for q (T, H, D)."""
+    if packed:
+        T, H, D = q.shape
+        return q.new_empty(T, 3, H, D)
+    B, H, N, D = q.shape
+    return q.new_empty(B, N, 3, H, D)
+
+
 if triton is not None:
     _fwd, _bwd_dq, _bwd_dkdv = Launcher(_attn_fwd), Launcher(_attn_bwd_dq), Launcher(_attn_bwd_dkdv)
 
@@ -426,9 +436,7 @@ class _FlashAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
         packed = cu_seqlens is not None
-        # dq, dk, dv: views of one (B, N, 3, H, D) buffer, the layout of a fused qkv projection's output
-        H, D = q.shape[-2:] if packed else (q.shape[1], q.shape[3])
-        dqkv = q.new_empty(q.shape[0], 3, H, D) if packed else q.new_empty(q.shape[0], q.shape[2], 3, H, D)
+        dqkv = _empty_qkv_like(q, packed)
         dq, dk, dv = _split_qkv(dqkv, packed)
         _launch_backward(_d_contiguous(do, packed), q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, dq, dk, dv)
         if ctx.fused:
