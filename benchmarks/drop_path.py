@@ -61,19 +61,42 @@ def main(argv: list[str]) -> None:
         g = torch.randn(C, device=device, dtype=dtype, requires_grad=True)
         kept = torch.randperm(B, device=device)[:n_keep]
         row = {}
-        for impl in (["ref", "triton"] if device.type == "cuda" else ["ref"]):
+        for impl in ["ref", "triton"] if device.type == "cuda" else ["ref"]:
             fwd, _ = timed(lambda: drop_add(x, y, kept, B / n_keep, g, impl), repeats, device)
+
             def fwd_bwd():
                 drop_add(x, y, kept, B / n_keep, g, impl).float().sum().backward()
 
             fb, peak = timed(fwd_bwd, repeats, device)
             row[impl] = fb
-            print(json.dumps({"benchmark": "drop_add", "device": gpu, "arch": arch, "B": B, "N": N, "C": C,
-                              "p": 0.4, "impl": impl, "fwd_ms": round(fwd, 4), "fwd_bwd_ms": round(fb, 4),
-                              "peak_mib": peak and round(peak, 1)}))
+            print(
+                json.dumps(
+                    {
+                        "benchmark": "drop_add",
+                        "device": gpu,
+                        "arch": arch,
+                        "B": B,
+                        "N": N,
+                        "C": C,
+                        "p": 0.4,
+                        "impl": impl,
+                        "fwd_ms": round(fwd, 4),
+                        "fwd_bwd_ms": round(fb, 4),
+                        "peak_mib": peak and round(peak, 1),
+                    }
+                )
+            )
         if "triton" in row:
-            print(json.dumps({"benchmark": "drop_add_speedup", "device": gpu, "arch": arch,
-                              "triton_vs_ref_fwd_bwd": round(row["ref"] / row["triton"], 3)}))
+            print(
+                json.dumps(
+                    {
+                        "benchmark": "drop_add_speedup",
+                        "device": gpu,
+                        "arch": arch,
+                        "triton_vs_ref_fwd_bwd": round(row["ref"] / row["triton"], 3),
+                    }
+                )
+            )
 
     # 2. whole blocks
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -93,10 +116,18 @@ def main(argv: list[str]) -> None:
 
                 ms, peak = timed(step, repeats, device)
                 base = base or ms
-                row = {"benchmark": "block", "device": gpu, "arch": arch, "B": B, "N": N, "p": p,
-                       "impl": impl,
-                       "fwd_bwd_ms": round(ms, 3), "peak_mib": peak and round(peak, 1),
-                       "speedup_vs_mask": round(base / ms, 3)}
+                row = {
+                    "benchmark": "block",
+                    "device": gpu,
+                    "arch": arch,
+                    "B": B,
+                    "N": N,
+                    "p": p,
+                    "impl": impl,
+                    "fwd_bwd_ms": round(ms, 3),
+                    "peak_mib": peak and round(peak, 1),
+                    "speedup_vs_mask": round(base / ms, 3),
+                }
                 print(json.dumps(row))
 
 

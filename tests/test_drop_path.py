@@ -101,6 +101,7 @@ def test_unbiased_eval_deterministic_and_p0_skips_drop_code(impl, monkeypatch):
     # one residual branch is unbiased exactly; two in a row only approximately (the second sees a noisy input)
     assert (mean - clean).abs().mean() < 0.05 * clean.abs().mean()
     p0 = _block(impl, p=0.0).train()
+
     def forbidden(*args, **kwargs):
         raise AssertionError("drop code ran at p = 0")
 
