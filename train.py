@@ -432,7 +432,7 @@ def step_masks(cfg: C.Config, global_crop: Tensor, step: int, rank: int = 0, wor
     if not masks.any():  # decided on the global batch, so every process takes the same branch
         return None
     masks = masks.view(2, world, b, -1)[:, rank].reshape(2 * b, -1)  # (crop, process, image, N) -> ours
-    return masks.to(global_crop.device)
+    return masks.to(global_crop.device, non_blocking=True)  # no stream sync: see attention.packed_offsets
 
 
 def load_distill_teacher(cfg: C.Config):

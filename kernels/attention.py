@@ -585,7 +585,10 @@ def packed_offsets(lengths: list[int], device: torch.device | str) -> tuple[Tens
     """cu_seqlens (int32, len(lengths) + 1) and the longest length, for `attention_varlen`."""
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
-    return cu.to(device), max(lengths)
+    # non_blocking: PyTorch follows a blocking copy to the GPU with a stream sync, which makes the host wait
+    # for all queued work; from pageable memory the driver stages the bytes before returning, so the source
+    # may go away at once
+    return cu.to(device, non_blocking=True), max(lengths)
 
 
 __all__ = [
