@@ -23,7 +23,7 @@ def json_lines(script: str, *args: str) -> list[dict]:
 
 
 def test_attention_benchmark_runs_on_cpu():
-    rows = json_lines("attention.py", "--quick")
+    rows = json_lines("attention.py", "--quick", "--graphs")  # --graphs only acts on a GPU
     shapes = {r["shape"] for r in rows if r["benchmark"] == "attention"}
     assert shapes == {"tiny_global", "tiny_local", "dino_step_packed"}
     for r in rows:
