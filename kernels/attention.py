@@ -324,6 +324,24 @@ def _sizes(H: int, N: int, D: int) -> tuple[int, int, int, int]:
     return H, N, D, next_power_of_2(N)
 
 
+def _problem(q: Tensor, cu_seqlens: Tensor | None, max_seqlen: int) -> tuple[int, int, int, int]:
+    """(sequences, heads, longest sequence, head dim) of q: dense (B, H, N, D) or packed (T, H, D)."""
+    if cu_seqlens is None:
+        return tuple(q.shape)
+    return cu_seqlens.numel() - 1, q.shape[1], max_seqlen, q.shape[2]
+
+
+def _empty_lse(q: Tensor, packed: bool) -> Tensor:
+    """The log-sum-exp of every query row, fp32: (B, H, N) for dense q, (H, T) for packed q."""
+    shape = (q.shape[1], q.shape[0]) if packed else q.shape[:3]
+    return q.new_empty(shape, dtype=torch.float32)
+
+
+def _lse_strides(lse: Tensor, packed: bool) -> tuple[int, int]:
+    """(per sequence, per head) strides of lse (and delta); packed rows are found by token offset."""
+    return (0, lse.stride(0)) if packed else lse.stride()[:2]
+
+
 def _empty_like_tokens(t: Tensor, packed: bool) -> Tensor:
     """Buffer laid out as (B, N, H, D) in memory (packed: (T, H, D)), so 'b h n d -> b n (h d)' after it is
     a free view."""
@@ -364,48 +382,35 @@ if triton is not None:
 
 def _launch_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None, max_seqlen: int):
     """(out, lse): the forward kernel on q, k, v of one layout; out in the (B, N, H, D) memory layout, lse the
-    log-sum-exp per row in log2 units, (B, H, N) dense or (H, T) packed."""
+    log-sum-exp per row in log2 units (`_empty_lse`)."""
     packed = cu_seqlens is not None
-    if packed:
-        T, H, D = q.shape
-        n_seqs, N = cu_seqlens.numel() - 1, max_seqlen
-        lse = q.new_empty(H, T, dtype=torch.float32)
-        lse_strides = (0, T)
-    else:
-        n_seqs, H, N, D = q.shape
-        lse = q.new_empty(n_seqs, H, N, dtype=torch.float32)
-        lse_strides = (H * N, N)
-    o = _empty_like_tokens(q, packed)
+    n_seqs, H, N, D = _problem(q, cu_seqlens, max_seqlen)
+    o, lse = _empty_like_tokens(q, packed), _empty_lse(q, packed)
     grid = lambda meta: (cdiv(N, meta["BLOCK_M"]), n_seqs * H)  # noqa: E731
-    scalars = (*_strides(q, packed), *_strides(o, packed), *lse_strides, *_sizes(H, N, D), D**-0.5 * LOG2_E)
+    scalars = (*_strides(q, packed), *_strides(o, packed), *_lse_strides(lse, packed), *_sizes(H, N, D))
     # dense: cu_seqlens is not read (VARLEN off), any pointer will do
-    _fwd(grid, (q, k, v, o, lse, lse if cu_seqlens is None else cu_seqlens), scalars, _flags(q, packed))
+    cu = lse if cu_seqlens is None else cu_seqlens
+    _fwd(grid, (q, k, v, o, lse, cu), (*scalars, D**-0.5 * LOG2_E), _flags(q, packed))
     return o, lse
 
 
 def _launch_backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, dq, dk, dv) -> None:
     """Writes dq, dk, dv (one layout among them) from dout (d contiguous) and what the forward kept."""
     packed = cu_seqlens is not None
-    D = q.shape[-1]
-    if packed:
-        H, T = lse.shape
-        n_seqs, N, lse_strides = cu_seqlens.numel() - 1, max_seqlen, (0, T)
-    else:
-        n_seqs, H, N = lse.shape
-        lse_strides = (H * N, N)
-        cu_seqlens = lse  # not read
+    n_seqs, H, N, D = _problem(q, cu_seqlens, max_seqlen)
+    cu = lse if cu_seqlens is None else cu_seqlens  # dense: not read
     delta = torch.empty_like(lse)  # rowsum(dO * out), written by the dq kernel for the dk/dv kernel
     flags, qkv_strides, d_strides = _flags(q, packed), _strides(q, packed), _strides(dq, packed)
-    rest = (*lse_strides, *_sizes(H, N, D), D**-0.5 * LOG2_E, D**-0.5)
+    rest = (*_lse_strides(lse, packed), *_sizes(H, N, D), D**-0.5 * LOG2_E, D**-0.5)
     _bwd_dq(
         lambda meta: (cdiv(N, meta["BLOCK_M"]), n_seqs * H),
-        (q, k, v, o, do, dq, lse, delta, cu_seqlens),
+        (q, k, v, o, do, dq, lse, delta, cu),
         (*qkv_strides, *_strides(o, packed), *_strides(do, packed), *d_strides, *rest),
         flags,
     )
     _bwd_dkdv(
         lambda meta: (cdiv(N, meta["BLOCK_N"]), n_seqs * H),
-        (q, k, v, do, dk, dv, lse, delta, cu_seqlens),
+        (q, k, v, do, dk, dv, lse, delta, cu),
         (*qkv_strides, *_strides(do, packed), *d_strides, *rest),
         flags,
     )
@@ -458,9 +463,8 @@ if triton is not None:
 
     @_flash_op.register_fake
     def _(q, k, v, cu_seqlens, max_seqlen):
-        if cu_seqlens is not None:
-            return _empty_like_tokens(q, True), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
-        return _empty_like_tokens(q, False), q.new_empty(q.shape[:3], dtype=torch.float32)
+        packed = cu_seqlens is not None
+        return _empty_like_tokens(q, packed), _empty_lse(q, packed)
 
     @torch.library.custom_op("minidino::flash_attention_backward", mutates_args=())
     def _flash_backward_op(
