@@ -29,10 +29,12 @@ import sys
 
 import torch
 
-from minidino import config as C
+from minidino import seeds
 from minidino.augment import eval_transform
 from minidino.checkpoint import backbone_state_dict, load_checkpoint, load_model_state
+from minidino.config import Config, ConfigError, DataConfig, from_dict
 from minidino.data import DataError, ShapesDataset, build_dataset
+from minidino.dist import DEVICES, resolve_device
 from minidino.evaluate import (
     attention_threshold_masks,
     cls_attention,
@@ -44,23 +46,23 @@ from minidino.evaluate import (
     upsample_masks,
 )
 from minidino.visualize import plot_attention_maps, plot_pca, plot_training_curves
-from minidino.vit import build_vit
+from minidino.vit import VisionTransformer
 
 TASKS = ("knn", "linear", "attention", "pca", "seg")
 
 
-def load_backbone(path: str, random_init: bool = False) -> tuple[torch.nn.Module, C.Config]:
+def load_backbone(path: str, random_init: bool = False) -> tuple[torch.nn.Module, Config]:
     """The teacher backbone of a run folder or checkpoint file, and the run's config."""
     state = load_checkpoint(path)
-    cfg = C.from_dict(state["config"])
-    torch.manual_seed(cfg.run.seed)
-    backbone = build_vit(cfg.model)
+    cfg = from_dict(state["config"])
+    seeds.model_init(cfg.run.seed)
+    backbone = VisionTransformer(cfg.model)
     if not random_init:
         load_model_state(backbone, backbone_state_dict(state["teacher"]), f"checkpoint {path}")
     return backbone.eval(), cfg
 
 
-def data_config(cfg: C.Config, data: str | None, size: int | None) -> C.DataConfig:
+def data_config(cfg: Config, data: str | None, size: int | None) -> DataConfig:
     d = cfg.data
     if data and data != "shapes":
         d.dataset, d.root = "imagefolder", data
@@ -88,7 +90,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--seg-images", type=int, default=256, help="held-out images scored by --seg")
     p.add_argument("--out", help="report folder (default: <run>/eval or <run>/eval_random_init)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
     return p.parse_args(argv)
 
 
@@ -117,9 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         ks = tuple(int(k) for k in args.ks.split(","))
     except ValueError:
-        raise C.ConfigError(f"--ks: expected comma-separated integers, got {args.ks!r}") from None
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if args.device == "auto" else args.device)
+        raise ConfigError(f"--ks: expected comma-separated integers, got {args.ks!r}") from None
+    device = resolve_device(args.device)
     backbone, cfg = load_backbone(args.checkpoint, args.random_init)
     backbone.to(device)
     data = data_config(cfg, args.data, args.size)
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or os.path.join(run_dir, "eval" + ("_random_init" if args.random_init else ""))
     os.makedirs(out, exist_ok=True)
     ckpt = os.path.join(run_dir, "checkpoint.pt") if os.path.isdir(args.checkpoint) else args.checkpoint
-    key = {
+    key = {  # what the cached features depend on
         "checkpoint": os.path.abspath(ckpt),
         "mtime": os.path.getmtime(ckpt),
         "random_init": args.random_init,
@@ -145,70 +146,91 @@ def main(argv: list[str] | None = None) -> dict:
         "n_test": len(test_set),
         "figures": {},
     }
-
     if "knn" in tasks or "linear" in tasks:
         tr = cached_tokens(backbone, train_set, "train", key, out, device, args)
         te = cached_tokens(backbone, test_set, "test", key, out, device, args)
     if "knn" in tasks:
-        norm = torch.nn.functional.normalize
-        acc = knn_classify(norm(tr[0], dim=-1), tr[2], norm(te[0], dim=-1), te[2], ks, args.temperature)
-        report["knn_top1"] = {str(k): v for k, v in acc.items()}
-        print("k-NN top-1 " + " | ".join(f"k={k}: {v:.2f}%" for k, v in acc.items()))
+        report["knn_top1"] = knn_report(tr, te, ks, args.temperature)
     if "linear" in tasks:
-        report["linear"] = {}
-        for name, (x_tr, x_te) in {
-            "cls": (tr[0], te[0]),
-            "cls+avgpool": (torch.cat(tr[:2], 1), torch.cat(te[:2], 1)),
-        }.items():
-            res = linear_probe(x_tr, tr[2], x_te, te[2], device=device)
-            report["linear"][name] = {
-                "top1": res["top1"],
-                "best_lr": res["best_lr"],
-                "per_lr": {str(k): v for k, v in res["per_lr"].items()},
-            }
-            print(f"linear probe ({name}) top-1 {res['top1']:.2f}% (lr {res['best_lr']:g})")
-
+        report["linear"] = linear_report(tr, te, device)
     if "attention" in tasks:
-        grid = torch.stack([test_set[i][0] for i in range(min(8, len(test_set)))]).to(device)
-        attn = cls_attention(backbone, grid)  # (B, heads, h, w)
-        B, H, h, w = attn.shape
-        masks = attention_threshold_masks(attn.mean(1).flatten(1)).reshape(B, h, w)
-        path = plot_attention_maps(grid, attn, masks, os.path.join(out, "attention.png"))
-        report["figures"]["attention"] = os.path.basename(path)
+        report["figures"]["attention"] = attention_figure(backbone, test_set, device, out)
     if "pca" in tasks:
-        idx = first_of_class(test_set, test_set[0][1], 8)
-        images = torch.stack([test_set[i][0] for i in idx]).to(device)
-        with torch.no_grad():
-            patches = backbone.forward_features(images)["patch"]
-        hw = (images.shape[-2] // backbone.patch_size, images.shape[-1] // backbone.patch_size)
-        fg, rgb = pca_foreground(patches.cpu(), hw)
-        report["figures"]["pca"] = os.path.basename(plot_pca(images, fg, rgb, os.path.join(out, "pca.png")))
+        report["figures"]["pca"] = pca_figure(backbone, test_set, device, out)
     if "seg" in tasks:
-        if isinstance(test_set, ShapesDataset):
-            n = min(args.seg_images, len(test_set))
-            images = torch.stack([test_set[i][0] for i in range(n)]).to(device)
-            gt = torch.stack([torch.from_numpy(test_set.sample(i)[2]) for i in range(n)])
-            gt = upsample_masks(gt, tuple(images.shape[-2:]))  # to the evaluation size
-            report["segmentation"] = segmentation_scores(backbone, images, gt.to(device))
-            s = report["segmentation"]
-            print(
-                f"segmentation Jaccard ({n} images): best head {s['jaccard_best_head']:.3f} (head "
-                f"{s['best_head']}) | mean of heads {s['jaccard_mean_of_heads']:.3f} | PCA foreground "
-                f"{s['jaccard_pca_foreground']:.3f}"
-            )
-        else:
-            report["segmentation"] = "skipped: needs ground-truth masks (the shapes data set)"
+        report["segmentation"] = segmentation_report(backbone, test_set, device, args.seg_images)
     log = os.path.join(run_dir, "log.jsonl")
     if args.all and os.path.exists(log) and os.path.getsize(log):
-        report["figures"]["curves"] = os.path.basename(
-            plot_training_curves(log, os.path.join(out, "curves.png"))
-        )
-
+        curves = plot_training_curves(log, os.path.join(out, "curves.png"))
+        report["figures"]["curves"] = os.path.basename(curves)
     with open(os.path.join(out, "report.json"), "w") as fh:
         json.dump(report, fh, indent=2)
     write_markdown(report, os.path.join(out, "report.md"))
     print(f"report: {os.path.join(out, 'report.md')}")
     return report
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One function per evaluation: numbers for the report, figures written to the report folder
+
+
+def knn_report(tr: tuple, te: tuple, ks: tuple[int, ...], temperature: float) -> dict:
+    """Weighted k-NN on the L2-normalised CLS tokens of (cls, mean patch, labels) feature tuples."""
+    norm = torch.nn.functional.normalize
+    acc = knn_classify(norm(tr[0], dim=-1), tr[2], norm(te[0], dim=-1), te[2], ks, temperature)
+    print("k-NN top-1 " + " | ".join(f"k={k}: {v:.2f}%" for k, v in acc.items()))
+    return {str(k): v for k, v in acc.items()}
+
+
+def linear_report(tr: tuple, te: tuple, device) -> dict:
+    """Linear probes on CLS, and on CLS + mean patch token (DINOv2)."""
+    report = {}
+    for name, (x_tr, x_te) in {
+        "cls": (tr[0], te[0]),
+        "cls+avgpool": (torch.cat(tr[:2], 1), torch.cat(te[:2], 1)),
+    }.items():
+        res = linear_probe(x_tr, tr[2], x_te, te[2], device=device)
+        report[name] = {
+            "top1": res["top1"],
+            "best_lr": res["best_lr"],
+            "per_lr": {str(k): v for k, v in res["per_lr"].items()},
+        }
+        print(f"linear probe ({name}) top-1 {res['top1']:.2f}% (lr {res['best_lr']:g})")
+    return report
+
+
+def attention_figure(backbone, test_set, device, out: str) -> str:
+    grid = torch.stack([test_set[i][0] for i in range(min(8, len(test_set)))]).to(device)
+    attn = cls_attention(backbone, grid)  # (B, heads, h, w)
+    B, H, h, w = attn.shape
+    masks = attention_threshold_masks(attn.mean(1).flatten(1)).reshape(B, h, w)
+    return os.path.basename(plot_attention_maps(grid, attn, masks, os.path.join(out, "attention.png")))
+
+
+def pca_figure(backbone, test_set, device, out: str) -> str:
+    idx = first_of_class(test_set, test_set[0][1], 8)
+    images = torch.stack([test_set[i][0] for i in idx]).to(device)
+    with torch.no_grad():
+        patches = backbone.forward_features(images)["patch"]
+    hw = (images.shape[-2] // backbone.patch_size, images.shape[-1] // backbone.patch_size)
+    fg, rgb = pca_foreground(patches.cpu(), hw)
+    return os.path.basename(plot_pca(images, fg, rgb, os.path.join(out, "pca.png")))
+
+
+def segmentation_report(backbone, test_set, device, n_images: int) -> dict | str:
+    if not isinstance(test_set, ShapesDataset):
+        return "skipped: needs ground-truth masks (the shapes data set)"
+    n = min(n_images, len(test_set))
+    images = torch.stack([test_set[i][0] for i in range(n)]).to(device)
+    gt = torch.stack([torch.from_numpy(test_set.sample(i)[2]) for i in range(n)])
+    gt = upsample_masks(gt, tuple(images.shape[-2:]))  # to the evaluation size
+    s = segmentation_scores(backbone, images, gt.to(device))
+    print(
+        f"segmentation Jaccard ({n} images): best head {s['jaccard_best_head']:.3f} (head "
+        f"{s['best_head']}) | mean of heads {s['jaccard_mean_of_heads']:.3f} | PCA foreground "
+        f"{s['jaccard_pca_foreground']:.3f}"
+    )
+    return s
 
 
 def write_markdown(report: dict, path: str) -> None:
@@ -254,5 +276,5 @@ def write_markdown(report: dict, path: str) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (C.ConfigError, DataError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

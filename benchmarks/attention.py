@@ -19,16 +19,13 @@ time and, with --graphs, replayed from graphs.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from kernels.attention import attention, attention_ref, attention_varlen, flops, packed_offsets  # noqa: E402
+from minidino.kernels.attention import attention, attention_ref, attention_varlen, packed_offsets
 
 SHAPES = {
     "vit_s16_global": (128, 6, 197, 64),
@@ -36,6 +33,12 @@ SHAPES = {
     "vit_l14_global": (64, 16, 257, 64),
     "vit_b14_518px": (16, 12, 1370, 64),
 }
+
+
+def flops(batch: int, heads: int, n: int, d: int, backward: bool = False) -> float:
+    """Matrix-product FLOPs of attention: 4 B H N^2 D forward (q k^T and p v); backward counted as 2.5x."""
+    fwd = 4.0 * batch * heads * n * n * d
+    return fwd * (3.5 if backward else 1.0)
 
 
 def sdpa_backends() -> dict[str, object]:
@@ -156,7 +159,7 @@ def max_error(fn, inputs, cu_seqlens=None) -> float:
     ref_inputs = [t.detach().float().requires_grad_() for t in inputs]
     ref = attention_ref(*ref_inputs) if out.dim() == 4 else None
     if ref is None:  # packed (T, H, D): compare with the per-length-group reference
-        from kernels.attention import attention_varlen_torch
+        from minidino.kernels.attention import attention_varlen_torch
 
         ref = attention_varlen_torch(*ref_inputs, cu_seqlens, impl="ref")
     got = [out, *torch.autograd.grad(out, inputs, go)]

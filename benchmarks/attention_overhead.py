@@ -32,11 +32,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from attention import gpu_ms, timed_ms  # benchmarks/attention.py, next to this script
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.attention import gpu_ms, timed_ms  # noqa: E402
-from kernels.attention import attention  # noqa: E402
+from minidino.kernels.attention import attention
 
 SHAPES = {
     "vit_s16_global": (128, 6, 197, 64),
@@ -104,7 +102,7 @@ def stubbed_host_us() -> dict:
     """Host microseconds per forward+backward of the Triton wrapper, launches stubbed out (CPU, tiny)."""
     import triton
 
-    from kernels import attention as A
+    from minidino.kernels import attention as A
 
     class Compiled:  # launching it does nothing
         def __getitem__(self, grid):

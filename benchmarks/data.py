@@ -10,18 +10,15 @@ Prints one JSON line per worker count: images/s and images/s per worker. Compare
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from minidino import config as C  # noqa: E402
-from minidino.augment import BatchMultiCrop, MultiCropAugmentation, to_tensor_image  # noqa: E402
-from minidino.data import build_dataset  # noqa: E402
+from minidino import cli
+from minidino.augment import BatchMultiCrop, MultiCropAugmentation, to_tensor_image
+from minidino.data import build_dataset
 
 
 def main(argv: list[str]) -> list[dict]:
@@ -34,13 +31,11 @@ def main(argv: list[str]) -> list[dict]:
             batches = int(a.split("=", 1)[1])
         else:
             rest.append(a)
-    cfg, _, _ = C.parse_args(rest)
+    cfg, _, _ = cli.parse_args(rest)
     # per-image path: PIL augmentations in the workers; batched path: whole images in the workers, then
     # BatchMultiCrop on the batch in the main process (what train.py does with --data.batch_augment=true)
-    batch_aug = BatchMultiCrop.from_config(cfg.data) if cfg.data.batch_augment else None
-    per_image = (
-        to_tensor_image(cfg.data.image_size) if batch_aug else MultiCropAugmentation.from_config(cfg.data)
-    )
+    batch_aug = BatchMultiCrop(cfg.data) if cfg.data.batch_augment else None
+    per_image = to_tensor_image(cfg.data.image_size) if batch_aug else MultiCropAugmentation(cfg.data)
     ds = build_dataset(cfg.data, "train", per_image, cfg.run.seed)
     results, d = [], cfg.data
     for w in workers:

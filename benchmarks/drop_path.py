@@ -13,16 +13,13 @@ On CPU the Triton rows are skipped (the dispatcher would fall back to the refere
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from kernels.drop_path import drop_add  # noqa: E402
-from minidino.vit import ARCHS, Block  # noqa: E402
+from minidino.kernels.drop_path import drop_add
+from minidino.vit import ARCHS, Block
 
 
 def timed(fn, repeats: int, device: torch.device) -> tuple[float, float | None]:

@@ -14,7 +14,6 @@ step waits on the host) and the ten largest kernels and host-side ops by their o
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -24,18 +23,20 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from minidino import cli, parallel
+from minidino.config import Config
+from minidino.dist import cleanup, init_distributed, print0, resolve_device, world_size
+from minidino.losses import build_losses
+from minidino.masking import step_masks
+from minidino.meta_arch import build_student_teacher
+from minidino.optim import build_optimizer
+from minidino.schedules import schedules
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # train.py: not installed
 import train  # noqa: E402
-from minidino import config as C  # noqa: E402
-from minidino import parallel  # noqa: E402
-from minidino.dist import cleanup, init_distributed, print0, world_size  # noqa: E402
-from minidino.losses import build_losses  # noqa: E402
-from minidino.meta_arch import build_student_teacher  # noqa: E402
-from minidino.schedules import schedules  # noqa: E402
 
 
-def synthetic_crops(cfg: C.Config, device) -> list[torch.Tensor]:
+def synthetic_crops(cfg: Config, device) -> list[torch.Tensor]:
     b, d = cfg.optim.batch_size, cfg.data
     return [torch.randn(b, 3, d.global_crops_size, d.global_crops_size, device=device) for _ in range(2)] + [
         torch.randn(b, 3, d.local_crops_size, d.local_crops_size, device=device)
@@ -84,28 +85,25 @@ def main(argv: list[str]) -> dict:
             warmup = int(a.split("=", 1)[1])
         else:
             rest.append(a)
-    cfg, _, _ = C.parse_args(rest)
-    device = train.resolve_device(cfg.run.device)
+    cfg, _, _ = cli.parse_args(rest)
+    device = resolve_device(cfg.run.device)
     torch.manual_seed(0)
     device = init_distributed(device)  # under torchrun (any process count): a process group, this GPU
     student, teacher = build_student_teacher(cfg)
     student.to(device)
     teacher.to(device)
-    student = parallel.wrap(
-        student, [teacher], cfg.run.parallel, device, cfg.run.activation_checkpointing, cfg.run.compile
-    )
-    losses = {name: module.to(device) for name, module in build_losses(cfg).items()}
-    opt = torch.optim.AdamW(train.param_groups(parallel.unwrap(student), cfg.optim), lr=1e-4)
+    student = parallel.wrap(student, [teacher], cfg.run, device)
+    losses = build_losses(cfg).to(device)
+    opt = build_optimizer(parallel.unwrap(student), cfg.optim)
     crops = synthetic_crops(cfg, device)
-    masks = train.step_masks(cfg, crops[0], step=0) if cfg.loss.ibot_weight else None  # as in train.py
-    sched = schedules(0, 100, 10, cfg.optim, cfg.loss, 1e-4)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    )
+    masks = step_masks(cfg, crops[0], step=0, n_crops=len(crops))  # as in train.py
+    sched = {**schedules(0, 100, 10, cfg.optim, cfg.loss, 1e-4), "lr": 1e-4, "freeze_last_layer": False}
+    for group in opt.param_groups:
+        group["lr"] = 1e-4
 
     def run(n: int) -> None:
         for _ in range(n):
-            train.train_step(student, teacher, losses, opt, crops, sched, cfg, False, autocast, masks)
+            train.train_step(student, teacher, teacher, losses, opt, crops, masks, sched, cfg.optim.clip_grad)
         if device.type == "cuda":
             torch.cuda.synchronize()
 

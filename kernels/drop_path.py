@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.launch import INTERPRET, cdiv, next_power_of_2
+from .launch import INTERPRET, cdiv, next_power_of_2
 
 try:
     import triton

@@ -16,11 +16,12 @@ The blur's kernel and sigma (0.1-2.0 at 224 px) scale with the crop size so 32 p
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 from torchvision.transforms import v2
+
+from .config import DataConfig
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -37,35 +38,17 @@ def _to_tensor() -> v2.Transform:
     )
 
 
-@dataclasses.dataclass
-class MultiCropOptions:
-    """The options both multi-crop implementations take, with their defaults (DINO's ImageNet values);
-    `from_config(data)` reads them from a `DataConfig`, where the fields have the same names."""
+class MultiCropAugmentation:
+    """PIL image -> list of tensors: [global 1, global 2, local 1, ..., local n], each (3, size, size); sizes,
+    scales, the number of local crops and the hue range from a `DataConfig`."""
 
-    global_crops_size: int = 224
-    global_crops_scale: tuple[float, float] = (0.4, 1.0)
-    local_crops_number: int = 10
-    local_crops_size: int = 96
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)
-    hue: float = 0.1
-
-    @classmethod
-    def from_config(cls, data):
-        return cls(**{f.name: getattr(data, f.name) for f in dataclasses.fields(MultiCropOptions)})
-
-    def __post_init__(self) -> None:  # subclasses build their transforms here
-        pass
-
-
-class MultiCropAugmentation(MultiCropOptions):
-    """PIL image -> list of tensors: [global 1, global 2, local 1, ..., local n], each (3, size, size)."""
-
-    def __post_init__(self) -> None:
+    def __init__(self, cfg: DataConfig | None = None):
+        self.cfg = cfg = cfg or DataConfig()
         flip_and_jitter = v2.Compose(
             [
                 v2.RandomHorizontalFlip(p=0.5),
                 v2.RandomApply(
-                    [v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=self.hue)], p=0.8
+                    [v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=cfg.hue)], p=0.8
                 ),
                 v2.RandomGrayscale(p=0.2),
             ]
@@ -75,13 +58,13 @@ class MultiCropAugmentation(MultiCropOptions):
         def crop(size, scale):
             return v2.RandomResizedCrop(size, scale=scale, interpolation=bicubic, antialias=True)
 
-        gsize, lsize = self.global_crops_size, self.local_crops_size
+        gsize, lsize = cfg.global_crops_size, cfg.local_crops_size
         self.global_1 = v2.Compose(
-            [crop(gsize, self.global_crops_scale), flip_and_jitter, _blur(gsize, 1.0), _to_tensor()]
+            [crop(gsize, cfg.global_crops_scale), flip_and_jitter, _blur(gsize, 1.0), _to_tensor()]
         )
         self.global_2 = v2.Compose(
             [
-                crop(gsize, self.global_crops_scale),
+                crop(gsize, cfg.global_crops_scale),
                 flip_and_jitter,
                 _blur(gsize, 0.1),
                 v2.RandomSolarize(128, p=0.2),
@@ -89,12 +72,12 @@ class MultiCropAugmentation(MultiCropOptions):
             ]
         )
         self.local = v2.Compose(
-            [crop(lsize, self.local_crops_scale), flip_and_jitter, _blur(lsize, 0.5), _to_tensor()]
+            [crop(lsize, cfg.local_crops_scale), flip_and_jitter, _blur(lsize, 0.5), _to_tensor()]
         )
 
     def __call__(self, image) -> list[torch.Tensor]:
         return [self.global_1(image), self.global_2(image)] + [
-            self.local(image) for _ in range(self.local_crops_number)
+            self.local(image) for _ in range(self.cfg.local_crops_number)
         ]
 
 
@@ -140,19 +123,24 @@ def _rotate_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(to_yiq), yiq)
 
 
-class BatchMultiCrop(MultiCropOptions):
+class BatchMultiCrop:
     """Multi-crop of a batch of images (B, 3, H, W) in [0, 1], all random draws from one generator.
 
-    Same distributions as `MultiCropAugmentation`: random resized crop (area `scale`, aspect 3/4-4/3, bicubic
-    resampling through `grid_sample`), flip, colour jitter applied in a fixed order (brightness, contrast,
-    saturation, hue), grayscale, Gaussian blur with a per-image sigma, solarize on the second global crop.
+    Same distributions as `MultiCropAugmentation` (and the same `DataConfig` fields): random resized crop
+    (area `scale`, aspect 3/4-4/3, bicubic resampling through `grid_sample`), flip, colour jitter applied in
+    a fixed order (brightness, contrast, saturation, hue), grayscale, Gaussian blur with a per-image sigma,
+    solarize on the second global crop.
     """
 
+    def __init__(self, cfg: DataConfig | None = None):
+        self.cfg = cfg or DataConfig()
+
     def __call__(self, images: torch.Tensor, g: torch.Generator) -> list[torch.Tensor]:
-        size, scale = self.global_crops_size, self.global_crops_scale
+        c = self.cfg
+        size, scale = c.global_crops_size, c.global_crops_scale
         crops = [self.view(images, size, scale, 1.0, 0.0, g), self.view(images, size, scale, 0.1, 0.2, g)]
-        size, scale = self.local_crops_size, self.local_crops_scale
-        return crops + [self.view(images, size, scale, 0.5, 0.0, g) for _ in range(self.local_crops_number)]
+        size, scale = c.local_crops_size, c.local_crops_scale
+        return crops + [self.view(images, size, scale, 0.5, 0.0, g) for _ in range(c.local_crops_number)]
 
     def view(
         self,
@@ -188,7 +176,7 @@ class BatchMultiCrop(MultiCropOptions):
         y = ((y - mean) * draw(0.6, 1.4)[:, None, None, None] + mean).clamp(0, 1)
         gray = _gray(y)
         y = ((y - gray) * draw(0.8, 1.2)[:, None, None, None] + gray).clamp(0, 1)
-        y = _rotate_hue(y, draw(-self.hue, self.hue)).clamp(0, 1)
+        y = _rotate_hue(y, draw(-self.cfg.hue, self.cfg.hue)).clamp(0, 1)
         x = torch.where(jitter, y, x)
         x = torch.where((draw(0, 1) < 0.2)[:, None, None, None], _gray(x).expand_as(x), x)  # grayscale
 

@@ -1,16 +1,113 @@
-"""Checkpoints: atomic save, safe load, and export of the backbone as a plain ViT state_dict.
+"""Run folders and checkpoints: atomic save, safe load, and export of the backbone as a plain ViT state_dict.
 
-A checkpoint is a dict of tensors and plain Python values only, so it loads with
-`torch.load(path, weights_only=True)` (no pickled code runs when a file from elsewhere is opened).
-Saving writes to a temporary file in the same folder, flushes it to disk, then renames it over the old one:
-a crash, a full disk or a Ctrl-C during the save leaves the previous checkpoint intact.
+A run folder holds config.json, log.jsonl (one JSON object per logging step), checkpoint.pt, curves.png and
+knn.json. A checkpoint is a dict of tensors and plain Python values only, so it loads with
+`torch.load(path, weights_only=True)` (no pickled code runs when a file from elsewhere is opened). Its
+weights are full tensors keyed by parameter name whatever wrote them, so a run saved by FSDP on N processes
+resumes on M processes or in one. Saving writes to a temporary file in the same folder, flushes it to disk,
+then renames it over the old one: a crash, a full disk or a Ctrl-C during the save leaves the previous
+checkpoint intact.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
+
+from . import parallel, seeds
+from .config import Config, ConfigError, save_json, to_dict
+from .dist import is_main
+from .visualize import plot_training_curves
+
+
+class RunFolder:
+    """The files of one run, written by rank 0 only."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.config, self.log, self.checkpoint = (
+            os.path.join(path, f) for f in ("config.json", "log.jsonl", "checkpoint.pt")
+        )
+        self.curves, self.knn = os.path.join(path, "curves.png"), os.path.join(path, "knn.json")
+
+    def start(self, resume: bool) -> dict | None:
+        """The saved state to continue from (None: start at step 0); a new run refuses a folder that holds a
+        checkpoint already."""
+        if os.path.exists(self.checkpoint):
+            if resume:
+                return load_checkpoint(self.checkpoint)
+            raise ConfigError(
+                f"run folder {self.path} already holds a checkpoint: continue it with --resume "
+                f"{self.path}, or choose another --run.out_dir"
+            )
+        return None
+
+    def begin(self, cfg: Config, step: int) -> None:
+        """Write config.json and drop log lines written after `step` (a crashed run may have logged past its
+        last checkpoint)."""
+        if not is_main():
+            return
+        os.makedirs(self.path, exist_ok=True)
+        save_json(cfg, self.config)
+        if os.path.exists(self.log):
+            with open(self.log) as fh:
+                rows = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
+            with open(self.log, "w") as fh:
+                fh.writelines(rows)
+
+    def append_log(self, row: dict) -> None:
+        if is_main():
+            with open(self.log, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    def save(self, state: dict) -> None:
+        """Write the checkpoint atomically and redraw the training curves."""
+        if not is_main():
+            return
+        save_checkpoint(state, self.checkpoint)
+        if os.path.exists(self.log) and os.path.getsize(self.log):
+            plot_training_curves(self.log, self.curves)
+
+    def write_knn(self, result: dict) -> None:
+        if is_main():
+            with open(self.knn, "w") as fh:
+                json.dump(result, fh, indent=2)
+
+
+def training_state(
+    student, ema_target, optimizer, losses, step: int, epoch: int, cfg: Config, skipped: int
+) -> dict:
+    """What a checkpoint holds: full weights of the student and of the EMA teacher, the optimiser state, the
+    loss centres, where the run is and the RNG states. Gathering FSDP shards is a collective: every process
+    calls this; the tensors land on rank 0."""
+    return {
+        "student": parallel.full_state_dict(student),
+        "teacher": parallel.full_state_dict(ema_target),
+        "optimizer": parallel.optimizer_state_dict(student, optimizer),
+        "losses": losses.centers(),
+        "step": step,
+        "epoch": epoch,
+        "config": to_dict(cfg),
+        "skipped_images": skipped,
+        "rng": seeds.rng_state(),
+    }
+
+
+def restore_weights(state: dict, student, ema_target, path: str) -> None:
+    """Load a checkpoint's weights into the unwrapped (unsharded) student and EMA teacher."""
+    load_model_state(student, state["student"], f"checkpoint {path} (student)")
+    load_model_state(ema_target, state["teacher"], f"checkpoint {path} (teacher)")
+
+
+def restore_training(state: dict, student, optimizer, losses) -> tuple[int, int]:
+    """Load the optimiser, the loss centres and the RNG states (after wrapping the student for DDP/FSDP);
+    returns (step, skipped images)."""
+    parallel.load_optimizer_state(student, optimizer, state["optimizer"])
+    losses.load_centers(state["losses"])
+    seeds.set_rng_state(state["rng"])
+    return state["step"], state["skipped_images"]
 
 
 def save_checkpoint(state: dict, path: str) -> None:

@@ -1,27 +1,28 @@
-"""Configuration: plain dataclasses, presets as functions, and a `--key=value` command line.
+"""Configuration: plain dataclasses, one per part of the method, and presets as functions returning a `Config`.
 
 Every field carries a comment (meaning, typical value); `python train.py --help` prints those comments, so
-the comments below *are* the documentation of the options.
+the comments below *are* the documentation of the options. The command line itself (`--preset NAME
+--section.name=value`, type checks, did-you-mean, `--help`) is `minidino/cli.py`.
 
-Presets (functions returning a `Config`):
+Presets:
   shapes    the default: embedded synthetic shapes, a tiny ViT, minutes on a laptop CPU
   cifar10   CIFAR-10 (32x32), ViT with patch 4, 2x32 px global + local 16 px crops
   imagenet  the DINO paper's ViT-S/16 recipe (Caron et al. 2021, arXiv 2104.14294, Sec. 4 and App. B)
-
-Command line: `python train.py --preset cifar10 --optim.epochs=50 --data.root=data/cifar10`.
-Values are parsed and type-checked against the field's annotation; an unknown key names the closest ones.
+and `dinov2(config)`, DINOv2's changes to any of them (`--method=dinov2`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import inspect
 import json
 import math
-import re
+import os
 import typing
 from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A bad option or value; the message is one line naming the option and what was expected."""
 
 
 @dataclass
@@ -90,7 +91,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     epochs: int = 100  # passes over the training set
-    batch_size: int = 64  # images per step (per process)
+    batch_size: int = 64  # images per optimiser step, all processes together (the global batch)
     lr: float = 5e-4  # peak learning rate for a batch of 256; scaled linearly with the batch size
     min_lr: float = 1e-6  # learning rate at the end of the cosine decay
     warmup_epochs: int = 10  # epochs of linear lr warm-up
@@ -100,7 +101,7 @@ class OptimConfig:
     lr_scaling: str = "linear"  # linear: lr x batch/256 (DINO); sqrt: lr x sqrt(batch/1024) (DINOv2)
     layer_decay: float = 1.0  # layer-wise lr decay: block i of L gets lr x decay^(L + 1 - i) (DINOv2: 0.9)
     patch_embed_lr_mult: float = 1.0  # extra lr factor of the patch embedding (DINOv2: 0.2)
-    clip_grad: float = 3.0  # max gradient norm per parameter tensor's module (0 disables)
+    clip_grad: float = 3.0  # max gradient norm of each parameter tensor, clipped apart (0 disables)
     freeze_last_layer: int = 1  # epochs during which the prototype layer gets no update
 
 
@@ -143,7 +144,7 @@ def shapes() -> Config:
     # Small data wants few prototypes and a cool teacher (PAPERS.md: ~1024 prototypes below 20k images).
     c.head = HeadConfig(out_dim=1024, hidden_dim=512, bottleneck_dim=128, use_bn=True)
     # KoLeo (DINOv2's regulariser, 0.1 as there) spreads the CLS features of a batch: on this data it is what
-    # turns DINO's features into good k-NN neighbours (README, Results: 26% without it, 66% with it).
+    # turns DINO's features into good k-NN neighbours (README, Results).
     c.loss = LossConfig(teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0)
     c.loss.koleo_weight = 0.1
     c.data = DataConfig(
@@ -192,28 +193,9 @@ def imagenet() -> Config:
     c = Config()
     c.model = ModelConfig(arch="vit_small", patch_size=16, img_size=224, drop_path=0.1)
     c.data = DataConfig(dataset="imagefolder", root="data/imagenet", num_workers=10)
-    c.optim = OptimConfig(batch_size=64)  # 64 per GPU x 16 GPUs = 1024 in the paper
+    c.optim = OptimConfig(batch_size=64)  # a global batch of 64 (the paper's is 1024: 64 per GPU x 16 GPUs)
     c.run.out_dir = "runs/imagenet"
     return c
-
-
-def size_for_data(c: Config, n_images: int) -> list[str]:
-    """Fill the options left at 0 ("auto") from the number of training images; return what was chosen.
-
-    Rule: K = 2^round(log2(n / 16)) clamped to [256, 65536], about one prototype per 16 images (1024 at 20k
-    images as PAPERS.md's small-scale notes advise, 65536 at ImageNet's 1.28M as in DINO), and tau_t = 0.04
-    below 50k images, else 0.07. With few images, many prototypes and a soft teacher give near-uniform
-    targets that drift into collapse.
-    """
-    chosen = []
-    if c.head.out_dim == 0:
-        c.head.out_dim = int(min(65536, max(256, 2 ** round(math.log2(max(n_images, 1) / 16)))))
-        chosen.append(f"--head.out_dim={c.head.out_dim}")
-    if c.loss.teacher_temp == 0:
-        c.loss.teacher_temp = 0.04 if n_images < 50_000 else 0.07
-        c.loss.warmup_teacher_temp = min(c.loss.warmup_teacher_temp, c.loss.teacher_temp)
-        chosen.append(f"--loss.teacher_temp={c.loss.teacher_temp}")
-    return chosen
 
 
 def dinov2(c: Config) -> Config:
@@ -235,86 +217,54 @@ def dinov2(c: Config) -> Config:
 
 
 PRESETS: dict[str, typing.Callable[[], Config]] = {"shapes": shapes, "cifar10": cifar10, "imagenet": imagenet}
+METHODS = ("dino", "dinov2")
+
+
+def size_for_data(c: Config, n_images: int) -> tuple[Config, list[str]]:
+    """The config with the options left at 0 ("auto") filled from the number of training images, and what
+    was chosen (as options); `c` itself is left as it is.
+
+    Rule: K = 2^round(log2(n / 16)) clamped to [256, 65536], about one prototype per 16 images (1024 at 20k
+    images as PAPERS.md's small-scale notes advise, 65536 at ImageNet's 1.28M as in DINO), and tau_t = 0.04
+    below 50k images, else 0.07. With few images, many prototypes and a soft teacher give near-uniform
+    targets that drift into collapse.
+    """
+    head, loss, chosen = c.head, c.loss, []
+    if head.out_dim == 0:
+        head = dataclasses.replace(
+            head, out_dim=int(min(65536, max(256, 2 ** round(math.log2(max(n_images, 1) / 16)))))
+        )
+        chosen.append(f"--head.out_dim={head.out_dim}")
+    if loss.teacher_temp == 0:
+        temp = 0.04 if n_images < 50_000 else 0.07
+        loss = dataclasses.replace(
+            loss, teacher_temp=temp, warmup_teacher_temp=min(loss.warmup_teacher_temp, temp)
+        )
+        chosen.append(f"--loss.teacher_temp={temp}")
+    return dataclasses.replace(c, head=head, loss=loss), chosen
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Flat views, parsing and the command line
+# Flat views and files
 
 
-class ConfigError(ValueError):
-    """A bad option or value; the message is one line naming the option and what was expected."""
-
-
-def _sections(cfg: Config):
+def sections(cfg: Config):
     """Yield (prefix, dataclass instance): '' for the top level, then 'model', 'head', ..."""
     yield "", cfg
     for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            yield f.name, value
+        if dataclasses.is_dataclass(getattr(cfg, f.name)):
+            yield f.name, getattr(cfg, f.name)
 
 
-def _field_comments(cls: type) -> dict[str, str]:
-    """The trailing `# comment` of each field in the class source: the help text of the option."""
-    comments = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+):.*?#\s*(.*)$", line)
-        if m:
-            comments[m.group(1)] = m.group(2)
-    return comments
-
-
-def flat_fields(cfg: Config) -> dict[str, tuple[object, dataclasses.Field, type, str]]:
-    """Map 'section.name' (or 'name' at top level) -> (owner instance, field, type, comment)."""
+def options(cfg: Config) -> dict[str, tuple[object, str, type]]:
+    """Every option as 'section.name' ('name' at the top level) -> (the section instance, field name, type)."""
     out = {}
-    for prefix, obj in _sections(cfg):
+    for prefix, obj in sections(cfg):
         hints = typing.get_type_hints(type(obj))
-        comments = _field_comments(type(obj))
         for f in dataclasses.fields(obj):
-            if dataclasses.is_dataclass(getattr(obj, f.name)):
-                continue
-            key = f"{prefix}.{f.name}" if prefix else f.name
-            out[key] = (obj, f, hints[f.name], comments.get(f.name, ""))
+            if not dataclasses.is_dataclass(getattr(obj, f.name)):
+                out[f"{prefix}.{f.name}" if prefix else f.name] = (obj, f.name, hints[f.name])
     return out
-
-
-def parse_value(key: str, text: str, typ: type) -> object:
-    """Parse `text` as `typ` (bool, int, float, str, tuple[float, float]); ConfigError if it does not fit."""
-    try:
-        if typ is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if typing.get_origin(typ) is tuple:
-            args = typing.get_args(typ)
-            parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
-            if len(parts) != len(args):
-                raise ValueError
-            return tuple(a(p) for a, p in zip(args, parts))
-        if typ is int and not re.fullmatch(r"[+-]?\d+", text.strip()):
-            raise ValueError
-        return typ(text)
-    except ValueError:
-        expected = typ.__name__ if isinstance(typ, type) else str(typ).replace("typing.", "")
-        raise ConfigError(f"option --{key}: expected {expected}, got {text!r}") from None
-
-
-def set_option(cfg: Config, key: str, text: str) -> None:
-    """Set one `section.name` option from its text form, with type checking and a did-you-mean error."""
-    fields = flat_fields(cfg)
-    by_name = [k for k in fields if k.split(".")[-1] == key]
-    if key not in fields and len(by_name) == 1:  # a unique field name needs no section: --parallel=fsdp
-        key = by_name[0]
-    if key not in fields:
-        close = difflib.get_close_matches(key, fields, n=3, cutoff=0.5)
-        # also match on the last component, so --epochs suggests optim.epochs
-        close += [k for k in fields if k.split(".")[-1] == key.split(".")[-1] and k not in close]
-        hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else "; see --help"
-        raise ConfigError(f"unknown option --{key}{hint}")
-    obj, f, typ, _ = fields[key]
-    setattr(obj, f.name, parse_value(key, text, typ))
 
 
 def to_dict(cfg: Config) -> dict:
@@ -322,128 +272,19 @@ def to_dict(cfg: Config) -> dict:
 
 
 def from_dict(d: dict) -> Config:
-    """Rebuild a Config from `to_dict` output (e.g. a run's config.json); unknown keys are an error."""
+    """Rebuild a Config from `to_dict` output (e.g. a run's config.json); keys it lacks keep their defaults."""
     cfg = Config()
-    for key, (obj, f, typ, _) in flat_fields(cfg).items():
-        section, _, name = key.rpartition(".")
+    for key, (obj, name, typ) in options(cfg).items():
+        section, _, _ = key.rpartition(".")
         src = d.get(section, {}) if section else d
         if name in src:
-            value = src[name]
-            setattr(obj, f.name, tuple(value) if typing.get_origin(typ) is tuple else value)
+            setattr(obj, name, tuple(src[name]) if typing.get_origin(typ) is tuple else src[name])
     return cfg
 
 
 def save_json(cfg: Config, path: str) -> None:
-    with open(path, "w") as fh:
+    """Write the config as JSON atomically (a temporary file renamed over the old one)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
         json.dump(to_dict(cfg), fh, indent=2)
-
-
-def help_text(cfg: Config) -> str:
-    lines = [
-        "usage: python train.py [--preset NAME] [--resume RUN_DIR] [--key=value ...]",
-        "",
-        f"presets: {', '.join(PRESETS)} (default shapes); values shown are the chosen preset's",
-        "",
-    ]
-    options = [
-        (f"  --{key}={getattr(obj, f.name)}", comment)
-        for key, (obj, f, _, comment) in flat_fields(cfg).items()
-    ]
-    width = max(len(option) for option, _ in options) + 2
-    return "\n".join(lines + [option.ljust(width) + comment for option, comment in options])
-
-
-def parse_args(argv: list[str]) -> tuple[Config, str | None, bool]:
-    """Parse the command line into (config, resume_dir, wants_help).
-
-    `--preset NAME` picks the starting point (default shapes); `--resume RUN_DIR` starts from that run's
-    config.json instead; every `--section.name=value` (or `--section.name value`) then overrides a field.
-    """
-    preset, resume, wants_help, pairs = "shapes", None, False, []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            wants_help = True
-            i += 1
-            continue
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: options look like --key=value")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                raise ConfigError(f"option --{key} needs a value (--{key}=VALUE)")
-            value = argv[i + 1]
-            i += 1
-        i += 1
-        if key == "preset":
-            preset = value
-        elif key == "resume":
-            resume = value
-        else:
-            pairs.append((key, value))
-    if preset not in PRESETS:
-        close = difflib.get_close_matches(preset, PRESETS, n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        raise ConfigError(f"unknown preset {preset!r}: expected one of {', '.join(PRESETS)}{hint}")
-    if resume is not None:
-        path = f"{resume}/config.json"
-        try:
-            with open(path) as fh:
-                cfg = from_dict(json.load(fh))
-        except FileNotFoundError:
-            raise ConfigError(f"--resume {resume}: no config.json there (is it a run folder?)") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--resume {resume}: {path} is not valid JSON ({e})") from None
-    else:
-        cfg = PRESETS[preset]()
-        if ("method", "dinov2") in pairs:  # the method's defaults first, so explicit options win
-            dinov2(cfg)
-    for key, value in pairs:
-        set_option(cfg, key, value)
-    validate(cfg)
-    return cfg, resume, wants_help
-
-
-def validate(cfg: Config) -> None:
-    """Cross-field checks with one-line messages naming the option."""
-    choices = {
-        "method": ("dino", "dinov2"),
-        "model.arch": ("vit_nano", "vit_tiny", "vit_small", "vit_base", "vit_large"),
-        "model.attn_impl": ("auto", "triton", "sdpa", "ref"),
-        "model.drop_path_schedule": ("linear", "uniform"),
-        "model.ffn": ("mlp", "swiglu"),
-        "model.pos_embed_init": ("random", "sincos"),
-        "model.drop_path_impl": ("mask", "subset", "subset_triton"),
-        "loss.centering": ("center", "sinkhorn", "none"),
-        "optim.lr_scaling": ("linear", "sqrt"),
-        "data.dataset": ("shapes", "imagefolder", "folder", "cifar10", "cifar100", "stl10"),
-        "run.device": ("auto", "cpu", "cuda"),
-        "run.parallel": ("none", "ddp", "fsdp"),
-    }
-    fields = flat_fields(cfg)
-    for key, allowed in choices.items():
-        obj, f, _, _ = fields[key]
-        if getattr(obj, f.name) not in allowed:
-            raise ConfigError(
-                f"option --{key}: expected one of {', '.join(allowed)}, got {getattr(obj, f.name)!r}"
-            )
-    for key in ("data.global_crops_size", "data.local_crops_size"):
-        obj, f, _, _ = fields[key]
-        if getattr(obj, f.name) % cfg.model.patch_size:
-            raise ConfigError(
-                f"option --{key}={getattr(obj, f.name)} must be a multiple of --model.patch_size="
-                f"{cfg.model.patch_size}"
-            )
-    for key in ("data.global_crops_scale", "data.local_crops_scale"):
-        lo, hi = fields[key][0].__dict__[fields[key][1].name]
-        if not 0 < lo <= hi <= 1:
-            raise ConfigError(f"option --{key}: expected 0 < min <= max <= 1, got ({lo}, {hi})")
-    if cfg.run.distill_from and (cfg.model.drop_path or cfg.loss.mask_probability):
-        # DINOv2 distils without masking and without stochastic depth; say so instead of silently changing
-        raise ConfigError(
-            "--run.distill_from: set --model.drop_path=0 and --loss.mask_probability=0 (DINOv2 "
-            "distils without stochastic depth and masking)"
-        )
-    if cfg.optim.batch_size < 2:
-        raise ConfigError("option --optim.batch_size: expected at least 2 (centering needs a batch)")
+    os.replace(tmp, path)

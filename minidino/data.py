@@ -21,8 +21,11 @@ import os
 import numpy as np
 import torch
 from PIL import Image, ImageFile
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from . import seeds
+
+DATASETS = ("shapes", "imagefolder", "folder", "cifar10", "cifar100", "stl10")
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "crescent", "arrow")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -279,19 +282,22 @@ def build_dataset(data, split: str, transform=None, seed: int = 0) -> Dataset:
 
 
 class SeededViews(Dataset):
-    """Seeds the augmentation of item i from (seed, epoch, i), so the crops of a step do not depend on the
-    number of DataLoader workers or on where a run was resumed. The global RNG is restored afterwards."""
+    """The training set as the loop sees it: item i is `transform(image i)` with the global RNG seeded from
+    (seed, epoch, i) (seeds.image_views), so the crops of a step depend neither on the number of DataLoader
+    workers nor on where a run was resumed. The global RNG is restored afterwards. `epoch` and `transform`
+    are set by the training loop at the start of each epoch."""
 
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+    def __init__(self, dataset: Dataset, seed: int, transform=None):
+        self.dataset, self.seed, self.transform, self.epoch = dataset, seed, transform, 0
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-            return self.dataset[index]
+            torch.manual_seed(seeds.image_views(self.seed, self.epoch, index))
+            image, label, skipped = self.dataset[index]
+            return (self.transform(image) if self.transform else image), label, skipped
 
 
 class EpochSampler(Sampler):
@@ -309,8 +315,7 @@ class EpochSampler(Sampler):
         self.batch, self.rank, self.world = batch, rank, world
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g)[self.start :]
+        order = torch.randperm(self.n, generator=seeds.data_order(self.seed, self.epoch))[self.start :]
         if self.world > 1:
             local = self.batch // self.world
             steps = len(order) // self.batch
@@ -322,6 +327,22 @@ class EpochSampler(Sampler):
         if self.world == 1:
             return self.n - self.start
         return (self.n - self.start) // self.batch * (self.batch // self.world)
+
+
+def epoch_loader(
+    train_set: SeededViews, cfg, epoch: int, start: int, rank: int, world: int, pin: bool
+) -> DataLoader:
+    """This process's share of each global batch of `epoch` (all of it in one process), from sample `start` of
+    the epoch's order on (a run resumed mid-epoch)."""
+    batch = cfg.optim.batch_size
+    return DataLoader(
+        train_set,
+        batch_size=batch // world,
+        drop_last=True,
+        sampler=EpochSampler(len(train_set), cfg.run.seed, epoch, start, batch, rank, world),
+        num_workers=cfg.data.num_workers,
+        pin_memory=pin,
+    )
 
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error (then skipped), never half an image

@@ -13,6 +13,19 @@ import os
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("option --run.device=cuda: no CUDA device is available")
+    return torch.device(name)
+
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()

@@ -14,7 +14,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from .dist import all_gather_cat, rank, world_size
+from . import seeds
+from .augment import eval_transform
+from .data import DataError, build_dataset
+from .dist import all_gather_cat, print0, rank, world_size
+from .vit import VisionTransformer
 
 
 @torch.no_grad()
@@ -89,6 +93,35 @@ def knn_classify(
             pred = votes[:, : min(k, k_max)].sum(1).argmax(1)
             correct[k] += (pred == truth).sum().item()
     return {k: 100.0 * c / test_features.shape[0] for k, c in correct.items()}
+
+
+def knn_sets(cfg) -> tuple[Dataset, Dataset] | None:
+    """The (train, held-out) splits of a `Config`'s data set with the deterministic evaluation transform, or
+    None (and a line saying why) when the data set has no held-out split."""
+    try:
+        tf = eval_transform(cfg.data.eval_size)
+        return tuple(build_dataset(cfg.data, split, tf, cfg.run.seed) for split in ("train", "test"))
+    except DataError as e:
+        print0(f"no k-NN evaluation: {e}")
+        return None
+
+
+def knn_against_random_init(cfg, backbone: torch.nn.Module, device, sets=None) -> dict:
+    """k-NN (k = run.knn_k) of a trained `backbone` and of the same ViT at the run's random init, printed side
+    by side; `sets` reuses the datasets of the k-NN curve."""
+    sets = sets or knn_sets(cfg)
+    if sets is None:
+        return {}
+    k, (train_set, test_set) = cfg.run.knn_k, sets
+    kw = dict(ks=(k,), device=device, num_workers=cfg.data.num_workers)
+    trained = knn_eval(backbone, train_set, test_set, **kw)[k]
+    seeds.model_init(cfg.run.seed)  # the student's initial weights
+    random_init = knn_eval(VisionTransformer(cfg.model).to(device), train_set, test_set, **kw)[k]
+    print0(
+        f"k-NN top-1 (k={k}, {len(test_set)} held-out images): trained {trained:.1f}% | "
+        f"random init {random_init:.1f}% | gain {trained - random_init:+.1f} points"
+    )
+    return {"knn_k": k, "knn_top1": trained, "knn_top1_random_init": random_init}
 
 
 def knn_eval(

@@ -19,29 +19,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import HeadConfig
+
 
 class DINOHead(nn.Module):
-    def __init__(
-        self,
-        in_dim: int,
-        out_dim: int = 65536,
-        hidden_dim: int = 2048,
-        bottleneck_dim: int = 256,
-        n_layers: int = 3,
-        norm_last_layer: bool = True,
-        use_bn: bool = False,
-    ):
+    """The head of a `HeadConfig` (config.py) on backbone features of width `in_dim`."""
+
+    def __init__(self, in_dim: int, cfg: HeadConfig | None = None):
         super().__init__()
-        dims = [in_dim] + [hidden_dim] * (n_layers - 1) + [bottleneck_dim]
+        cfg = cfg or HeadConfig()
+        dims = [in_dim] + [cfg.hidden_dim] * (cfg.n_layers - 1) + [cfg.bottleneck_dim]
         layers: list[nn.Module] = []
-        for i in range(n_layers):
+        for i in range(cfg.n_layers):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
-            if i < n_layers - 1:
-                layers += [nn.BatchNorm1d(dims[i + 1]), nn.GELU()] if use_bn else [nn.GELU()]
+            if i < cfg.n_layers - 1:
+                layers += [nn.BatchNorm1d(dims[i + 1]), nn.GELU()] if cfg.use_bn else [nn.GELU()]
         self.mlp = nn.Sequential(*layers)
         # the prototypes: V (K, bottleneck) and the per-prototype gain g (K, 1)
-        self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
-        self.last_layer_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)
+        self.last_layer = nn.Linear(cfg.bottleneck_dim, cfg.out_dim, bias=False)
+        self.last_layer_g = nn.Parameter(torch.ones(cfg.out_dim, 1), requires_grad=not cfg.norm_last_layer)
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)

@@ -27,6 +27,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import LossConfig
+from .koleo import koleo_loss
 from .sinkhorn import sinkhorn_knopp
 
 
@@ -77,22 +79,19 @@ def ibot_loss(student_logits: Tensor, teacher_probs: Tensor, masks: Tensor, stud
     return (per_patch * weight).sum() / masks.shape[0]
 
 
+CENTERINGS = ("center", "sinkhorn", "none")
+
+
 class TeacherCentering(nn.Module):
     """Base of the DINO and iBOT losses: turns teacher logits into targets, softmax((g_t - c) / tau_t)
     with the running centre c (DINO; a buffer, so it is checkpointed), Sinkhorn-Knopp (DINOv2), or no
     centering (an ablation), and keeps the student temperature tau_s for the subclass's cross-entropy."""
 
-    def __init__(
-        self,
-        out_dim: int,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-        centering: str = "center",
-        sinkhorn_iters: int = 3,
-    ):
+    def __init__(self, out_dim: int, cfg: LossConfig | None = None):
         super().__init__()
-        self.student_temp, self.center_momentum = student_temp, center_momentum
-        self.centering, self.sinkhorn_iters = centering, sinkhorn_iters
+        cfg = cfg or LossConfig()
+        self.student_temp, self.center_momentum = cfg.student_temp, cfg.center_momentum
+        self.centering, self.sinkhorn_iters = cfg.centering, cfg.sinkhorn_iters
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     @torch.no_grad()
@@ -131,8 +130,58 @@ class IBOTLoss(TeacherCentering):
         return ibot_loss(student_logits, teacher_probs, masks, self.student_temp)
 
 
-def build_losses(cfg) -> dict[str, TeacherCentering]:
-    """{'dino': DINOLoss} plus {'ibot': IBOTLoss} when the iBOT weight is non-zero, from a `Config`."""
-    L = cfg.loss
-    args = (cfg.head.out_dim, L.student_temp, L.center_momentum, L.centering, L.sinkhorn_iters)
-    return {"dino": DINOLoss(*args), **({"ibot": IBOTLoss(*args)} if L.ibot_weight else {})}
+class Losses(nn.Module):
+    """Every loss term of a step, weighted: DINO on the CLS tokens, iBOT on the masked patches when the step
+    has masks (the model outputs then hold 'patch_logits'), KoLeo on the student's CLS features of each
+    global crop when its weight is not 0. Holds the teacher centres of both."""
+
+    def __init__(self, out_dim: int, cfg: LossConfig | None = None):
+        super().__init__()
+        cfg = cfg or LossConfig()
+        self.dino = DINOLoss(out_dim, cfg)
+        self.ibot = IBOTLoss(out_dim, cfg) if cfg.ibot_weight else None
+        self.weights = {
+            "loss_dino": cfg.dino_weight,
+            "loss_ibot": cfg.ibot_weight,
+            "loss_koleo": cfg.koleo_weight,
+        }
+
+    @torch.no_grad()
+    def teacher_targets(self, teacher_out: dict, teacher_temp: float) -> dict:
+        """Centred, sharpened targets: 'cls', one (B, K) per global crop; 'patch', (M, K) for the M patches
+        of the patch loss."""
+        targets = {"cls": self.dino.teacher_probs(teacher_out["logits"], teacher_temp)}
+        if "patch_logits" in teacher_out:
+            targets["patch"] = self.ibot.teacher_probs([teacher_out["patch_logits"]], teacher_temp)[0]
+        return targets
+
+    def forward(self, student_out: dict, targets: dict, patch_masks: Tensor | None) -> dict[str, Tensor]:
+        """{'loss_dino', 'loss_ibot', 'loss_koleo' (those that apply), 'loss': their weighted sum}."""
+        n_global = len(targets["cls"])
+        terms = {"loss_dino": self.dino(student_out["logits"], targets["cls"])}  # H(P_t(x), P_s(x')), x != x'
+        if "patch" in targets:
+            terms["loss_ibot"] = self.ibot(student_out["patch_logits"], targets["patch"], patch_masks)
+        if self.weights["loss_koleo"]:  # per global crop, on backbone CLS features (before the head)
+            terms["loss_koleo"] = sum(koleo_loss(c) for c in student_out["cls"][:n_global]) / n_global
+        terms["loss"] = sum(self.weights[k] * v for k, v in terms.items())
+        return terms
+
+    @torch.no_grad()
+    def update_centers(self, teacher_out: dict) -> None:
+        """c <- m c + (1 - m) mean(g_t) for the CLS centre (and the patch centre when there were masks)."""
+        self.dino.update_center(teacher_out["logits"])
+        if "patch_logits" in teacher_out:
+            self.ibot.update_center([teacher_out["patch_logits"]])
+
+    def centers(self) -> dict[str, dict]:
+        """The centres for a checkpoint, {'dino': ..., 'ibot': ...}."""
+        return {name: loss.state_dict() for name, loss in self.named_children()}
+
+    def load_centers(self, saved: dict[str, dict]) -> None:
+        for name, loss in self.named_children():
+            loss.load_state_dict(saved[name])
+
+
+def build_losses(cfg) -> Losses:
+    """The losses of a `Config` (the prototype count K comes from its head)."""
+    return Losses(cfg.head.out_dim, cfg.loss)

@@ -12,9 +12,12 @@ DINOv2 masks half of the global crops, each with a ratio drawn in [0.1, 0.5]; th
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from . import seeds
 
 
 def block_mask(
@@ -71,3 +74,36 @@ def ibot_masks(
             target = round(h * w * (ratio[0] + (ratio[1] - ratio[0]) * torch.rand((), generator=g).item()))
             masks[i] = block_mask(h, w, target, g, min_block).flatten()
     return masks
+
+
+@dataclass
+class StepMasks:
+    """The iBOT masks of one training step, ready for `train_step`."""
+
+    student: list[Tensor | None] | None  # per crop: patches the student sees as the mask token (None: none)
+    patches: Tensor | None  # (2B, N) bool: patches of the two global crops that go into the patch loss
+
+
+def step_masks(
+    cfg, global_crop: Tensor, step: int, rank: int = 0, world: int = 1, n_crops: int = 2
+) -> StepMasks:
+    """The masks of a step of a `Config` for b images per process (`global_crop`: (b, 3, H, W)).
+
+    DINO (iBOT weight 0): none. DINOv2: block masks on the global crops, drawn for the global batch from the
+    step's stream (seeds.masks, so resuming and the process count change nothing); this process keeps its
+    images' rows; the student sees them, and the masked patches go into the patch loss. None if no crop of
+    the global batch got masked. Distillation (DINOv2 Sec. 5): the student's input is not masked and every
+    patch of the global crops goes into the patch loss.
+    """
+    if not cfg.loss.ibot_weight:
+        return StepMasks(None, None)
+    b, side = global_crop.shape[0], global_crop.shape[-1] // cfg.model.patch_size
+    if cfg.run.distill_from:
+        return StepMasks(None, torch.ones(2 * b, side * side, dtype=torch.bool, device=global_crop.device))
+    g = seeds.masks(cfg.run.seed, step)
+    masks = ibot_masks(2 * b * world, side, side, g, cfg.loss.mask_ratio, cfg.loss.mask_probability)
+    if not masks.any():  # decided on the global batch, so every process takes the same branch
+        return StepMasks(None, None)
+    masks = masks.view(2, world, b, -1)[:, rank].reshape(2 * b, -1)  # (crop, process, image, N) -> ours
+    masks = masks.to(global_crop.device, non_blocking=True)  # no stream sync: see attention.packed_offsets
+    return StepMasks(list(masks.chunk(2)) + [None] * (n_crops - 2), masks)

@@ -13,8 +13,10 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import load_checkpoint, load_model_state
+from .config import Config, ConfigError, from_dict
 from .heads import DINOHead
-from .vit import build_vit
+from .vit import VisionTransformer
 
 
 class SSLModel(nn.Module):
@@ -46,27 +48,16 @@ class SSLModel(nn.Module):
         return head(patch_tokens[masks])  # (M, C) in masks.nonzero() order -> (M, K)
 
 
-def build_model(cfg, drop_path: float | None = None) -> SSLModel:
+def build_model(cfg: Config, drop_path: float | None = None) -> SSLModel:
+    """Backbone + DINO head (+ a separate iBOT head) of a `Config`; `drop_path` overrides the model's rate."""
     model_cfg = cfg.model if drop_path is None else dataclasses.replace(cfg.model, drop_path=drop_path)
-    backbone = build_vit(model_cfg)
-    h = cfg.head
-
-    def head() -> DINOHead:
-        return DINOHead(
-            backbone.embed_dim,
-            h.out_dim,
-            h.hidden_dim,
-            h.bottleneck_dim,
-            h.n_layers,
-            h.norm_last_layer,
-            h.use_bn,
-        )
-
-    separate = cfg.loss.ibot_weight > 0 and h.ibot_separate_head
-    return SSLModel(backbone, head(), head() if separate else None)
+    backbone = VisionTransformer(model_cfg)
+    head = DINOHead(backbone.embed_dim, cfg.head)
+    separate = cfg.loss.ibot_weight > 0 and cfg.head.ibot_separate_head
+    return SSLModel(backbone, head, DINOHead(backbone.embed_dim, cfg.head) if separate else None)
 
 
-def build_student_teacher(cfg) -> tuple[SSLModel, SSLModel]:
+def build_student_teacher(cfg: Config) -> tuple[SSLModel, SSLModel]:
     """Student from the config; teacher = the same network without stochastic depth, starting from the
     student's weights, with no gradients. Like the official code, the teacher stays in train mode, so a head
     with BatchNorm normalises the teacher with the statistics of its own batch."""
@@ -75,3 +66,19 @@ def build_student_teacher(cfg) -> tuple[SSLModel, SSLModel]:
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     return student, teacher
+
+
+def distillation_teacher(cfg: Config) -> SSLModel:
+    """The frozen teacher of a distillation run (DINOv2 Sec. 5): the EMA teacher of the minidino run (folder or
+    checkpoint) in `--run.distill_from`. The student's EMA is then kept apart as the final model."""
+    path = cfg.run.distill_from
+    state = load_checkpoint(path)
+    tcfg = from_dict(state["config"])
+    if tcfg.head.out_dim != cfg.head.out_dim or tcfg.model.patch_size != cfg.model.patch_size:
+        raise ConfigError(
+            f"--run.distill_from={path}: the student needs the teacher's "
+            f"--head.out_dim={tcfg.head.out_dim} and --model.patch_size={tcfg.model.patch_size}"
+        )
+    teacher = build_model(tcfg, drop_path=0.0)
+    load_model_state(teacher, state["teacher"], f"checkpoint {path} (teacher)")
+    return teacher.requires_grad_(False)

@@ -19,22 +19,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .dist import print0
+from .dist import is_dist, print0
 from .vit import Block
 
 MODES = ("none", "ddp", "fsdp")
 
 
-def wrap(
-    student: nn.Module,
-    followers: list[nn.Module],
-    mode: str,
-    device: torch.device,
-    checkpointing: bool = False,
-    compile: bool = False,
-) -> nn.Module:
-    """Returns the student to train with (a DDP wrapper, or the same module made FSDP); `followers` (the
-    teacher, and in distillation the EMA model) are sharded in place like the student under FSDP."""
+def wrap(student: nn.Module, followers: list[nn.Module], run, device: torch.device) -> nn.Module:
+    """Returns the student to train with (a DDP wrapper, or the same module made FSDP), as a `RunConfig`
+    says (parallel, activation_checkpointing, compile); `followers` (the teacher, and in distillation the
+    EMA model) are sharded in place like the student under FSDP. Without a process group the mode is none."""
+    mode = run.parallel if is_dist() else "none"
     if mode not in MODES:
         raise ValueError(f"--run.parallel={mode!r}: expected one of {', '.join(MODES)}")
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
@@ -45,11 +40,11 @@ def wrap(
         else:
             print0("note: --head.use_bn on CPU processes normalises with each process's own batch "
                    "(SyncBatchNorm needs GPUs); results depend on the process count")  # fmt: skip
-    if checkpointing:
+    if run.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
         apply_activation_checkpointing(student, check_fn=lambda m: isinstance(m, Block))
-    if compile:
+    if run.compile:
         for model in (student, *followers):
             for block in model.backbone.blocks:
                 block.compile()

@@ -7,6 +7,7 @@ which is easier to test and to resume. Steps count optimiser updates from 0 to t
   weight decay:  cosine from weight_decay to weight_decay_end (0.04 -> 0.4)
   teacher temp:  linear warm-up from warmup_teacher_temp to teacher_temp, then constant (0.04 -> 0.07)
   momentum:      cosine from momentum_teacher to 1 (0.996 -> 1)
+  frozen head:   the prototype layer gets no update during the first freeze_last_layer epochs (1)
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def linear_warmup(step: int, warmup_steps: int, start: float, end: float) -> flo
 
 
 def schedules(step: int, total_steps: int, steps_per_epoch: int, optim, loss, lr_peak: float) -> dict:
-    """All training schedules at `step`: lr, weight decay, teacher temperature and teacher momentum."""
+    """All training schedules at `step`: lr, weight decay, teacher temperature, teacher momentum and whether the
+    prototypes are frozen."""
     return {
         "lr": cosine(step, total_steps, lr_peak, optim.min_lr, optim.warmup_epochs * steps_per_epoch),
         "wd": cosine(step, total_steps, optim.weight_decay, optim.weight_decay_end),
@@ -47,4 +49,5 @@ def schedules(step: int, total_steps: int, steps_per_epoch: int, optim, loss, lr
             loss.teacher_temp,
         ),
         "momentum": cosine(step, total_steps, optim.momentum_teacher, 1.0),
+        "freeze_last_layer": step < optim.freeze_last_layer * steps_per_epoch,  # no prototype update yet
     }

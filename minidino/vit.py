@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from kernels.attention import attention_qkv, packed_offsets
-from kernels.drop_path import drop_add
+from .config import ModelConfig
+from .kernels.attention import attention_qkv, packed_offsets
+from .kernels.drop_path import drop_add
 
 ARCHS = {  # name -> (embed_dim, depth, num_heads); mlp ratio 4 throughout
     "vit_nano": (128, 4, 4),  # not a standard size: small enough to train on a laptop CPU in minutes
@@ -33,6 +34,10 @@ ARCHS = {  # name -> (embed_dim, depth, num_heads); mlp ratio 4 throughout
     "vit_base": (768, 12, 12),
     "vit_large": (1024, 24, 16),
 }
+FFNS = ("mlp", "swiglu")
+DROP_PATH_SCHEDULES = ("linear", "uniform")  # rate growing with depth from 0 (DINO) or the same everywhere
+DROP_PATH_IMPLS = ("mask", "subset", "subset_triton")  # see Block
+POS_EMBED_INITS = ("random", "sincos")
 
 
 @dataclass
@@ -183,43 +188,31 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(
-        self,
-        arch: str = "vit_small",
-        patch_size: int = 16,
-        img_size: int = 224,
-        drop_path: float = 0.0,
-        drop_path_schedule: str = "linear",
-        attn_impl: str = "sdpa",
-        layerscale: float = 0.0,
-        n_registers: int = 0,
-        ffn: str = "mlp",
-        pos_embed_init: str = "random",
-        drop_path_impl: str = "mask",
-        pack_crops: bool = False,
-    ):
+    """The backbone described by a `ModelConfig` (config.py; every field is commented there)."""
+
+    def __init__(self, cfg: ModelConfig | None = None):
         super().__init__()
-        if arch not in ARCHS:
-            raise ValueError(f"unknown arch {arch!r}: expected one of {', '.join(ARCHS)}")
-        dim, depth, heads = ARCHS[arch]
-        self.embed_dim, self.num_heads, self.patch_size = dim, heads, patch_size
-        self.n_registers, self.pack_crops = n_registers, pack_crops
-        self.patch_embed = PatchEmbed(patch_size, dim)
-        n_patches = (img_size // patch_size) ** 2
+        cfg = cfg or ModelConfig()
+        if cfg.arch not in ARCHS:
+            raise ValueError(f"unknown arch {cfg.arch!r}: expected one of {', '.join(ARCHS)}")
+        dim, depth, heads = ARCHS[cfg.arch]
+        self.embed_dim, self.num_heads, self.patch_size = dim, heads, cfg.patch_size
+        self.n_registers, self.pack_crops = cfg.n_registers, cfg.pack_crops
+        self.patch_embed = PatchEmbed(cfg.patch_size, dim)
+        n_patches = (cfg.img_size // cfg.patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n_patches, dim))  # registers get no position
-        self.register_tokens = nn.Parameter(torch.zeros(1, n_registers, dim)) if n_registers else None
+        self.register_tokens = nn.Parameter(torch.zeros(1, cfg.n_registers, dim)) if cfg.n_registers else None
         self.mask_token = nn.Parameter(torch.zeros(1, dim))  # iBOT: replaces masked patch embeddings
-        rates = (
-            [drop_path * i / max(depth - 1, 1) for i in range(depth)]
-            if drop_path_schedule == "linear"
-            else [drop_path] * depth
-        )
+        if cfg.drop_path_schedule == "linear":
+            rates = [cfg.drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        else:
+            rates = [cfg.drop_path] * depth
         self.blocks = nn.ModuleList(
-            Block(dim, heads, r, layerscale, ffn, attn_impl, drop_path_impl) for r in rates
+            Block(dim, heads, r, cfg.layerscale, cfg.ffn, cfg.attn_impl, cfg.drop_path_impl) for r in rates
         )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self._init_weights(pos_embed_init)
+        self._init_weights(cfg.pos_embed_init)
 
     def _init_weights(self, pos_embed_init: str) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -357,21 +350,3 @@ def sincos_2d(n: int, dim: int) -> Tensor:
     codes = [f(c.flatten()[:, None] * omega[None]) for c in (rows, cols) for f in (torch.sin, torch.cos)]
     out = torch.cat(codes, dim=1)  # (n * n, 4q)
     return F.pad(out, (0, dim - out.shape[1]))
-
-
-def build_vit(cfg) -> VisionTransformer:
-    """Backbone from a `ModelConfig`."""
-    return VisionTransformer(
-        cfg.arch,
-        cfg.patch_size,
-        cfg.img_size,
-        cfg.drop_path,
-        cfg.drop_path_schedule,
-        cfg.attn_impl,
-        cfg.layerscale,
-        cfg.n_registers,
-        cfg.ffn,
-        cfg.pos_embed_init,
-        cfg.drop_path_impl,
-        cfg.pack_crops,
-    )

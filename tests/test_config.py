@@ -2,11 +2,22 @@ import json
 
 import pytest
 
-from minidino import config as C
+from minidino import cli
+from minidino.config import (
+    Config,
+    ConfigError,
+    cifar10,
+    from_dict,
+    imagenet,
+    options,
+    save_json,
+    shapes,
+    size_for_data,
+)
 
 
 def test_presets_and_overrides_are_typed():
-    cfg, resume, wants_help = C.parse_args(
+    cfg, resume, wants_help = cli.parse_args(
         [
             "--preset",
             "cifar10",
@@ -24,7 +35,7 @@ def test_presets_and_overrides_are_typed():
 
 
 def test_imagenet_preset_is_the_paper_recipe():
-    c = C.imagenet()
+    c = imagenet()
     assert (c.model.arch, c.model.patch_size, c.model.drop_path) == ("vit_small", 16, 0.1)
     assert (c.data.global_crops_size, c.data.global_crops_scale) == (224, (0.4, 1.0))
     assert (c.data.local_crops_number, c.data.local_crops_size, c.data.local_crops_scale) == (
@@ -48,60 +59,66 @@ def test_imagenet_preset_is_the_paper_recipe():
 
 
 def test_unknown_key_names_closest():
-    with pytest.raises(C.ConfigError, match=r"unknown option --optim.epoch.*--optim.epochs"):
-        C.parse_args(["--optim.epoch=3"])
-    with pytest.raises(C.ConfigError, match=r"--optim.epochs"):
-        C.parse_args(["--epoch=3"])
+    with pytest.raises(ConfigError, match=r"unknown option --optim.epoch.*--optim.epochs"):
+        cli.parse_args(["--optim.epoch=3"])
+    with pytest.raises(ConfigError, match=r"--optim.epochs"):
+        cli.parse_args(["--epoch=3"])
     # every field name is unique, so the section may be left out
-    cfg, _, _ = C.parse_args(["--epochs=3", "--parallel", "fsdp"])
+    cfg, _, _ = cli.parse_args(["--epochs=3", "--parallel", "fsdp"])
     assert (cfg.optim.epochs, cfg.run.parallel) == (3, "fsdp")
 
 
 def test_wrong_type_and_bad_values():
-    with pytest.raises(C.ConfigError, match=r"--optim.epochs: expected int, got 'ten'"):
-        C.parse_args(["--optim.epochs=ten"])
-    with pytest.raises(C.ConfigError, match=r"--optim.epochs: expected int"):
-        C.parse_args(["--optim.epochs=2.5"])
-    with pytest.raises(C.ConfigError, match=r"--head.norm_last_layer: expected bool"):
-        C.parse_args(["--head.norm_last_layer=maybe"])
-    with pytest.raises(C.ConfigError, match=r"--model.arch: expected one of"):
-        C.parse_args(["--model.arch=vit_huge"])
-    with pytest.raises(C.ConfigError, match=r"multiple of --model.patch_size"):
-        C.parse_args(["--data.local_crops_size=18"])
-    with pytest.raises(C.ConfigError, match=r"unknown preset 'cifar'.*cifar10"):
-        C.parse_args(["--preset=cifar"])
-    with pytest.raises(C.ConfigError, match=r"needs a value"):
-        C.parse_args(["--optim.epochs"])
+    with pytest.raises(ConfigError, match=r"--optim.epochs: expected int, got 'ten'"):
+        cli.parse_args(["--optim.epochs=ten"])
+    with pytest.raises(ConfigError, match=r"--optim.epochs: expected int"):
+        cli.parse_args(["--optim.epochs=2.5"])
+    with pytest.raises(ConfigError, match=r"--head.norm_last_layer: expected bool"):
+        cli.parse_args(["--head.norm_last_layer=maybe"])
+    with pytest.raises(ConfigError, match=r"--model.arch: expected one of"):
+        cli.parse_args(["--model.arch=vit_huge"])
+    with pytest.raises(ConfigError, match=r"multiple of --model.patch_size"):
+        cli.parse_args(["--data.local_crops_size=18"])
+    with pytest.raises(ConfigError, match=r"unknown preset 'cifar'.*cifar10"):
+        cli.parse_args(["--preset=cifar"])
+    with pytest.raises(ConfigError, match=r"needs a value"):
+        cli.parse_args(["--optim.epochs"])
 
 
 def test_help_lists_every_field_with_its_comment():
-    text = C.help_text(C.shapes())
-    for key, (_, _, _, comment) in C.flat_fields(C.shapes()).items():
+    text = cli.help_text(shapes())
+    comments = cli.field_comments(shapes())
+    for key in options(shapes()):
         assert f"--{key}=" in text
-        assert comment, f"field {key} has no comment"
+        assert comments.get(key), f"field {key} has no comment"
     assert "tau_s, student softmax temperature" in text
 
 
 def test_round_trip_through_json(tmp_path):
-    cfg = C.cifar10()
+    cfg = cifar10()
     cfg.optim.epochs = 3
-    C.save_json(cfg, tmp_path / "config.json")
-    back = C.from_dict(json.loads((tmp_path / "config.json").read_text()))
+    save_json(cfg, tmp_path / "config.json")
+    back = from_dict(json.loads((tmp_path / "config.json").read_text()))
     assert back == cfg
 
 
 def test_sizes_chosen_from_the_data_size():
-    small = C.Config()
+    small = Config()
     small.head.out_dim, small.loss.teacher_temp = 0, 0
-    assert C.size_for_data(small, 5000) == ["--head.out_dim=256", "--loss.teacher_temp=0.04"]
-    assert (small.head.out_dim, small.loss.teacher_temp, small.loss.warmup_teacher_temp) == (256, 0.04, 0.04)
-    big = C.Config()
+    chosen_cfg, chosen = size_for_data(small, 5000)
+    assert chosen == ["--head.out_dim=256", "--loss.teacher_temp=0.04"]
+    assert (chosen_cfg.head.out_dim, chosen_cfg.loss.teacher_temp, chosen_cfg.loss.warmup_teacher_temp) == (
+        256,
+        0.04,
+        0.04,
+    )
+    assert (small.head.out_dim, small.loss.teacher_temp) == (0, 0)  # the input config is left as it is
+    big = Config()
     big.head.out_dim, big.loss.teacher_temp = 0, 0
-    C.size_for_data(big, 1_281_167)
+    big, _ = size_for_data(big, 1_281_167)
     assert (big.head.out_dim, big.loss.teacher_temp) == (65536, 0.07)
-    mid = C.Config()
+    mid = Config()
     mid.head.out_dim = 0
-    C.size_for_data(mid, 20_000)
-    assert mid.head.out_dim == 1024
-    explicit = C.imagenet()
-    assert C.size_for_data(explicit, 10) == [] and explicit.head.out_dim == 65536  # explicit values stay
+    assert size_for_data(mid, 20_000)[0].head.out_dim == 1024
+    explicit, chosen = size_for_data(imagenet(), 10)
+    assert chosen == [] and explicit.head.out_dim == 65536  # explicit values stay

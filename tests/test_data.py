@@ -8,6 +8,18 @@ from minidino.config import DataConfig
 from minidino.data import SHAPES, DataError, ShapesDataset, build_dataset, image_folder, load_rgb
 
 
+def _crops(n_local: int, **kw) -> DataConfig:
+    """2 x 32 px global crops (scale 0.4-1) and n local 16 px crops (scale 0.05-0.4)."""
+    return DataConfig(
+        global_crops_size=32,
+        global_crops_scale=(0.4, 1.0),
+        local_crops_number=n_local,
+        local_crops_size=16,
+        local_crops_scale=(0.05, 0.4),
+        **kw,
+    )
+
+
 def test_shapes_are_deterministic_with_masks_and_disjoint_splits():
     a, b = ShapesDataset(16, 32, "train"), ShapesDataset(16, 32, "train")
     test = ShapesDataset(16, 32, "test")
@@ -29,7 +41,7 @@ def test_shapes_foreground_differs_from_background():
 
 
 def test_multicrop_sizes_and_count():
-    aug = MultiCropAugmentation(32, (0.4, 1.0), 5, 16, (0.05, 0.4))
+    aug = MultiCropAugmentation(_crops(5))
     img, _, _ = ShapesDataset(1, 32).sample(0)
     crops = aug(img)
     assert len(crops) == 7
@@ -39,7 +51,7 @@ def test_multicrop_sizes_and_count():
 
 def test_image_smaller_than_crop_is_upsampled():
     tiny = Image.fromarray(np.random.default_rng(0).integers(0, 255, (5, 7, 3), dtype=np.uint8))
-    crops = MultiCropAugmentation(32, (0.4, 1.0), 2, 16, (0.05, 0.4))(tiny)
+    crops = MultiCropAugmentation(_crops(2))(tiny)
     assert crops[0].shape == (3, 32, 32) and crops[2].shape == (3, 16, 16)
     assert eval_transform(32)(tiny).shape == (3, 32, 32)
 
@@ -110,7 +122,7 @@ def test_batch_multicrop_shapes_range_and_determinism():
 
     ds = ShapesDataset(5, 32, transform=to_tensor_image(32))
     x = torch.stack([ds[i][0] for i in range(5)])
-    aug = BatchMultiCrop(32, (0.4, 1.0), 3, 16, (0.05, 0.4), hue=0.5)
+    aug = BatchMultiCrop(_crops(3, hue=0.5))
     a = aug(x, torch.Generator().manual_seed(3))
     b = aug(x, torch.Generator().manual_seed(3))
     assert [c.shape for c in a] == [(5, 3, 32, 32)] * 2 + [(5, 3, 16, 16)] * 3

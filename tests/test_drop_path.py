@@ -3,54 +3,35 @@ interpreter, on GPU when present) and the three stochastic-depth paths of vit.Bl
 
 import pytest
 import torch
-from conftest import assert_printed_ok, run_python
 
-from kernels.drop_path import drop_add, drop_add_ref
+from minidino.kernels.drop_path import drop_add, drop_add_ref
 from minidino.vit import Block, LayerScale
 
-# The interpreter must be switched on before triton is imported, so the kernel comparison runs in a child
-# process with TRITON_INTERPRET=1 (the test process may already have imported triton without it).
-KERNEL_CHECK = r"""
-import sys, torch
-sys.path.insert(0, sys.argv[1])
-from kernels.drop_path import drop_add, drop_add_ref
-device = sys.argv[2]
-torch.manual_seed(0)
-tols = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-for (B, N, C, n_keep) in [(7, 37, 384, 4), (5, 17, 24, 5), (3, 5, 20, 1)]:
-    for dtype, tol in tols.items():
-        for with_gamma in (True, False):
-            x = torch.randn(B, N, C, device=device, dtype=dtype, requires_grad=True)
-            y = torch.randn(n_keep, N, C, device=device, dtype=dtype, requires_grad=True)
-            g = torch.randn(C, device=device, dtype=dtype, requires_grad=True) if with_gamma else None
-            kept = torch.randperm(B, device=device)[:n_keep]
-            scale = B / n_keep
-            out = drop_add(x, y, kept, scale, g, impl="triton")
-            ref = drop_add_ref(x.float(), y.float(), kept, scale, g.float() if g is not None else None)
-            assert (out.float() - ref).abs().max() <= tol * (1 + ref.abs().max()), ("fwd", B, N, C, dtype)
-            go = torch.randn_like(out)
-            inputs = (x, y, g) if with_gamma else (x, y)
-            got = torch.autograd.grad(out, inputs, go)
-            want = torch.autograd.grad(drop_add_ref(x, y, kept, scale, g), inputs, go)
-            for a, b, name in zip(got, want, ("x", "y", "gamma")):
-                err = (a.float() - b.float()).abs().max()
-                assert err <= tol * 10 * (1 + b.float().abs().max()), ("bwd", name, B, N, C, dtype, err)
-print("ok")
-"""
+TOLS = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
-def _run_kernel_check(device: str) -> None:
-    assert_printed_ok(run_python(KERNEL_CHECK, device, TRITON_INTERPRET="1" if device == "cpu" else "0"))
-
-
-def test_triton_kernels_match_reference_interpreter():
-    pytest.importorskip("triton")
-    _run_kernel_check("cpu")
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_triton_kernels_match_reference_gpu():
-    _run_kernel_check("cuda")
+@pytest.mark.triton
+@pytest.mark.parametrize("with_gamma", [True, False], ids=["gamma", "no_gamma"])
+@pytest.mark.parametrize("dtype", TOLS, ids=str)
+@pytest.mark.parametrize("B, N, C, n_keep", [(7, 37, 384, 4), (5, 17, 24, 5), (3, 5, 20, 1)])
+def test_kernels_match_the_reference(B, N, C, n_keep, dtype, with_gamma, kernel_device):
+    torch.manual_seed(0)
+    tol, dev = TOLS[dtype], kernel_device
+    x = torch.randn(B, N, C, device=dev, dtype=dtype, requires_grad=True)
+    y = torch.randn(n_keep, N, C, device=dev, dtype=dtype, requires_grad=True)
+    g = torch.randn(C, device=dev, dtype=dtype, requires_grad=True) if with_gamma else None
+    kept = torch.randperm(B, device=dev)[:n_keep]
+    scale = B / n_keep
+    out = drop_add(x, y, kept, scale, g, impl="triton")
+    ref = drop_add_ref(x.float(), y.float(), kept, scale, g.float() if g is not None else None)
+    assert (out.float() - ref).abs().max() <= tol * (1 + ref.abs().max()), "forward"
+    go = torch.randn_like(out)
+    inputs = (x, y, g) if with_gamma else (x, y)
+    got = torch.autograd.grad(out, inputs, go)
+    want = torch.autograd.grad(drop_add_ref(x, y, kept, scale, g), inputs, go)
+    for a, b, name in zip(got, want, ("x", "y", "gamma")):
+        err = (a.float() - b.float()).abs().max()
+        assert err <= tol * 10 * (1 + b.float().abs().max()), f"grad {name}: max error {err:.3g}"
 
 
 def test_reference_is_the_scaled_index_add():

@@ -2,7 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minidino.config import ModelConfig
 from minidino.evaluate import knn_classify
+from minidino.vit import VisionTransformer
 
 
 def _brute_force(train_f, train_y, test_f, k, T, n_classes):
@@ -104,9 +106,10 @@ def test_attention_and_pca_figures_are_written(tmp_path):
 
     from minidino.evaluate import attention_threshold_masks, cls_attention, pca_foreground
     from minidino.visualize import plot_attention_maps, plot_pca
-    from minidino.vit import VisionTransformer
 
-    vit = VisionTransformer("vit_nano", patch_size=4, img_size=32, n_registers=2).eval()
+    vit = VisionTransformer(
+        ModelConfig(arch="vit_nano", patch_size=4, img_size=32, n_registers=2, drop_path=0.0)
+    ).eval()
     images = torch.randn(3, 3, 32, 32)
     attn = cls_attention(vit, images)
     assert attn.shape == (3, 4, 8, 8)  # registers are not part of the map
@@ -120,11 +123,10 @@ def test_attention_and_pca_figures_are_written(tmp_path):
 def test_timm_vit_converts_both_ways_with_identical_features():
     timm = pytest.importorskip("timm")
     from minidino.checkpoint import from_timm, load_model_state, to_timm
-    from minidino.vit import VisionTransformer
 
     torch.manual_seed(0)
     ref = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).eval()  # random weights
-    ours = VisionTransformer("vit_small", 16, 224).eval()
+    ours = VisionTransformer(ModelConfig(arch="vit_small", patch_size=16, img_size=224, drop_path=0.0)).eval()
     load_model_state(ours, from_timm(ref.state_dict()), "timm vit_small_patch16_224")
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():

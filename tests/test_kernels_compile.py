@@ -7,60 +7,57 @@ the wrong kind of value, a tile that needs more shared memory than the chip has.
 a named target catches those here and in CI, before a GPU session spends its minutes on them."""
 
 import pytest
-from conftest import assert_printed_ok, run_python
 
-COMPILE_CHECK = r"""
-import sys
-sys.path.insert(0, sys.argv[1])
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from kernels import attention as A, drop_path as P
+from conftest import INTERPRET
+
+triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(INTERPRET, reason="needs Triton's compiler: run without TRITON_INTERPRET=1")
 
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory one program may use (H100, A100)
+SCALARS = {"qk_scale": "fp32", "sm_scale": "fp32", "scale": "fp32"}  # every other scalar argument is i32
 
-def compile_for(kernel, arch, pointers, constexprs, warps, stages):
+
+def compile_for(kernel, arch: int, pointers: dict, constexprs: dict, warps: int, stages: int) -> None:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     names = fn.arg_names
-    scalars = {"qk_scale": "fp32", "sm_scale": "fp32", "scale": "fp32"}
-    sig = {
-        n: "constexpr" if n in constexprs else pointers.get(n) or scalars.get(n, "i32") for n in names
-    }
-    consts = {(names.index(n),): v for n, v in constexprs.items()}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-    options = dict(num_warps=warps, num_stages=stages)
-    out = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    sig = {n: "constexpr" if n in constexprs else pointers.get(n) or SCALARS.get(n, "i32") for n in names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    out = triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages)
+    )
     assert out.asm["cubin"], fn.__name__
     assert out.metadata.shared <= SHARED_LIMIT[arch], (fn.__name__, arch, out.metadata.shared, constexprs)
-    return out
-
-def attention_kernels(dtype, varlen, d, arch):
-    io = "*" + dtype
-    pointers = dict.fromkeys(("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"), io)
-    pointers.update(LSE="*fp32", DELTA="*fp32", cu_ptr="*i32" if varlen else "*fp32")
-    for kernel in (A._attn_fwd, A._attn_bwd_dq, A._attn_bwd_dkdv):
-        # the first config: what MINIDINO_ATTN_AUTOTUNE=0 runs (the autotuner skips configs that do not fit)
-        config = kernel.configs[0]
-        flags = dict(VARLEN=varlen, BLOCK_D=d, PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
-        compile_for(kernel, arch, pointers, {**flags, **config.kwargs}, config.num_warps, config.num_stages)
-
-for varlen in (False, True):  # fp32 inputs differ only in PRECISION="ieee" (and compile 5x slower)
-    attention_kernels("bf16", varlen, 64, 90)
-attention_kernels("bf16", False, 128, 80)  # the largest head dim on the chip with less shared memory
-for kernel, pointers in (
-    (P._drop_add_fwd, dict(x_ptr="*bf16", y_ptr="*bf16", g_ptr="*fp32", src_ptr="*i64", out_ptr="*bf16")),
-    (
-        P._drop_add_bwd,
-        dict(go_ptr="*bf16", y_ptr="*bf16", g_ptr="*fp32", kept_ptr="*i64", gy_ptr="*bf16", gg_ptr="*fp32"),
-    ),
-):
-    for has_gamma in (False, True):
-        compile_for(kernel, 90, pointers, dict(HAS_GAMMA=has_gamma, BLOCK_N=16, BLOCK_C=512), 4, 1)
-print("ok")
-"""
 
 
-def test_triton_kernels_compile_for_h100_and_a100():
-    pytest.importorskip("triton")
-    # the real compiler, whatever the calling shell set
-    assert_printed_ok(run_python(COMPILE_CHECK, TRITON_INTERPRET="0"))
+# fp32 inputs differ only in PRECISION="ieee" (and compile 5x slower); D=128 on the chip with less shared memory
+@pytest.mark.parametrize("varlen, head_dim, arch", [(False, 64, 90), (True, 64, 90), (False, 128, 80)])
+@pytest.mark.parametrize("kernel", ["_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"])
+def test_attention_kernels_compile(kernel, varlen, head_dim, arch):
+    from minidino.kernels import attention
+
+    pointers = dict.fromkeys(("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"), "*bf16")
+    pointers.update(LSE="*fp32", DELTA="*fp32", CU_SEQLENS="*i32" if varlen else "*fp32")
+    kernel = getattr(attention, kernel)
+    config = kernel.configs[
+        0
+    ]  # what MINIDINO_ATTN_AUTOTUNE=0 runs (the autotuner skips configs that do not fit)
+    flags = dict(VARLEN=varlen, BLOCK_D=head_dim, PRECISION="tf32", UPCAST=False, **config.kwargs)
+    compile_for(kernel, arch, pointers, flags, config.num_warps, config.num_stages)
+
+
+@pytest.mark.parametrize("has_gamma", [False, True])
+@pytest.mark.parametrize("kernel", ["_drop_add_fwd", "_drop_add_bwd"])
+def test_drop_path_kernels_compile(kernel, has_gamma):
+    from minidino.kernels import drop_path
+
+    pointers = {
+        "_drop_add_fwd": dict(x_ptr="*bf16", y_ptr="*bf16", g_ptr="*fp32", src_ptr="*i64", out_ptr="*bf16"),
+        "_drop_add_bwd": dict(
+            go_ptr="*bf16", y_ptr="*bf16", g_ptr="*fp32", kept_ptr="*i64", gy_ptr="*bf16", gg_ptr="*fp32"
+        ),
+    }[kernel]
+    flags = dict(HAS_GAMMA=has_gamma, BLOCK_N=16, BLOCK_C=512)
+    compile_for(getattr(drop_path, kernel), 90, pointers, flags, 4, 1)

@@ -3,6 +3,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from minidino.config import LossConfig
 from minidino.losses import DINOLoss, dino_loss, entropy_stats
 
 
@@ -33,7 +34,7 @@ def test_dino_loss_matches_loop_reference_on_odd_shapes():
 
 
 def test_teacher_probs_center_and_sharpen():
-    loss = DINOLoss(4, center_momentum=0.9)
+    loss = DINOLoss(4, LossConfig(center_momentum=0.9))
     loss.center.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
     g = torch.tensor([[2.0, 1.0, 0.0, 0.0]])
     p = loss.teacher_probs([g], teacher_temp=0.5)[0]
@@ -47,7 +48,7 @@ def test_teacher_probs_center_and_sharpen():
 
 
 def test_center_update_is_ema_of_batch_mean():
-    loss = DINOLoss(3, center_momentum=0.9)
+    loss = DINOLoss(3, LossConfig(center_momentum=0.9))
     loss.center.fill_(1.0)
     t1, t2 = (
         torch.tensor([[0.0, 3.0, 6.0], [2.0, 1.0, 0.0]]),
@@ -83,7 +84,7 @@ def test_ibot_loss_hand_computed_per_image_then_over_images():
 
 def test_sinkhorn_centering_in_loss_module():
     torch.manual_seed(0)
-    loss = DINOLoss(11, centering="sinkhorn")
+    loss = DINOLoss(11, LossConfig(centering="sinkhorn"))
     t = [torch.randn(6, 11), torch.randn(6, 11)]
     probs = loss.teacher_probs(t, 0.05)
     assert [p.shape for p in probs] == [(6, 11), (6, 11)]

@@ -6,9 +6,12 @@ import torch
 
 import train
 from conftest import tiny_run
-from minidino import config as C
+from minidino import cli
 from minidino.checkpoint import load_checkpoint
-from minidino.losses import DINOLoss
+from minidino.config import ConfigError, LossConfig
+from minidino.losses import DINOLoss, Losses
+from minidino.masking import StepMasks
+from minidino.optim import param_groups
 
 
 def _log(run_dir):
@@ -67,7 +70,7 @@ def test_finished_run_resumed_does_nothing(tmp_path, capsys):
 
 def test_existing_run_folder_is_not_overwritten(tmp_path):
     train.main(tiny_run(tmp_path / "a", "--run.max_steps=1", "--run.eval_at_end=false"))
-    with pytest.raises(C.ConfigError, match=r"already holds a checkpoint: continue it with --resume"):
+    with pytest.raises(ConfigError, match=r"already holds a checkpoint: continue it with --resume"):
         train.main(tiny_run(tmp_path / "a"))
 
 
@@ -89,54 +92,43 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypa
     assert (tmp_path / "a" / "checkpoint.pt").read_bytes() == saved
 
 
-def test_teacher_gets_no_gradient_and_moves_only_by_ema(tmp_path):
-    cfg, _, _ = C.parse_args(tiny_run(tmp_path / "a", "--optim.momentum_teacher=1.0"))
-    from minidino.meta_arch import build_student_teacher
+def _one_step(cfg, student, teacher, crops, **sched):
+    """train_step with DINO's loss on these crops, lr 1e-2, no clipping; `sched` overrides the schedules."""
     from minidino.schedules import schedules
-    import contextlib
+
+    opt = torch.optim.AdamW(param_groups(student), lr=1e-2)
+    sched = {**schedules(0, 10, 1, cfg.optim, cfg.loss, 1e-2), "lr": 1e-2, **sched}
+    losses = Losses(cfg.head.out_dim, LossConfig())
+    train.train_step(student, teacher, teacher, losses, opt, crops, StepMasks(None, None), sched, 0.0)
+
+
+def test_teacher_gets_no_gradient_and_moves_only_by_ema(tmp_path):
+    cfg, _, _ = cli.parse_args(tiny_run(tmp_path / "a", "--optim.momentum_teacher=1.0"))
+    from minidino.meta_arch import build_student_teacher
 
     student, teacher = build_student_teacher(cfg)
-    loss = DINOLoss(cfg.head.out_dim)
-    opt = torch.optim.AdamW(train.param_groups(student), lr=1e-2)
     crops = [torch.randn(4, 3, 32, 32) for _ in range(2)] + [torch.randn(4, 3, 16, 16) for _ in range(2)]
     before = {k: v.clone() for k, v in teacher.named_parameters()}
-    sched = dict(schedules(0, 10, 1, cfg.optim, cfg.loss, 1e-2), lr=1e-2, momentum=1.0)
-    for g in opt.param_groups:
-        g["lr"] = 1e-2
-    train.train_step(
-        student, teacher, {"dino": loss}, opt, crops, sched, cfg, False, contextlib.nullcontext()
-    )
+    _one_step(cfg, student, teacher, crops, momentum=1.0, freeze_last_layer=False)
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.named_parameters())  # m = 1: unchanged
     assert any(not torch.equal(before[k], v) for k, v in student.named_parameters())  # the student moved
 
 
 def test_frozen_last_layer_does_not_move(tmp_path):
-    cfg, _, _ = C.parse_args(tiny_run(tmp_path / "a"))
+    cfg, _, _ = cli.parse_args(tiny_run(tmp_path / "a"))
     from minidino.meta_arch import build_student_teacher
-    import contextlib
 
     student, teacher = build_student_teacher(cfg)
-    opt = torch.optim.AdamW(train.param_groups(student), lr=1e-2)
     crops = [torch.randn(4, 3, 32, 32) for _ in range(2)]
     w = student.head.last_layer.weight.clone()
-    sched = {"teacher_temp": 0.04, "momentum": 0.99}
-    train.train_step(
-        student,
-        teacher,
-        {"dino": DINOLoss(cfg.head.out_dim)},
-        opt,
-        crops,
-        sched,
-        cfg,
-        True,
-        contextlib.nullcontext(),
-    )
+    _one_step(cfg, student, teacher, crops, momentum=0.99, freeze_last_layer=True)
     assert torch.equal(student.head.last_layer.weight, w)
+    assert any(not torch.equal(p, q) for p, q in zip(student.parameters(), teacher.parameters()))
 
 
 def test_layerwise_lr_decay_groups(tmp_path):
-    cfg, _, _ = C.parse_args(tiny_run(tmp_path / "a", "--method=dinov2"))
+    cfg, _, _ = cli.parse_args(tiny_run(tmp_path / "a", "--method=dinov2"))
     assert (cfg.optim.layer_decay, cfg.optim.patch_embed_lr_mult, cfg.loss.centering) == (
         0.9,
         0.2,
@@ -145,7 +137,7 @@ def test_layerwise_lr_decay_groups(tmp_path):
     from minidino.meta_arch import build_student_teacher
 
     student, _ = build_student_teacher(cfg)
-    groups = train.param_groups(student, cfg.optim)
+    groups = param_groups(student, cfg.optim.layer_decay, cfg.optim.patch_embed_lr_mult)
     mult = {id(p): g["lr_mult"] for g in groups for p in g["params"]}
     wd = {id(p): g["apply_wd"] for g in groups for p in g["params"]}
     depth = len(student.backbone.blocks)  # 4
@@ -183,9 +175,9 @@ def test_high_resolution_phase_runs_with_larger_crops(tmp_path, monkeypatch):
     sizes = []
     real = train.train_step
 
-    def spy(student, teacher, losses, optimizer, crops, *args, **kw):
+    def spy(student, teacher, ema_target, losses, optimizer, crops, *args):
         sizes.append((crops[0].shape[-1], crops[-1].shape[-1]))
-        return real(student, teacher, losses, optimizer, crops, *args, **kw)
+        return real(student, teacher, ema_target, losses, optimizer, crops, *args)
 
     monkeypatch.setattr(train, "train_step", spy)
     train.main(

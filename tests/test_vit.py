@@ -1,14 +1,17 @@
 import pytest
 import torch
 
-from kernels.attention import attention_ref
+from minidino.config import HeadConfig, ModelConfig
 from minidino.heads import DINOHead
+from minidino.kernels.attention import attention_ref
 from minidino.vit import VisionTransformer
 
 
 def _vit(**kw):
     torch.manual_seed(0)
-    return VisionTransformer("vit_nano", patch_size=4, img_size=32, **kw).eval()
+    return VisionTransformer(
+        ModelConfig(arch="vit_nano", patch_size=4, img_size=32, **kw, drop_path=0.0)
+    ).eval()
 
 
 def test_two_resolutions_in_one_call_match_separate_calls():
@@ -64,7 +67,8 @@ def test_crop_not_multiple_of_patch_is_rejected_by_shapes():
 @pytest.mark.parametrize("norm_last_layer", [True, False])
 def test_head_normalisation(norm_last_layer):
     torch.manual_seed(0)
-    head = DINOHead(128, out_dim=97, hidden_dim=64, bottleneck_dim=32, norm_last_layer=norm_last_layer)
+    cfg = HeadConfig(out_dim=97, hidden_dim=64, bottleneck_dim=32, norm_last_layer=norm_last_layer)
+    head = DINOHead(128, cfg)
     with torch.no_grad():
         head.last_layer.weight.mul_(5.0)  # the raw prototype norm must not matter
     logits = head(torch.randn(11, 128))
@@ -81,7 +85,9 @@ def test_sincos_position_init_is_distinct_per_patch_and_still_learnt():
     assert codes.shape == (49, 96) and codes.abs().max() <= 1.0
     dists = torch.cdist(codes, codes) + torch.eye(49) * 1e3
     assert dists.min() > 0.1  # every grid position gets its own code
-    vit = VisionTransformer("vit_nano", patch_size=4, img_size=28, pos_embed_init="sincos")
+    vit = VisionTransformer(
+        ModelConfig(arch="vit_nano", patch_size=4, img_size=28, pos_embed_init="sincos", drop_path=0.0)
+    )
     torch.testing.assert_close(vit.pos_embed[0, 1:].detach(), sincos_2d(7, 128))
     assert vit.pos_embed.requires_grad
 
@@ -89,7 +95,15 @@ def test_sincos_position_init_is_distinct_per_patch_and_still_learnt():
 def test_registers_layerscale_swiglu():
     torch.manual_seed(0)
     vit = VisionTransformer(
-        "vit_nano", patch_size=4, img_size=32, n_registers=4, layerscale=1e-5, ffn="swiglu"
+        ModelConfig(
+            arch="vit_nano",
+            patch_size=4,
+            img_size=32,
+            n_registers=4,
+            layerscale=1e-5,
+            ffn="swiglu",
+            drop_path=0.0,
+        )
     ).eval()
     out = vit.forward_features(torch.randn(2, 3, 32, 32))
     assert out["patch"].shape == (2, 64, 128) and out["cls"].shape == (2, 128)  # registers dropped

@@ -1,0 +1,188 @@
+"""The command line of train.py: `--preset NAME`, `--resume RUN_DIR` and `--section.name=value` options.
+
+    python train.py --preset cifar10 --optim.epochs=50 --data.root=data/cifar10
+    python train.py --epochs=50          # a field name that is unique needs no section
+
+Values are parsed and type-checked against the field's annotation in config.py; an unknown option names the
+closest ones; `--help` prints every option with the comment written beside its field. `validate` holds the
+checks across fields, with the choice lists taken from the modules that implement them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import re
+import typing
+
+from . import parallel
+from .config import METHODS, PRESETS, Config, ConfigError, dinov2, from_dict, options, sections
+from .data import DATASETS
+from .dist import DEVICES
+from .kernels.attention import IMPLS
+from .losses import CENTERINGS
+from .optim import LR_SCALING
+from .vit import ARCHS, DROP_PATH_IMPLS, DROP_PATH_SCHEDULES, FFNS, POS_EMBED_INITS
+
+CHOICES = {
+    "method": METHODS,
+    "model.arch": tuple(ARCHS),
+    "model.attn_impl": IMPLS,
+    "model.drop_path_schedule": DROP_PATH_SCHEDULES,
+    "model.ffn": FFNS,
+    "model.pos_embed_init": POS_EMBED_INITS,
+    "model.drop_path_impl": DROP_PATH_IMPLS,
+    "loss.centering": CENTERINGS,
+    "optim.lr_scaling": LR_SCALING,
+    "data.dataset": DATASETS,
+    "run.device": DEVICES,
+    "run.parallel": parallel.MODES,
+}
+
+
+def parse_args(argv: list[str]) -> tuple[Config, str | None, bool]:
+    """Parse the command line into (config, resume_dir, wants_help).
+
+    `--preset NAME` picks the starting point (default shapes); `--resume RUN_DIR` starts from that run's
+    config.json instead; every `--section.name=value` (or `--section.name value`) then overrides a field.
+    """
+    preset, resume, wants_help, pairs = "shapes", None, False, []
+    args = iter(argv)
+    for arg in args:
+        if arg in ("-h", "--help"):
+            wants_help = True
+            continue
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: options look like --key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            value = next(args, None)
+            if value is None or value.startswith("--"):
+                raise ConfigError(f"option --{key} needs a value (--{key}=VALUE)")
+        if key == "preset":
+            preset = value
+        elif key == "resume":
+            resume = value
+        else:
+            pairs.append((key, value))
+    cfg = (
+        read_run_config(resume)
+        if resume is not None
+        else preset_config(preset, ("method", "dinov2") in pairs)
+    )
+    for key, value in pairs:
+        set_option(cfg, key, value)
+    validate(cfg)
+    return cfg, resume, wants_help
+
+
+def preset_config(name: str, method_dinov2: bool) -> Config:
+    """The preset's config; with --method=dinov2 DINOv2's defaults go on first, so explicit options win."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"unknown preset {name!r}: expected one of {', '.join(PRESETS)}{hint}")
+    cfg = PRESETS[name]()
+    return dinov2(cfg) if method_dinov2 else cfg
+
+
+def read_run_config(run_dir: str) -> Config:
+    path = f"{run_dir}/config.json"
+    try:
+        with open(path) as fh:
+            return from_dict(json.load(fh))
+    except FileNotFoundError:
+        raise ConfigError(f"--resume {run_dir}: no config.json there (is it a run folder?)") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--resume {run_dir}: {path} is not valid JSON ({e})") from None
+
+
+def set_option(cfg: Config, key: str, text: str) -> None:
+    """Set one `section.name` option from its text form, with type checking and a did-you-mean error."""
+    known = options(cfg)
+    same_name = [k for k in known if k.split(".")[-1] == key]
+    if key not in known and len(same_name) == 1:  # a unique field name needs no section: --parallel=fsdp
+        key = same_name[0]
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+        # also match on the last component, so --epochs suggests optim.epochs
+        close += [k for k in known if k.split(".")[-1] == key.split(".")[-1] and k not in close]
+        hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else "; see --help"
+        raise ConfigError(f"unknown option --{key}{hint}")
+    section, name, typ = known[key]
+    setattr(section, name, parse_value(key, text, typ))
+
+
+def parse_value(key: str, text: str, typ: type) -> object:
+    """Parse `text` as `typ` (bool, int, float, str, tuple[float, float]); ConfigError if it does not fit."""
+    try:
+        if typ is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typing.get_origin(typ) is tuple:
+            parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
+            if len(parts) != len(typing.get_args(typ)):
+                raise ValueError
+            return tuple(t(p) for t, p in zip(typing.get_args(typ), parts))
+        if typ is int and not re.fullmatch(r"[+-]?\d+", text.strip()):
+            raise ValueError
+        return typ(text)
+    except ValueError:
+        expected = typ.__name__ if isinstance(typ, type) else str(typ).replace("typing.", "")
+        raise ConfigError(f"option --{key}: expected {expected}, got {text!r}") from None
+
+
+def field_comments(cfg: Config) -> dict[str, str]:
+    """'section.name' -> the trailing `# comment` of that field in config.py: the option's help text."""
+    out = {}
+    for prefix, obj in sections(cfg):
+        for line in inspect.getsource(type(obj)).splitlines():
+            m = re.match(r"\s+(\w+):.*?#\s*(.*)$", line)
+            if m:
+                out[f"{prefix}.{m.group(1)}" if prefix else m.group(1)] = m.group(2)
+    return out
+
+
+def help_text(cfg: Config) -> str:
+    comments = field_comments(cfg)
+    lines = [
+        "usage: python train.py [--preset NAME] [--resume RUN_DIR] [--key=value ...]",
+        "",
+        f"presets: {', '.join(PRESETS)} (default shapes); values shown are the chosen preset's",
+        "",
+    ]
+    rows = [
+        (f"  --{key}={getattr(obj, name)}", comments.get(key, ""))
+        for key, (obj, name, _) in options(cfg).items()
+    ]
+    width = max(len(option) for option, _ in rows) + 2
+    return "\n".join(lines + [option.ljust(width) + comment for option, comment in rows])
+
+
+def validate(cfg: Config) -> None:
+    """Checks across fields, each failing with one line that names the option."""
+    values = {key: getattr(obj, name) for key, (obj, name, _) in options(cfg).items()}
+    for key, allowed in CHOICES.items():
+        if values[key] not in allowed:
+            raise ConfigError(f"option --{key}: expected one of {', '.join(allowed)}, got {values[key]!r}")
+    for key in ("data.global_crops_size", "data.local_crops_size"):
+        if values[key] % cfg.model.patch_size:
+            raise ConfigError(
+                f"option --{key}={values[key]} must be a multiple of --model.patch_size={cfg.model.patch_size}"
+            )
+    for key in ("data.global_crops_scale", "data.local_crops_scale"):
+        lo, hi = values[key]
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"option --{key}: expected 0 < min <= max <= 1, got ({lo}, {hi})")
+    if cfg.run.distill_from and (cfg.model.drop_path or cfg.loss.mask_probability):
+        # DINOv2 distils without masking and without stochastic depth; say so instead of silently changing
+        raise ConfigError(
+            "--run.distill_from: set --model.drop_path=0 and --loss.mask_probability=0 (DINOv2 "
+            "distils without stochastic depth and masking)"
+        )
+    if cfg.optim.batch_size < 2:
+        raise ConfigError("option --optim.batch_size: expected at least 2 (centering needs a batch)")

@@ -1,0 +1,72 @@
+"""Every random stream of a training run, each made by one named function from the run's seed.
+
+    stream        depends on                 drawn by
+    model init    seed                       the student's initial weights (and the random-init baseline)
+    data order    seed, epoch                the permutation of the training set (data.EpochSampler)
+    image views   seed, epoch, image index   per-image multi-crop in the DataLoader workers (data.SeededViews)
+    batch views   seed, step, process        multi-crop of a whole batch on the device (augment.BatchMultiCrop)
+    masks         seed, step                 iBOT block masks, drawn for the global batch (masking.ibot_masks)
+
+Each stream's seed is a hash of (run seed, stream name, indices), so two streams never start from the same
+seed (with a formula such as `seed * 1_000_003 + step`, the data order of epoch e and the views of step e
+would be one stream). None of them depends on the number of DataLoader workers or on where a run was
+resumed, which is what makes a resumed run compute exactly the steps of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import torch
+
+
+def stream_seed(seed: int, stream: str, *indices: int) -> int:
+    """A 63-bit seed for one stream at one place (epoch, step, image, process): a hash of all of them."""
+    text = ",".join(map(str, (seed, stream, *indices)))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def model_init(seed: int) -> None:
+    """Seed the global RNGs: the weights built next are the run's initial student."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+def data_order(seed: int, epoch: int) -> torch.Generator:
+    return generator(seed * 1_000_003 + epoch)  # OLD
+
+
+def image_views(seed: int, epoch: int, index: int) -> int:
+    """The seed of one image's crops in one epoch (set as the global seed around its transform)."""
+    return (seed * 1_000_003 + epoch) * 10_000_019 + index  # OLD
+
+
+def batch_views(seed: int, step: int, rank: int) -> torch.Generator:
+    return generator(seed * 1_000_003 + step + 7919 * rank)  # OLD
+
+
+def masks(seed: int, step: int) -> torch.Generator:
+    return generator(seed * 1_000_003 + step + 7)  # OLD
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The global RNG state, saved in checkpoints (stochastic depth and dropout draw from it)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
