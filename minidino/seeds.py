@@ -38,20 +38,20 @@ def model_init(seed: int) -> None:
 
 
 def data_order(seed: int, epoch: int) -> torch.Generator:
-    return generator(seed * 1_000_003 + epoch)  # OLD
+    return generator(stream_seed(seed, "data order", epoch))
 
 
 def image_views(seed: int, epoch: int, index: int) -> int:
     """The seed of one image's crops in one epoch (set as the global seed around its transform)."""
-    return (seed * 1_000_003 + epoch) * 10_000_019 + index  # OLD
+    return stream_seed(seed, "image views", epoch, index)
 
 
 def batch_views(seed: int, step: int, rank: int) -> torch.Generator:
-    return generator(seed * 1_000_003 + step + 7919 * rank)  # OLD
+    return generator(stream_seed(seed, "batch views", step, rank))
 
 
 def masks(seed: int, step: int) -> torch.Generator:
-    return generator(seed * 1_000_003 + step + 7)  # OLD
+    return generator(stream_seed(seed, "masks", step))
 
 
 # ----------------------------------------------------------------------------------------------------------
