@@ -60,7 +60,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(cli.help_text(cfg))
         return {}
     device = init_distributed(resolve_device(cfg.run.device))  # under torchrun: a process group, this GPU
-    check_processes(cfg, world_size())
     run = RunFolder(resume or cfg.run.out_dir)
     state = run.start(resume is not None)  # what a resumed run continues from (None: step 0)
     seeds.model_init(cfg.run.seed)
@@ -69,15 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 1. data: multi-crop views of unlabelled images, made per image in the workers or per batch on `device`
     train_set = SeededViews(build_dataset(cfg.data, "train", None, cfg.run.seed), cfg.run.seed)
-    cfg, chosen = size_for_data(cfg, len(train_set))  # options left at 0 follow the data size
-    if chosen:
-        print0(f"for {len(train_set)} images: {' '.join(chosen)}")
-    steps_per_epoch = len(train_set) // cfg.optim.batch_size
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"option --optim.batch_size={cfg.optim.batch_size} is larger than the data set "
-            f"({len(train_set)} images)"
-        )
+    cfg, filled = size_for_data(cfg, len(train_set))  # options left at 0 follow the data size
+    if filled:
+        print0(f"for {len(train_set)} images: {' '.join(filled)}")
+    steps_per_epoch = check_batch(cfg, world_size(), len(train_set))
 
     # 2. student and teacher: same architecture, same initial weights; the teacher gets no gradient and is
     #    an EMA of the student. Distillation (DINOv2 Sec. 5): the teacher is a frozen trained model, and the
@@ -90,8 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
         model.to(device)
     if state is not None:  # full (unsharded) weights, loaded before sharding: any process count works
         restore_weights(state, student, ema_target, run.checkpoint)
-    followers = [teacher] if ema_target is teacher else [teacher, ema_target]  # sharded like the student
-    student = parallel.wrap(student, followers, cfg.run, device)  # DDP or FSDP2 under torchrun
+    no_grad_models = [teacher] if ema_target is teacher else [teacher, ema_target]  # sharded like the student
+    student = parallel.wrap(student, no_grad_models, cfg.run, device)  # DDP or FSDP2 under torchrun
 
     # 3. losses, holding the teacher centres: DINO on CLS tokens, iBOT on masked patches (DINOv2)
     losses = build_losses(cfg).to(device)
@@ -118,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"({len(train_set)} images, {steps_per_epoch} steps/epoch, {t.last_step} steps) on {device}"
     )
     with tqdm(
-        total=t.last_step, initial=t.step, dynamic_ncols=True, desc="train", disable=not is_main()
+        total=t.last_step, initial=t.step, desc="train", dynamic_ncols=True, disable=not is_main()
     ) as bar:
         for epoch in range(t.step // steps_per_epoch, -(-t.last_step // steps_per_epoch)):
             train_one_epoch(t, epoch, bar)
@@ -153,6 +147,10 @@ class Training:
     knn_sets: tuple | None = None
 
     @property
+    def networks(self) -> tuple[nn.Module, nn.Module, nn.Module]:  # train_step's first three arguments
+        return self.student, self.teacher, self.ema_target
+
+    @property
     def total_steps(self) -> int:  # the length of the schedules
         return self.cfg.optim.epochs * self.steps_per_epoch
 
@@ -173,10 +171,9 @@ def train_one_epoch(t: Training, epoch: int, bar: tqdm) -> None:
     loader = epoch_loader(t.train_set, cfg, epoch, start, rank(), world, pin=t.device.type == "cuda")
     clock, n_images = time.perf_counter(), 0
     for images, _, skipped in loader:
-        if batch_views:  # whole images here: the views depend on (seed, step, process) only
-            crops = batch_views(
-                images.to(t.device, non_blocking=True), seeds.batch_views(cfg.run.seed, t.step, rank())
-            )
+        if batch_views:  # whole images here: their views depend on (seed, step, process) only
+            g = seeds.batch_views(cfg.run.seed, t.step, rank())
+            crops = batch_views(images.to(t.device, non_blocking=True), g)
         else:
             crops = [c.to(t.device, non_blocking=True) for c in images]
         t.skipped_images += int(skipped.sum())
@@ -184,60 +181,46 @@ def train_one_epoch(t: Training, epoch: int, bar: tqdm) -> None:
         apply_schedule(t.optimizer, sched["lr"], sched["wd"])
         masks = step_masks(cfg, crops[0], t.step, rank(), world, len(crops))
         try:
-            out = train_step(
-                t.student,
-                t.teacher,
-                t.ema_target,
-                t.losses,
-                t.optimizer,
-                crops,
-                masks,
-                sched,
-                cfg.optim.clip_grad,
-            )
+            out = train_step(*t.networks, t.losses, t.optimizer, crops, masks, sched, cfg.optim.clip_grad)
         except NonFiniteLoss as e:
-            kept = (
-                f"the last good checkpoint {t.run.checkpoint} is intact"
-                if os.path.exists(t.run.checkpoint)
-                else "no checkpoint was written yet"
-            )
+            kept = f"the last good checkpoint {t.run.checkpoint} is intact"
+            kept = kept if os.path.exists(t.run.checkpoint) else "no checkpoint was written yet"
             raise NonFiniteLoss(f"{e} at step {t.step}: stopping; {kept}") from None
         t.step += 1
         n_images += crops[0].shape[0] * world
         bar.update(1)
         knn_now = bool(t.knn_sets) and t.step % (cfg.run.knn_every * t.steps_per_epoch) == 0
         if t.step % cfg.run.log_every == 0 or t.step == t.last_step or knn_now:
-            row = {  # losses averaged over processes; collapse signals from this process's batch
-                "step": t.step,
-                "epoch": epoch,
-                **{k: all_reduce_mean(v).item() for k, v in out.items() if k.startswith("loss")},
-                **sched,
-                **entropy_stats(out["teacher_probs"]),
-                "images_per_s": n_images / (time.perf_counter() - clock),
-                "skipped_images": t.skipped_images,
-            }
-            if knn_now:  # a k-NN curve, if asked
-                k = cfg.run.knn_k
-                row["knn_top1"] = knn_eval(t.ema_target.backbone, *t.knn_sets, t.device, (k,))[k]
-            t.run.append_log(row)
+            row = log_row(t, epoch, out, sched, n_images / (time.perf_counter() - clock), knn_now)
             bar.set_postfix(
-                loss=f"{row['loss']:.3f}", lr=f"{sched['lr']:.1e}", img_s=f"{row['images_per_s']:.0f}"
+                loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", img_s=f"{row['images_per_s']:.0f}"
             )
             clock, n_images = time.perf_counter(), 0
         if t.step % t.steps_per_epoch == 0 or t.step == t.last_step:
-            args = (
-                t.student,
-                t.ema_target,
-                t.optimizer,
-                t.losses,
-                t.step,
-                t.step // t.steps_per_epoch,
-                cfg,
-                t.skipped_images,
-            )
-            t.run.save(training_state(*args))  # every process gathers FSDP shards; rank 0 writes
+            state = (t.student, t.ema_target, t.optimizer, t.losses)
+            epochs_done = t.step // t.steps_per_epoch
+            t.run.save(training_state(*state, t.step, epochs_done, cfg, t.skipped_images))  # all processes
         if t.step >= t.last_step:
             return
+
+
+def log_row(t: Training, epoch: int, out: dict, sched: dict, images_per_s: float, knn_now: bool) -> dict:
+    """One line of log.jsonl: losses averaged over processes, the schedules, collapse signals from this
+    process's batch (teacher entropy and KL to uniform), throughput, and the k-NN curve when asked."""
+    row = {
+        "step": t.step,
+        "epoch": epoch,
+        **{k: all_reduce_mean(v).item() for k, v in out.items() if k.startswith("loss")},
+        **sched,
+        **entropy_stats(out["teacher_probs"]),
+        "images_per_s": images_per_s,
+        "skipped_images": t.skipped_images,
+    }
+    if knn_now:
+        k = t.cfg.run.knn_k
+        row["knn_top1"] = knn_eval(t.ema_target.backbone, *t.knn_sets, t.device, (k,))[k]
+    t.run.append_log(row)
+    return row
 
 
 def train_step(
@@ -286,14 +269,20 @@ def mixed_precision(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def check_processes(cfg: Config, world: int) -> None:
+def check_batch(cfg: Config, world: int, n_images: int) -> int:
+    """The steps per epoch; one-line errors when the global batch does not fit the processes or the data."""
     if world > 1 and cfg.run.parallel == "none":
         raise ConfigError(f"launched on {world} processes: choose --run.parallel=ddp or --run.parallel=fsdp")
-    if cfg.optim.batch_size % world:
+    batch = cfg.optim.batch_size
+    if batch % world:
         raise ConfigError(
-            f"option --optim.batch_size={cfg.optim.batch_size} (the global batch) must be "
-            f"divisible by the {world} processes"
+            f"option --optim.batch_size={batch} (the global batch) must be divisible by the {world} processes"
         )
+    if n_images < batch:
+        raise ConfigError(
+            f"option --optim.batch_size={batch} is larger than the data set ({n_images} images)"
+        )
+    return n_images // batch
 
 
 def phase_data(cfg: Config, epoch: int) -> DataConfig:

@@ -290,8 +290,8 @@ def main(argv: list[str]) -> None:
 
     for name, times in summary.items():
         sdpa = {k: v for k, v in times.items() if k.startswith("sdpa")}
-        mine = times.get("triton_packed", times.get("triton"))
-        if sdpa and mine:
+        ours = times.get("triton_packed", times.get("triton"))
+        if sdpa and ours:
             best = min(sdpa, key=lambda k: sdpa[k][0])
             row = {
                 "benchmark": "attention_summary",
@@ -299,18 +299,18 @@ def main(argv: list[str]) -> None:
                 "shape": name,
                 "best_sdpa": best,
                 "best_sdpa_fwd_bwd_ms": round(sdpa[best][0], 4),
-                "triton_fwd_bwd_ms": round(mine[0], 4),
-                "speedup_fwd_bwd": round(sdpa[best][0] / mine[0], 3),
+                "triton_fwd_bwd_ms": round(ours[0], 4),
+                "speedup_fwd_bwd": round(sdpa[best][0] / ours[0], 3),
             }
             # the same comparison in GPU kernel time and replayed from CUDA graphs (best SDPA by each measure)
             for i, what in ((1, "gpu_time"), (2, "graph")):
                 timed = {k: v[i] for k, v in sdpa.items() if v[i] is not None}
-                if mine[i] is not None and timed:
+                if ours[i] is not None and timed:
                     best_k = min(timed, key=timed.get)
                     row.update(
                         {
                             f"best_sdpa_{what}": best_k,
-                            f"speedup_fwd_bwd_{what}": round(timed[best_k] / mine[i], 3),
+                            f"speedup_fwd_bwd_{what}": round(timed[best_k] / ours[i], 3),
                         }
                     )
             print(json.dumps(row), flush=True)

@@ -229,19 +229,19 @@ def size_for_data(c: Config, n_images: int) -> tuple[Config, list[str]]:
     below 50k images, else 0.07. With few images, many prototypes and a soft teacher give near-uniform
     targets that drift into collapse.
     """
-    head, loss, chosen = c.head, c.loss, []
+    head, loss, filled = c.head, c.loss, []
     if head.out_dim == 0:
         head = dataclasses.replace(
             head, out_dim=int(min(65536, max(256, 2 ** round(math.log2(max(n_images, 1) / 16)))))
         )
-        chosen.append(f"--head.out_dim={head.out_dim}")
+        filled.append(f"--head.out_dim={head.out_dim}")
     if loss.teacher_temp == 0:
         temp = 0.04 if n_images < 50_000 else 0.07
         loss = dataclasses.replace(
             loss, teacher_temp=temp, warmup_teacher_temp=min(loss.warmup_teacher_temp, temp)
         )
-        chosen.append(f"--loss.teacher_temp={temp}")
-    return dataclasses.replace(c, head=head, loss=loss), chosen
+        filled.append(f"--loss.teacher_temp={temp}")
+    return dataclasses.replace(c, head=head, loss=loss), filled
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -36,10 +36,10 @@ def extract_tokens(
     backbone.eval()
     # several processes: each takes every world-th image (padded to equal counts), then all gather
     world, n = world_size(), len(dataset)
-    per = -(-n // world)
-    ids = torch.arange(world)[:, None] + world * torch.arange(per)[None, :]  # (P, per) image index by rank
-    mine = ids[rank()].where(ids[rank()] < n, 0)
-    data = Subset(dataset, mine.tolist()) if world > 1 else dataset
+    per_rank = -(-n // world)
+    ids = torch.arange(world)[:, None] + world * torch.arange(per_rank)[None, :]  # (P, per_rank) by rank
+    my_ids = ids[rank()].where(ids[rank()] < n, 0)  # padding repeats image 0
+    data = Subset(dataset, my_ids.tolist()) if world > 1 else dataset
     loader = DataLoader(data, batch_size, num_workers=num_workers)
     cls, avg, labels = [], [], []
     for images, y, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=rank() > 0):
@@ -49,7 +49,7 @@ def extract_tokens(
         labels.append(y.to(out["cls"].device))
     backbone.train(was_training)
     parts = [torch.cat(t) for t in (cls, avg, labels)]
-    if world > 1:  # rank-major (P * per) rows back to dataset order, padding dropped
+    if world > 1:  # rank-major (P * per_rank) rows back to dataset order, padding dropped
         flat, valid = ids.flatten(), ids.flatten() < n
         for i, t in enumerate(parts):
             everyone = all_gather_cat(t)[valid.to(t.device)]

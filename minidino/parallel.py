@@ -25,9 +25,9 @@ from .vit import Block
 MODES = ("none", "ddp", "fsdp")
 
 
-def wrap(student: nn.Module, followers: list[nn.Module], run, device: torch.device) -> nn.Module:
+def wrap(student: nn.Module, no_grad_models: list[nn.Module], run, device: torch.device) -> nn.Module:
     """Returns the student to train with (a DDP wrapper, or the same module made FSDP), as a `RunConfig`
-    says (parallel, activation_checkpointing, compile); `followers` (the teacher, and in distillation the
+    says (parallel, activation_checkpointing, compile); `no_grad_models` (the teacher, and in distillation the
     EMA model) are sharded in place like the student under FSDP. Without a process group the mode is none."""
     mode = run.parallel if is_dist() else "none"
     if mode not in MODES:
@@ -36,7 +36,7 @@ def wrap(student: nn.Module, followers: list[nn.Module], run, device: torch.devi
     if mode != "none" and has_bn:
         if device.type == "cuda":  # BatchNorm in the head sees the global batch, as in the official DINO
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-            followers = [nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in followers]
+            no_grad_models = [nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in no_grad_models]
         else:
             print0("note: --head.use_bn on CPU processes normalises with each process's own batch "
                    "(SyncBatchNorm needs GPUs); results depend on the process count")  # fmt: skip
@@ -45,7 +45,7 @@ def wrap(student: nn.Module, followers: list[nn.Module], run, device: torch.devi
 
         apply_activation_checkpointing(student, check_fn=lambda m: isinstance(m, Block))
     if run.compile:
-        for model in (student, *followers):
+        for model in (student, *no_grad_models):
             for block in model.backbone.blocks:
                 block.compile()
     if mode == "ddp":
@@ -63,7 +63,7 @@ def wrap(student: nn.Module, followers: list[nn.Module], run, device: torch.devi
             if device.type == "cuda"
             else MixedPrecisionPolicy()
         )
-        for model in (student, *followers):
+        for model in (student, *no_grad_models):
             for block in model.backbone.blocks:
                 fully_shard(block, mp_policy=mp)
             fully_shard(model.backbone, mp_policy=mp)  # its own unit: k-NN evaluation calls it alone
