@@ -29,10 +29,10 @@ import sys
 
 import torch
 
-from minidino import seeds
+from minidino import cli, seeds
 from minidino.augment import eval_transform
-from minidino.checkpoint import backbone_state_dict, load_checkpoint, load_model_state
-from minidino.config import Config, ConfigError, DataConfig, from_dict
+from minidino.checkpoint import backbone_state_dict, load_checkpoint, load_model_state, run_config
+from minidino.config import Config, ConfigError, DataConfig
 from minidino.data import DataError, ShapesDataset, build_dataset
 from minidino.dist import DEVICES, resolve_device
 from minidino.evaluate import (
@@ -54,7 +54,7 @@ TASKS = ("knn", "linear", "attention", "pca", "seg")
 def load_backbone(path: str, random_init: bool = False) -> tuple[torch.nn.Module, Config]:
     """The teacher backbone of a run folder or checkpoint file, and the run's config."""
     state = load_checkpoint(path)
-    cfg = from_dict(state["config"])
+    cfg = run_config(state, path)
     seeds.model_init(cfg.run.seed)
     backbone = VisionTransformer(cfg.model)
     if not random_init:
@@ -95,16 +95,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def cached_tokens(backbone, dataset, split: str, key: dict, out: str, device, args) -> tuple:
-    """extract_tokens, stored in the report folder under a key of (checkpoint, its mtime, data, size)."""
-    path = os.path.join(out, f"features_{split}.pt")
+    """extract_tokens, stored in the report folder under a key of (checkpoint, its mtime, data, size). The cache
+    is written to a temporary file and renamed (a killed eval leaves no half file); one that cannot be read
+    (from an older interrupted eval, or not a torch file) is recomputed, with a warning."""
+    path, want = os.path.join(out, f"features_{split}.pt"), json.dumps(key, sort_keys=True)
     if os.path.exists(path):
-        saved = torch.load(path, weights_only=True)
-        if saved["key"] == json.dumps(key, sort_keys=True):
-            return saved["cls"], saved["avg"], saved["labels"]
+        try:
+            saved = torch.load(path, weights_only=True)
+            if saved["key"] == want:
+                return saved["cls"], saved["avg"], saved["labels"]
+        except Exception as e:  # truncated, unsafe or not a cache at all: never trusted, recomputed
+            print(f"warning: feature cache {path} is unreadable ({type(e).__name__}); computing it again")
     cls, avg, labels = extract_tokens(
         backbone, dataset, device, args.batch_size, args.num_workers, f"{split} features"
     )
-    torch.save({"key": json.dumps(key, sort_keys=True), "cls": cls, "avg": avg, "labels": labels}, path)
+    torch.save({"key": want, "cls": cls, "avg": avg, "labels": labels}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
     return cls, avg, labels
 
 
@@ -179,6 +185,11 @@ def knn_report(tr: tuple, te: tuple, ks: tuple[int, ...], temperature: float) ->
     norm = torch.nn.functional.normalize
     acc = knn_classify(norm(tr[0], dim=-1), tr[2], norm(te[0], dim=-1), te[2], ks, temperature)
     print("k-NN top-1 " + " | ".join(f"k={k}: {v:.2f}%" for k, v in acc.items()))
+    clipped = [k for k in ks if k > len(tr[2])]
+    if clipped:  # each of them votes with every training image, so they all give the same number
+        print(
+            f"note: k = {', '.join(map(str, clipped))} exceed the {len(tr[2])} training images: all of them vote"
+        )
     return {str(k): v for k, v in acc.items()}
 
 
@@ -277,4 +288,4 @@ if __name__ == "__main__":
     try:
         main()
     except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {cli.error_line(e)}")

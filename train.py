@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import sys
 import time
 
@@ -98,12 +97,14 @@ def main(argv: list[str] | None = None) -> dict:
     # 5. resume: optimiser (the weights are loaded above), centres, step and RNG states
     if state is not None:
         t.step, t.skipped_images = restore_training(state, student, optimizer, losses)
+        t.saved_step = t.step
         print0(f"resumed {run.path} at step {t.step}/{t.last_step}")
         if t.step >= t.last_step:
             print0(f"run {run.path} is already finished ({t.step} steps): nothing to do")
             cleanup()
             return {"step": t.step}
     run.begin(cfg, t.step)  # config.json, and the log cut back to the checkpoint's step
+    first_step = t.step
 
     # 6. the loop
     t.knn_sets = knn_sets(cfg) if cfg.run.knn_every else None
@@ -117,7 +118,10 @@ def main(argv: list[str] | None = None) -> dict:
         for epoch in range(t.step // steps_per_epoch, -(-t.last_step // steps_per_epoch)):
             train_one_epoch(t, epoch, bar)
     skipped = f"; skipped {t.skipped_images} unreadable images" if t.skipped_images else ""
-    print0(f"saved {run.checkpoint} and {run.curves}{skipped}")
+    if t.step > first_step:
+        print0(f"saved {run.checkpoint} (step {t.saved_step}) and {run.curves}{skipped}")
+    else:
+        print0(f"no training step to run (--optim.epochs={cfg.optim.epochs}): nothing was saved")
 
     # 7. evaluation: weighted k-NN of the teacher's CLS features, next to the same ViT at random init
     result = {"step": t.step}
@@ -145,6 +149,7 @@ class Training:
     step: int = 0
     skipped_images: int = 0
     knn_sets: tuple | None = None
+    saved_step: int | None = None  # the step of the checkpoint on disk (None: none yet)
 
     @property
     def networks(self) -> tuple[nn.Module, nn.Module, nn.Module]:  # train_step's first three arguments
@@ -183,9 +188,7 @@ def train_one_epoch(t: Training, epoch: int, bar: tqdm) -> None:
         try:
             out = train_step(*t.networks, t.losses, t.optimizer, crops, masks, sched, cfg.optim.clip_grad)
         except NonFiniteLoss as e:
-            kept = f"the last good checkpoint {t.run.checkpoint} is intact"
-            kept = kept if os.path.exists(t.run.checkpoint) else "no checkpoint was written yet"
-            raise NonFiniteLoss(f"{e} at step {t.step}: stopping; {kept}") from None
+            raise NonFiniteLoss(f"{e} at step {t.step}: stopping; {kept_checkpoint(t)}") from None
         t.step += 1
         n_images += crops[0].shape[0] * world
         bar.update(1)
@@ -197,11 +200,42 @@ def train_one_epoch(t: Training, epoch: int, bar: tqdm) -> None:
             )
             clock, n_images = time.perf_counter(), 0
         if t.step % t.steps_per_epoch == 0 or t.step == t.last_step:
-            state = (t.student, t.ema_target, t.optimizer, t.losses)
-            epochs_done = t.step // t.steps_per_epoch
-            t.run.save(training_state(*state, t.step, epochs_done, cfg, t.skipped_images))  # all processes
+            save_checked(t, crops, masks, sched)
         if t.step >= t.last_step:
             return
+
+
+def save_checked(t: Training, crops: list[Tensor], masks: StepMasks, sched: dict) -> None:
+    """Write the checkpoint, unless the updated networks give a non-finite loss on this step's crops: an
+    update can leave finite but huge weights whose next loss is NaN, and such a state must never replace
+    the last good checkpoint. The check is one forward in eval mode (no stochastic depth, BatchNorm with its
+    running statistics): no random number is drawn and no state changes, so the run itself is unaffected."""
+    networks = (t.student, t.teacher)
+    modes = [m.training for m in networks]
+    try:
+        for m in networks:
+            m.eval()
+        with torch.no_grad(), mixed_precision(crops[0].device):
+            t_out = t.teacher(crops[:2], patch_masks=masks.patches)
+            targets = t.losses.teacher_targets(t_out, sched["teacher_temp"])
+            loss = t.losses(t.student(crops, masks.student, masks.patches), targets, masks.patches)["loss"]
+    finally:
+        for m, mode in zip(networks, modes):
+            m.train(mode)
+    loss = all_reduce_mean(loss)  # every process takes the same branch
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(
+            f"the update of step {t.step} gives loss {loss.item()}: stopping; {kept_checkpoint(t)}"
+        )
+    state = (t.student, t.ema_target, t.optimizer, t.losses)
+    t.run.save(training_state(*state, t.step, t.step // t.steps_per_epoch, t.cfg, t.skipped_images))
+    t.saved_step = t.step
+
+
+def kept_checkpoint(t: Training) -> str:
+    if t.saved_step is None:
+        return "no checkpoint was written yet"
+    return f"the last good checkpoint {t.run.checkpoint} (step {t.saved_step}) is intact"
 
 
 def log_row(t: Training, epoch: int, out: dict, sched: dict, images_per_s: float, knn_now: bool) -> dict:
@@ -305,4 +339,4 @@ if __name__ == "__main__":
     try:
         main()
     except (ConfigError, DataError, NonFiniteLoss, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {cli.error_line(e)}")

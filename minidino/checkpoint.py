@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 
 import torch
 
 from . import parallel, seeds
-from .config import Config, ConfigError, save_json, to_dict
-from .dist import is_main
+from .config import Config, ConfigError, from_dict, save_json, to_dict
+from .dist import is_main, print0
 from .visualize import plot_training_curves
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message is one line naming the file."""
 
 
 class RunFolder:
@@ -42,6 +47,10 @@ class RunFolder:
                 f"run folder {self.path} already holds a checkpoint: continue it with --resume "
                 f"{self.path}, or choose another --run.out_dir"
             )
+        if resume:
+            print0(
+                f"--resume {self.path}: no checkpoint there yet, so the run starts at step 0 (its config.json)"
+            )
         return None
 
     def begin(self, cfg: Config, step: int) -> None:
@@ -54,8 +63,9 @@ class RunFolder:
         if os.path.exists(self.log):
             with open(self.log) as fh:
                 rows = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
-            with open(self.log, "w") as fh:
+            with open(f"{self.log}.tmp", "w") as fh:  # a temporary file renamed over the log: atomic
                 fh.writelines(rows)
+            os.replace(f"{self.log}.tmp", self.log)
 
     def append_log(self, row: dict) -> None:
         if is_main():
@@ -128,8 +138,30 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, not a torch file, unpickling refused...
-        raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {e})") from None
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e):  # no refused object: bytes that are not a pickle at all
+            raise CheckpointError(f"checkpoint {path} is not a readable torch file (not a pickle)") from None
+        # never the full unpickle torch's message suggests: that runs whatever code the file holds
+        raise CheckpointError(
+            f"checkpoint {path} was refused as unsafe: it holds objects other than tensors and plain values "
+            "(not a minidino or official checkpoint)"
+        ) from None
+    except Exception as e:  # a truncated zip, a file that is not a torch file at all, ...
+        raise CheckpointError(f"checkpoint {path} is not a readable torch file ({_first_line(e)})") from None
+
+
+def run_config(state: dict, path: str) -> Config:
+    """The config a minidino checkpoint was trained with; a one-line error for other files."""
+    if not isinstance(state, dict) or "config" not in state or "teacher" not in state:
+        raise CheckpointError(
+            f"checkpoint {path} is not a minidino run checkpoint (no 'config' and 'teacher' entries; a "
+            "backbone-only state dict such as an official DINO file?)"
+        )
+    return from_dict(state["config"])
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
 def backbone_state_dict(model_state: dict) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+import math
 import re
 import typing
 
@@ -39,6 +40,65 @@ CHOICES = {
     "run.device": DEVICES,
     "run.parallel": parallel.MODES,
 }
+
+
+# The range of every numeric option: (lowest, highest, whether the highest is allowed); None: no bound. Floats
+# must also be finite. "0 disables" / "0: auto" is said in the field's comment where it holds.
+POSITIVE, AT_LEAST_0, FRACTION, PROBABILITY = (1, None, True), (0, None, True), (0, 1, False), (0, 1, True)
+RANGES = {
+    "model.patch_size": POSITIVE,
+    "model.img_size": POSITIVE,
+    "model.drop_path": FRACTION,
+    "model.layerscale": AT_LEAST_0,
+    "model.n_registers": AT_LEAST_0,
+    "head.out_dim": AT_LEAST_0,
+    "head.hidden_dim": POSITIVE,
+    "head.bottleneck_dim": POSITIVE,
+    "head.n_layers": POSITIVE,
+    "loss.student_temp": (1e-6, None, True),
+    "loss.teacher_temp": AT_LEAST_0,
+    "loss.warmup_teacher_temp": (1e-6, None, True),
+    "loss.warmup_teacher_temp_epochs": AT_LEAST_0,
+    "loss.center_momentum": PROBABILITY,
+    "loss.sinkhorn_iters": POSITIVE,
+    "loss.dino_weight": AT_LEAST_0,
+    "loss.ibot_weight": AT_LEAST_0,
+    "loss.koleo_weight": AT_LEAST_0,
+    "loss.mask_probability": PROBABILITY,
+    "data.image_size": POSITIVE,
+    "data.n_train": POSITIVE,
+    "data.n_test": POSITIVE,
+    "data.global_crops_size": POSITIVE,
+    "data.local_crops_number": AT_LEAST_0,
+    "data.local_crops_size": POSITIVE,
+    "data.hue": (0, 0.5, True),
+    "data.highres_epochs": AT_LEAST_0,
+    "data.highres_scale": (1e-6, None, True),
+    "data.eval_size": POSITIVE,
+    "data.num_workers": AT_LEAST_0,
+    "optim.epochs": AT_LEAST_0,
+    "optim.batch_size": (2, None, True),  # centering needs a batch
+    "optim.lr": (1e-12, None, True),
+    "optim.min_lr": AT_LEAST_0,
+    "optim.warmup_epochs": AT_LEAST_0,
+    "optim.weight_decay": AT_LEAST_0,
+    "optim.weight_decay_end": AT_LEAST_0,
+    "optim.momentum_teacher": PROBABILITY,
+    "optim.layer_decay": (1e-6, 1, True),
+    "optim.patch_embed_lr_mult": AT_LEAST_0,
+    "optim.clip_grad": AT_LEAST_0,
+    "optim.freeze_last_layer": AT_LEAST_0,
+    "run.seed": AT_LEAST_0,
+    "run.log_every": POSITIVE,
+    "run.max_steps": AT_LEAST_0,
+    "run.knn_k": POSITIVE,
+    "run.knn_every": AT_LEAST_0,
+}
+TUPLE_RANGES = {
+    "data.global_crops_scale": "0 < min <= max <= 1",
+    "data.local_crops_scale": "0 < min <= max <= 1",
+}
+TUPLE_RANGES["loss.mask_ratio"] = "0 <= min <= max <= 1"
 
 
 def parse_args(argv: list[str]) -> tuple[Config, str | None, bool]:
@@ -169,20 +229,44 @@ def validate(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         if values[key] not in allowed:
             raise ConfigError(f"option --{key}: expected one of {', '.join(allowed)}, got {values[key]!r}")
+    for key, (lo, hi, hi_allowed) in RANGES.items():
+        check_range(key, values[key], lo, hi, hi_allowed)
+    for key, rule in TUPLE_RANGES.items():
+        lo, hi = values[key]
+        least = 0 < lo if rule.startswith("0 <") else 0 <= lo
+        if not (least and lo <= hi <= 1 and math.isfinite(lo)):
+            raise ConfigError(f"option --{key}: expected {rule}, got ({lo}, {hi})")
     for key in ("data.global_crops_size", "data.local_crops_size"):
         if values[key] % cfg.model.patch_size:
             raise ConfigError(
                 f"option --{key}={values[key]} must be a multiple of --model.patch_size={cfg.model.patch_size}"
             )
-    for key in ("data.global_crops_scale", "data.local_crops_scale"):
-        lo, hi = values[key]
-        if not 0 < lo <= hi <= 1:
-            raise ConfigError(f"option --{key}: expected 0 < min <= max <= 1, got ({lo}, {hi})")
     if cfg.run.distill_from and (cfg.model.drop_path or cfg.loss.mask_probability):
         # DINOv2 distils without masking and without stochastic depth; say so instead of silently changing
         raise ConfigError(
             "--run.distill_from: set --model.drop_path=0 and --loss.mask_probability=0 (DINOv2 "
             "distils without stochastic depth and masking)"
         )
-    if cfg.optim.batch_size < 2:
-        raise ConfigError("option --optim.batch_size: expected at least 2 (centering needs a batch)")
+
+
+def check_range(key: str, value, lo, hi, hi_allowed: bool) -> None:
+    """One numeric option against its range, with a one-line error naming it."""
+    ok = math.isfinite(value) and (lo is None or value >= lo)
+    ok = ok and (hi is None or value < hi or (hi_allowed and value == hi))
+    if not ok:
+        if hi is None:
+            want = "a positive number" if lo and lo < 1 else f"at least {lo}"
+        else:
+            want = f"{lo} <= value {'<=' if hi_allowed else '<'} {hi}"
+        raise ConfigError(f"option --{key}: expected {want}, got {value}")
+
+
+def error_line(e: BaseException) -> str:
+    """The one-line message of an error for `error: ...`. An error raised in a DataLoader worker arrives with
+    the worker's whole traceback in its message; its last line is the original message."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        name, sep, rest = last.partition(": ")
+        text = rest if sep and name.replace(".", "_").isidentifier() else last  # drop "module.ErrorName: "
+    return text.splitlines()[0] if text else type(e).__name__

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 
 import numpy as np
 import torch
@@ -147,6 +148,11 @@ class ShapesDataset(Dataset):
 # Files on disk
 
 
+# What PIL raises for corrupt, truncated or hostile files: a decompression bomb (an image whose pixel count
+# would exhaust memory) is no OSError, but is skipped and counted like the rest
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def load_rgb(path: str) -> Image.Image:
     """Open any image as 8-bit RGB: grayscale, palette, RGBA, CMYK and 16-bit images are converted."""
     img = Image.open(path)
@@ -160,11 +166,12 @@ def load_rgb(path: str) -> Image.Image:
 
 class ImageFiles(Dataset):
     """A list of (path, label) image files. An unreadable file is skipped: the next one is used instead and
-    counted in `skipped`, with a warning printed once per file."""
+    counted in `skipped`, with a warning printed once per file by each process."""
 
     def __init__(self, samples: list[tuple[str, int]], transform=None, classes: tuple[str, ...] = ()):
         self.samples, self.transform, self.classes = samples, transform, classes
         self.targets = [label for _, label in samples]
+        self.warned: set[str] = set()  # files already reported by this process (each worker has its own)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -174,8 +181,10 @@ class ImageFiles(Dataset):
             path, label = self.samples[(index + skipped) % len(self.samples)]
             try:
                 img = load_rgb(path)
-            except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for corrupt/truncated files
-                print(f"warning: skipping unreadable image {path}: {type(e).__name__}: {e}")
+            except UNREADABLE as e:
+                if path not in self.warned:
+                    self.warned.add(path)
+                    print(f"warning: skipping unreadable image {path}: {type(e).__name__}: {e}")
                 continue
             return (self.transform(img) if self.transform else img), label, skipped
         raise DataError(f"none of the {len(self.samples)} images could be read (first: {self.samples[0][0]})")
@@ -245,10 +254,19 @@ def _torchvision(name: str, root: str, split: str, transform):
             f"{name} not found under {root}: put the extracted '{folder}' folder there, or an "
             f"ImageFolder layout {root}/train/<class>/ and {root}/test/<class>/ (nothing is downloaded)"
         )
-    if name == "stl10":  # 'train+unlabeled' for pre-training would need labels -1; keep the labelled splits
-        return _Labelled(tvd.STL10(root, split="train" if train else "test", download=False), transform)
-    cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-    return _Labelled(cls(root, train=train, download=False), transform)
+    try:
+        if (
+            name == "stl10"
+        ):  # 'train+unlabeled' for pre-training would need labels -1; keep the labelled splits
+            return _Labelled(tvd.STL10(root, split="train" if train else "test", download=False), transform)
+        cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+        return _Labelled(cls(root, train=train, download=False), transform)
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError, EOFError) as e:
+        # torchvision's own message suggests download=True, which minidino never does
+        raise DataError(
+            f"{name} files under {os.path.join(root, folder)} are incomplete or corrupt ({type(e).__name__}); "
+            "extract the archive again"
+        ) from None
 
 
 def build_dataset(data, split: str, transform=None, seed: int = 0) -> Dataset:

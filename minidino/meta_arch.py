@@ -13,8 +13,8 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import load_checkpoint, load_model_state
-from .config import Config, ConfigError, from_dict
+from .checkpoint import load_checkpoint, load_model_state, run_config
+from .config import Config, ConfigError
 from .heads import DINOHead
 from .vit import VisionTransformer
 
@@ -73,7 +73,7 @@ def distillation_teacher(cfg: Config) -> SSLModel:
     checkpoint) in `--run.distill_from`. The student's EMA is then kept apart as the final model."""
     path = cfg.run.distill_from
     state = load_checkpoint(path)
-    tcfg = from_dict(state["config"])
+    tcfg = run_config(state, path)
     if tcfg.head.out_dim != cfg.head.out_dim or tcfg.model.patch_size != cfg.model.patch_size:
         raise ConfigError(
             f"--run.distill_from={path}: the student needs the teacher's "

@@ -122,3 +122,33 @@ def test_sizes_chosen_from_the_data_size():
     assert size_for_data(mid, 20_000)[0].head.out_dim == 1024
     explicit, chosen = size_for_data(imagenet(), 10)
     assert chosen == [] and explicit.head.out_dim == 65536  # explicit values stay
+
+
+@pytest.mark.parametrize(
+    "option, expected",
+    [
+        ("--run.log_every=0", "--run.log_every: expected at least 1, got 0"),
+        ("--model.patch_size=0", "--model.patch_size: expected at least 1, got 0"),
+        ("--head.out_dim=-5", "--head.out_dim: expected at least 0, got -5"),
+        ("--data.local_crops_number=-1", "--data.local_crops_number: expected at least 0, got -1"),
+        ("--optim.lr=nan", "--optim.lr: expected a positive number, got nan"),
+        ("--optim.weight_decay=inf", "--optim.weight_decay: expected at least 0, got inf"),
+        ("--model.drop_path=1", "--model.drop_path: expected 0 <= value < 1, got 1.0"),
+        ("--optim.momentum_teacher=1.5", "--optim.momentum_teacher: expected 0 <= value <= 1, got 1.5"),
+        ("--loss.mask_ratio=0.5,0.1", "--loss.mask_ratio: expected 0 <= min <= max <= 1, got (0.5, 0.1)"),
+        ("--data.global_crops_scale=0,1", "--data.global_crops_scale: expected 0 < min <= max <= 1"),
+        ("--optim.batch_size=1", "--optim.batch_size: expected at least 2, got 1"),
+    ],
+)
+def test_every_numeric_option_is_range_checked_with_one_line(option, expected):
+    with pytest.raises(ConfigError) as e:
+        cli.parse_args([option])
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_numeric_option_has_a_range_and_the_presets_are_in_range():
+    numeric = [k for k, (_, _, typ) in options(Config()).items() if typ in (int, float)]
+    assert sorted(numeric) == sorted(cli.RANGES)  # a new numeric field needs its range
+    for preset in ("shapes", "cifar10", "imagenet"):
+        for method in ([], ["--method=dinov2"]):
+            cli.parse_args(["--preset", preset, *method])  # no error

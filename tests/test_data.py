@@ -92,7 +92,47 @@ def test_image_folder_skips_and_counts_corrupt_files(tmp_path, capsys):
     # item 0 (corrupt) falls through to item 1; item 3 (truncated) wraps to item 0 (corrupt), then item 1
     assert [r[2] for r in results] == [1, 0, 0, 2]
     assert all(r[0].shape == (3, 8, 8) for r in results)
-    assert "skipping unreadable image" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # item 3 read the corrupt a/0.png a second time: still one warning per file
+    assert out.count("skipping unreadable image") == 2
+    assert out.count(f"skipping unreadable image {tmp_path / 'a' / '0.png'}") == 1
+
+
+def test_a_decompression_bomb_is_skipped_and_counted(tmp_path, capsys, monkeypatch):
+    (tmp_path / "a").mkdir()
+    _write(str(tmp_path / "a" / "1.png"), "RGB")  # 12 x 10
+    Image.new("L", (100, 100)).save(tmp_path / "a" / "0.png")
+    # PIL refuses images of more than twice MAX_IMAGE_PIXELS (89 Mpx by default): the limit scaled down
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    ds = image_folder(str(tmp_path), transform=eval_transform(8))
+    image, _, skipped = ds[0]
+    assert skipped == 1 and image.shape == (3, 8, 8)
+    assert "DecompressionBombError" in capsys.readouterr().out
+
+
+def test_an_unreadable_folder_read_by_workers_is_a_one_line_error(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from minidino.cli import error_line
+
+    (tmp_path / "a").mkdir()
+    for i in range(2):
+        (tmp_path / "a" / f"{i}.jpg").write_bytes(b"not an image")
+    loader = DataLoader(image_folder(str(tmp_path), eval_transform(8)), batch_size=2, num_workers=1)
+    with pytest.raises(DataError) as e:
+        next(iter(loader))
+    assert "Original Traceback" in str(e.value)  # what DataLoader hands over: the worker's traceback
+    assert error_line(e.value) == f"none of the 2 images could be read (first: {tmp_path / 'a' / '0.jpg'})"
+
+
+def test_a_corrupt_cifar_folder_names_the_folder_without_download_advice(tmp_path):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"garbage")
+    with pytest.raises(DataError) as e:
+        build_dataset(DataConfig(dataset="cifar10", root=str(tmp_path)), "train")
+    msg = str(e.value)
+    assert str(tmp_path / "cifar-10-batches-py") in msg and "incomplete or corrupt" in msg
+    assert "download" not in msg and "\n" not in msg
 
 
 def test_missing_and_empty_data_folders_are_clear_errors(tmp_path):

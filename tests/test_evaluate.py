@@ -165,3 +165,39 @@ def test_eval_all_writes_the_report_and_reuses_cached_features(tmp_path, capsys)
     again = evaluate_cli.main([str(run), "--knn", "--num-workers", "0"])
     assert os.path.getmtime(out / "features_train.pt") == cached  # features came from the cache
     assert again["knn_top1"] == report["knn_top1"]
+
+
+def test_eval_refuses_files_it_cannot_use_in_one_line_and_recomputes_a_broken_cache(tmp_path, capsys):
+    import os
+
+    import eval as evaluate_cli
+    import train
+    from conftest import tiny_run
+    from minidino.checkpoint import CheckpointError
+
+    class Evil:  # unpickling this would run a shell command
+        def __reduce__(self):
+            return (os.system, ("echo PWNED",))
+
+    torch.save({"x": Evil()}, tmp_path / "unsafe.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"\x00" * 100)
+    torch.save({"cls_token": torch.zeros(1, 1, 8)}, tmp_path / "backbone.pth")  # no minidino config
+    for name, why in [
+        ("unsafe.pt", "was refused as unsafe"),
+        ("garbage.pt", "is not a readable torch file"),
+        ("backbone.pth", "is not a minidino run checkpoint"),
+    ]:
+        with pytest.raises(CheckpointError) as e:
+            evaluate_cli.main([str(tmp_path / name), "--data", "shapes"])
+        assert f"checkpoint {tmp_path / name} {why}" in str(e.value) and "\n" not in str(e.value)
+        assert "weights_only=False" not in str(e.value)
+    assert "PWNED" not in capsys.readouterr().out
+
+    run = tmp_path / "run"
+    train.main(tiny_run(run, "--run.eval_at_end=false", "--run.max_steps=1"))
+    first = evaluate_cli.main([str(run), "--num-workers", "0"])
+    cache = run / "eval" / "features_train.pt"
+    cache.write_bytes(cache.read_bytes()[:100])  # an eval killed while writing it (before: a broken cache)
+    again = evaluate_cli.main([str(run), "--num-workers", "0"])
+    assert "feature cache" in capsys.readouterr().out and again["knn_top1"] == first["knn_top1"]
+    assert torch.load(cache, weights_only=True)["cls"].shape[0] == 32  # written anew, whole

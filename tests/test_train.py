@@ -214,3 +214,72 @@ def test_distillation_from_a_larger_frozen_teacher(tmp_path):
     after = load_checkpoint(str(tmp_path / "big"))["teacher"]
     assert all(torch.equal(teacher_before[k], after[k]) for k in after)  # the big teacher file is untouched
     assert 0 <= result["knn_top1"] <= 100
+
+
+def _blow_up_after_step(monkeypatch, at_call: int):
+    """train_step as usual, but after its `at_call`-th call every weight of the student and of the EMA
+    teacher is multiplied by 1e20: finite, so that step's own loss was fine, yet the next loss is not."""
+    real, calls = train.train_step, []
+
+    def step(student, teacher, ema_target, *args):
+        out = real(student, teacher, ema_target, *args)
+        calls.append(1)
+        if len(calls) == at_call:
+            with torch.no_grad():
+                for p in [*student.parameters(), *ema_target.parameters()]:
+                    p.mul_(1e20)
+        return out
+
+    monkeypatch.setattr(train, "train_step", step)
+
+
+def test_a_diverged_update_at_an_epoch_end_never_replaces_the_last_good_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "a"
+    _blow_up_after_step(monkeypatch, at_call=4)  # step 4 ends epoch 2; the checkpoint of step 2 is kept
+    with pytest.raises(train.NonFiniteLoss) as e:
+        train.main(tiny_run(run, "--optim.epochs=3", "--run.eval_at_end=false"))
+    assert str(e.value).startswith("the update of step 4 gives loss nan: stopping;")
+    assert str(e.value).endswith(f"the last good checkpoint {run / 'checkpoint.pt'} (step 2) is intact")
+    assert load_checkpoint(str(run))["step"] == 2
+    monkeypatch.undo()  # the checkpoint resumes with finite losses
+    train.main(["--resume", str(run), "--run.eval_at_end=false"])
+    rows = _log(run)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+def test_a_diverged_update_before_any_checkpoint_says_so(tmp_path, monkeypatch):
+    _blow_up_after_step(monkeypatch, at_call=2)
+    with pytest.raises(
+        train.NonFiniteLoss, match=r"step 2 gives loss nan: stopping; no checkpoint was written"
+    ):
+        train.main(tiny_run(tmp_path / "a", "--run.eval_at_end=false"))
+    assert not (tmp_path / "a" / "checkpoint.pt").exists()
+
+
+def test_a_run_with_no_step_does_not_claim_a_checkpoint(tmp_path, capsys):
+    train.main(tiny_run(tmp_path / "a", "--optim.epochs=0", "--run.eval_at_end=false"))
+    out = capsys.readouterr().out
+    assert "no training step to run (--optim.epochs=0): nothing was saved" in out and "saved /" not in out
+    assert not (tmp_path / "a" / "checkpoint.pt").exists()
+
+
+def test_a_refused_resume_leaves_config_json_as_it_was(tmp_path):
+    train.main(tiny_run(tmp_path / "a", "--run.max_steps=1", "--run.eval_at_end=false"))
+    before = (tmp_path / "a" / "config.json").read_bytes()
+    with pytest.raises(ValueError, match=r"does not match this architecture"):
+        train.main(["--resume", str(tmp_path / "a"), "--model.arch=vit_tiny"])
+    assert (tmp_path / "a" / "config.json").read_bytes() == before
+    train.main(["--resume", str(tmp_path / "a"), "--run.max_steps=0", "--run.eval_at_end=false"])  # still resumes
+    assert load_checkpoint(str(tmp_path / "a"))["step"] == 4
+
+
+def test_resume_of_a_folder_without_checkpoint_says_it_starts_over(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    cfg, _, _ = cli.parse_args(tiny_run(tmp_path / "a", "--run.max_steps=1", "--run.eval_at_end=false"))
+    from minidino.config import save_json
+
+    save_json(cfg, tmp_path / "a" / "config.json")
+    train.main(["--resume", str(tmp_path / "a")])
+    assert "no checkpoint there yet, so the run starts at step 0" in capsys.readouterr().out
+    assert load_checkpoint(str(tmp_path / "a"))["step"] == 1
