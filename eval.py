@@ -2,12 +2,14 @@
 
     python eval.py runs/shapes --all                    # everything below, into runs/shapes/eval/
     python eval.py runs/shapes                          # k-NN only (the default)
-    python eval.py runs/shapes --linear --seg           # linear probe and the segmentation score
+    python eval.py runs/shapes --linear --seg           # DINO's linear evaluation and the segmentation score
     python eval.py runs/shapes --all --random-init      # the architecture untrained (eval_random_init/)
     python eval.py runs/cifar10/checkpoint.pt --data data/cifar10 --knn
 
   --knn        weighted k-NN on L2-normalised CLS features, k = 10, 20, 100, 200, T = 0.07 (DINO Sec. 4.1)
-  --linear     linear probe on frozen CLS features and on CLS + mean patch token (DINOv2), best of an lr sweep
+  --linear     DINO's linear evaluation: CLS of the last 4 blocks (--avgpool adds the mean patch token), 100
+               epochs on augmented views, lr chosen on a held-out tenth of the training split (linear_eval.py)
+  --linear-fast  a quick probe on cached features (CLS, and CLS + mean patch token), lr chosen the same way
   --attention  last-block CLS attention of every head over a grid of held-out images, DINO's 60%-mass masks
   --pca        DINOv2's PCA of patch features: first component thresholded, next three as RGB (one class)
   --seg        emergent segmentation on shapes (which has ground-truth masks): Jaccard of the attention masks
@@ -16,8 +18,10 @@
 
 `--data` is `shapes` or a folder with train/<class>/ and test/<class>/ (or val/) sub-folders (default: the
 run's own data). The teacher's backbone is evaluated (DINO reports the teacher). The report folder gets
-report.json (every number), report.md (numbers and figures) and PNGs; features are cached there, so a second
-call with the same checkpoint and data is quick.
+report.json (every number, and under "protocols" how each was measured), report.md (numbers and figures)
+and PNGs; features are cached there, so a second call with the same checkpoint and data is quick. Evaluation
+images are centre crops of data.eval_size after resizing to eval_size / data.eval_crop_ratio (DINO: 256 ->
+224; the 32 px presets keep the whole image).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import sys
 import torch
 
 from minidino import cli, seeds
-from minidino.augment import eval_transform
+from minidino.augment import eval_transform, linear_train_transform
 from minidino.checkpoint import backbone_state_dict, load_checkpoint, load_model_state, run_config
 from minidino.config import Config, ConfigError, DataConfig
 from minidino.data import DataError, ShapesDataset, build_dataset
@@ -40,15 +44,15 @@ from minidino.evaluate import (
     cls_attention,
     extract_tokens,
     knn_classify,
-    linear_probe,
     pca_foreground,
     segmentation_scores,
     upsample_masks,
 )
+from minidino.linear_eval import dino_linear_eval, fast_linear_probe
 from minidino.visualize import plot_attention_maps, plot_pca, plot_training_curves
 from minidino.vit import VisionTransformer
 
-TASKS = ("knn", "linear", "attention", "pca", "seg")
+TASKS = ("knn", "linear", "linear_fast", "attention", "pca", "seg")
 
 
 def load_backbone(path: str, random_init: bool = False) -> tuple[torch.nn.Module, Config]:
@@ -80,7 +84,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("checkpoint", help="run folder or checkpoint.pt")
     p.add_argument("--data", help="'shapes' or a folder with train/ and test/ (default: the run's data set)")
     for task in TASKS:
-        p.add_argument(f"--{task}", action="store_true", help=f"run the {task} evaluation")
+        p.add_argument(f"--{task.replace('_', '-')}", action="store_true", help=f"run the {task} evaluation")
     p.add_argument("--all", action="store_true", help="every evaluation and the training curves")
     p.add_argument("--ks", default="10,20,100,200", help="k values of the k-NN (default 10,20,100,200)")
     p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature T (default 0.07)")
@@ -89,6 +93,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--seg-images", type=int, default=256, help="held-out images scored by --seg")
+    p.add_argument("--linear-epochs", type=int, default=100, help="epochs of --linear (DINO: 100)")
+    p.add_argument(
+        "--n-last-blocks", type=int, default=4, help="CLS tokens of the last n blocks (DINO ViT-S: 4)"
+    )
+    p.add_argument(
+        "--avgpool", action="store_true", help="--linear also reads the mean patch token (DINO ViT-B)"
+    )
     p.add_argument("--out", help="report folder (default: <run>/eval or <run>/eval_random_init)")
     p.add_argument("--device", default="auto", choices=DEVICES)
     return p.parse_args(argv)
@@ -130,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     backbone, cfg = load_backbone(args.checkpoint, args.random_init)
     backbone.to(device)
     data = data_config(cfg, args.data, args.size)
-    tf = eval_transform(data.eval_size)
+    tf = eval_transform(data.eval_size, data.eval_crop_ratio)
     train_set, test_set = (build_dataset(data, split, tf, cfg.run.seed) for split in ("train", "test"))
     run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
     out = args.out or os.path.join(run_dir, "eval" + ("_random_init" if args.random_init else ""))
@@ -150,21 +161,30 @@ def main(argv: list[str] | None = None) -> dict:
         "data": key["data"],
         "n_train": len(train_set),
         "n_test": len(test_set),
+        "protocols": {},
         "figures": {},
     }
-    if "knn" in tasks or "linear" in tasks:
+    crops = f"{data.eval_size} px centre crops of images resized to {round(data.eval_size / data.eval_crop_ratio)}"
+    if "knn" in tasks or "linear_fast" in tasks:
         tr = cached_tokens(backbone, train_set, "train", key, out, device, args)
         te = cached_tokens(backbone, test_set, "test", key, out, device, args)
     if "knn" in tasks:
         report["knn_top1"] = knn_report(tr, te, ks, args.temperature)
+        report["protocols"]["knn_top1"] = f"DINO weighted k-NN, T = {args.temperature}, teacher CLS, {crops}"
     if "linear" in tasks:
-        report["linear"] = linear_report(tr, te, device)
+        views = build_dataset(data, "train", linear_train_transform(data.eval_size), cfg.run.seed)
+        report["linear"] = dino_linear_report(backbone, (views, train_set, test_set), device, args)
+        report["protocols"]["linear"] = report["linear"].pop("protocol")
+    if "linear_fast" in tasks:
+        report["linear_fast"] = fast_linear_report(tr, te, device)
+        report["protocols"]["linear_fast"] = report["linear_fast"].pop("protocol") + f"; {crops}"
     if "attention" in tasks:
         report["figures"]["attention"] = attention_figure(backbone, test_set, device, out)
     if "pca" in tasks:
         report["figures"]["pca"] = pca_figure(backbone, test_set, device, out)
     if "seg" in tasks:
         report["segmentation"] = segmentation_report(backbone, test_set, device, args.seg_images)
+        report["protocols"]["segmentation"] = "Jaccard with the object masks: DINO's 60%-mass attention masks"
     log = os.path.join(run_dir, "log.jsonl")
     if args.all and os.path.exists(log) and os.path.getsize(log):
         curves = plot_training_curves(log, os.path.join(out, "curves.png"))
@@ -193,20 +213,29 @@ def knn_report(tr: tuple, te: tuple, ks: tuple[int, ...], temperature: float) ->
     return {str(k): v for k, v in acc.items()}
 
 
-def linear_report(tr: tuple, te: tuple, device) -> dict:
-    """Linear probes on CLS, and on CLS + mean patch token (DINOv2)."""
+def dino_linear_report(backbone, sets: tuple, device, args) -> dict:
+    """DINO's linear evaluation; sets: (training split with training views, the same with centre crops, test)."""
+    train_views, train_plain, test_set = sets
+    n_classes = max(train_plain.targets + list(getattr(test_set, "targets", []))) + 1
+    res = dino_linear_eval(
+        backbone, train_views, train_plain, test_set, n_classes, device, args.n_last_blocks, args.avgpool,
+        args.linear_epochs, args.batch_size, num_workers=args.num_workers,
+    )  # fmt: skip
+    print(f"linear evaluation (DINO protocol) top-1 {res['top1']:.2f}% (lr {res['best_lr']:g})")
+    return res
+
+
+def fast_linear_report(tr: tuple, te: tuple, device) -> dict:
+    """Quick probes on cached CLS features, and on CLS + mean patch token (DINOv2's linear features)."""
     report = {}
     for name, (x_tr, x_te) in {
         "cls": (tr[0], te[0]),
         "cls+avgpool": (torch.cat(tr[:2], 1), torch.cat(te[:2], 1)),
     }.items():
-        res = linear_probe(x_tr, tr[2], x_te, te[2], device=device)
-        report[name] = {
-            "top1": res["top1"],
-            "best_lr": res["best_lr"],
-            "per_lr": {str(k): v for k, v in res["per_lr"].items()},
-        }
-        print(f"linear probe ({name}) top-1 {res['top1']:.2f}% (lr {res['best_lr']:g})")
+        res = fast_linear_probe(x_tr, tr[2], x_te, te[2], device)
+        report["protocol"] = res.pop("protocol")
+        report[name] = res
+        print(f"fast linear probe ({name}) top-1 {res['top1']:.2f}% (lr {res['best_lr']:g})")
     return report
 
 
@@ -256,10 +285,21 @@ def write_markdown(report: dict, path: str) -> None:
         lines += ["## k-NN (weighted, T = 0.07)", "", "| k | top-1 |", "|---|---|"]
         lines += [f"| {k} | {v:.2f}% |" for k, v in report["knn_top1"].items()] + [""]
     if "linear" in report:
-        lines += ["## Linear probe (best of the lr sweep)", "", "| features | top-1 | lr |", "|---|---|---|"]
-        lines += [f"| {k} | {v['top1']:.2f}% | {v['best_lr']:g} |" for k, v in report["linear"].items()] + [
-            ""
+        r = report["linear"]
+        lines += [
+            "## Linear evaluation (DINO's protocol)",
+            "",
+            f"top-1 **{r['top1']:.2f}%** (lr {r['best_lr']:g})",
+            "",
         ]
+    if "linear_fast" in report:
+        lines += ["## Fast linear probe (cached features)", "", "| features | top-1 | lr |", "|---|---|---|"]
+        fast = report["linear_fast"].items()
+        lines += [f"| {k} | {v['top1']:.2f}% | {v['best_lr']:g} |" for k, v in fast]
+        lines.append("")
+    if report["protocols"]:
+        lines += ["## How each number was measured", ""]
+        lines += [f"- {k}: {v}" for k, v in report["protocols"].items()] + [""]
     if isinstance(report.get("segmentation"), dict):
         s = report["segmentation"]
         lines += [

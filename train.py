@@ -28,7 +28,7 @@ from tqdm import tqdm
 from minidino import cli, parallel, seeds
 from minidino.augment import BatchMultiCrop, MultiCropAugmentation, to_tensor_image
 from minidino.checkpoint import RunFolder, restore_training, restore_weights, training_state
-from minidino.config import Config, ConfigError, DataConfig, size_for_data
+from minidino.config import Config, ConfigError, DataConfig, OptimConfig
 from minidino.data import DataError, SeededViews, build_dataset, epoch_loader
 from minidino.dist import (
     all_reduce_mean,
@@ -45,7 +45,15 @@ from minidino.evaluate import knn_against_random_init, knn_eval, knn_sets
 from minidino.losses import Losses, build_losses, entropy_stats
 from minidino.masking import StepMasks, step_masks
 from minidino.meta_arch import build_student_teacher, distillation_teacher
-from minidino.optim import apply_schedule, build_optimizer, clip_gradients, freeze_prototypes, peak_lr
+from minidino.optim import (
+    apply_schedule,
+    build_optimizer,
+    clip_gradients,
+    freeze_prototypes,
+    peak_lr,
+    small_batch_advice,
+)
+from minidino.presets import size_for_data
 from minidino.schedules import schedules
 
 
@@ -108,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 6. the loop
     t.knn_sets = knn_sets(cfg) if cfg.run.knn_every else None
+    if advice := small_batch_advice(cfg.optim):
+        print0(advice)
     print0(
         f"training {cfg.model.arch}/{cfg.model.patch_size} with {cfg.method} on {cfg.data.dataset} "
         f"({len(train_set)} images, {steps_per_epoch} steps/epoch, {t.last_step} steps) on {device}"
@@ -186,7 +196,7 @@ def train_one_epoch(t: Training, epoch: int, bar: tqdm) -> None:
         apply_schedule(t.optimizer, sched["lr"], sched["wd"])
         masks = step_masks(cfg, crops[0], t.step, rank(), world, len(crops))
         try:
-            out = train_step(*t.networks, t.losses, t.optimizer, crops, masks, sched, cfg.optim.clip_grad)
+            out = train_step(*t.networks, t.losses, t.optimizer, crops, masks, sched, cfg.optim)
         except NonFiniteLoss as e:
             raise NonFiniteLoss(f"{e} at step {t.step}: stopping; {kept_checkpoint(t)}") from None
         t.step += 1
@@ -266,13 +276,13 @@ def train_step(
     crops: list[Tensor],
     masks: StepMasks,
     sched: dict,
-    clip_grad: float,
+    optim: OptimConfig,
 ) -> dict:
     """One step in the order of DINO's Algorithm 1 (+ DINOv2's iBOT and KoLeo terms when enabled).
 
     crops: the 2 global crops, then the local ones, each (B, 3, H, W). masks: the iBOT masks of the step
     (`masking.step_masks`: the student's masked patches, and the patches of the patch loss). sched: the
-    schedules at this step (`schedules.schedules`).
+    schedules at this step (`schedules.schedules`); optim: the clipping options.
     """
     with mixed_precision(crops[0].device):
         with torch.no_grad():  # teacher: global views only, unmasked, no gradient
@@ -284,7 +294,7 @@ def train_step(
         raise NonFiniteLoss(f"loss is {terms['loss'].item()}")
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
-    clip_gradients(student, clip_grad)
+    clip_gradients(student, optim.clip_grad, optim.clip_mode)
     if sched[
         "freeze_last_layer"
     ]:  # the prototypes stay fixed in the first epoch(s): DINO finds it stabilises
@@ -304,7 +314,8 @@ def mixed_precision(device: torch.device):
 
 
 def check_batch(cfg: Config, world: int, n_images: int) -> int:
-    """The steps per epoch; one-line errors when the global batch does not fit the processes or the data."""
+    """The steps per epoch (a pass over the data, or --optim.epoch_steps); one-line errors when the global
+    batch does not fit the processes or the data."""
     if world > 1 and cfg.run.parallel == "none":
         raise ConfigError(f"launched on {world} processes: choose --run.parallel=ddp or --run.parallel=fsdp")
     batch = cfg.optim.batch_size
@@ -316,7 +327,7 @@ def check_batch(cfg: Config, world: int, n_images: int) -> int:
         raise ConfigError(
             f"option --optim.batch_size={batch} is larger than the data set ({n_images} images)"
         )
-    return n_images // batch
+    return cfg.optim.epoch_steps or n_images // batch
 
 
 def phase_data(cfg: Config, epoch: int) -> DataConfig:

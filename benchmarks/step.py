@@ -103,7 +103,7 @@ def main(argv: list[str]) -> dict:
 
     def run(n: int) -> None:
         for _ in range(n):
-            train.train_step(student, teacher, teacher, losses, opt, crops, masks, sched, cfg.optim.clip_grad)
+            train.train_step(student, teacher, teacher, losses, opt, crops, masks, sched, cfg.optim)
         if device.type == "cuda":
             torch.cuda.synchronize()
 

@@ -11,7 +11,8 @@ correspondence. On top of the crop, BYOL's photometric augmentations (Grill et a
 
 `hue` is the colour jitter's maximum hue shift (0.1 in the papers); the shapes preset raises it to 0.5 because
 its colours are random by design, so views must disagree on colour for DINO to learn shape instead.
-The blur's kernel and sigma (0.1-2.0 at 224 px) scale with the crop size so 32 px crops are not smeared.
+The blur's sigma is 0.1-2.0 px on crops of 96 px and more, as in the official code, and scaled down in
+proportion on smaller crops (`blur_sigma`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,22 @@ from .config import DataConfig
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def blur_sigma(size: int) -> tuple[float, float]:
+    """The Gaussian blur's sigma range in pixels of a crop of this side: 0.1-2.0 for crops of 96 px and more,
+    as the official code blurs both 224 px and 96 px crops; scaled down in proportion below 96 px, so that
+    the 16-32 px crops of small images are not smeared. (A deliberate addition: the papers use no crops that
+    small.)"""
+    s = min(1.0, size / 96)
+    return 0.1 * s, 2.0 * s
+
+
+def blur_kernel(size: int) -> int:
+    """Odd kernel side that holds +-3 sigma of the largest sigma (13 px at 96 px and above)."""
+    return 2 * math.ceil(3 * blur_sigma(size)[1]) + 1
+
+
 def _blur(size: int, p: float) -> v2.Transform:
-    s = size / 224  # sigma range and kernel follow the crop size
-    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # odd, ~10% of the side (23 at 224 px)
-    return v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1 * s, 2.0 * s))], p=p)
+    return v2.RandomApply([v2.GaussianBlur(blur_kernel(size), sigma=blur_sigma(size))], p=p)
 
 
 def _to_tensor() -> v2.Transform:
@@ -81,12 +94,24 @@ class MultiCropAugmentation:
         ]
 
 
-def eval_transform(size: int) -> v2.Transform:
-    """Deterministic view for evaluation: resize the short side to `size`, centre crop, normalise."""
+def eval_transform(size: int, crop_ratio: float = 1.0) -> v2.Transform:
+    """Deterministic view for evaluation: resize the short side to size / crop_ratio, centre crop `size`,
+    normalise. DINO's k-NN and linear evaluations use 0.875 (256 -> 224 px); 1 keeps the whole image."""
     return v2.Compose(
         [
-            v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.Resize(round(size / crop_ratio), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
             v2.CenterCrop(size),
+            _to_tensor(),
+        ]
+    )
+
+
+def linear_train_transform(size: int) -> v2.Transform:
+    """The training view of DINO's linear evaluation (eval_linear.py): random resized crop and flip."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.RandomHorizontalFlip(),
             _to_tensor(),
         ]
     )
@@ -181,9 +206,7 @@ class BatchMultiCrop:
         x = torch.where((draw(0, 1) < 0.2)[:, None, None, None], _gray(x).expand_as(x), x)  # grayscale
 
         # Gaussian blur: separable, one sigma per image, as a grouped convolution over (B * 3) channels
-        s = size / 224
-        k = max(3, int(0.1 * size) // 2 * 2 + 1)
-        sigma = draw(0.1 * s, 2.0 * s)
+        k, sigma = blur_kernel(size), draw(*blur_sigma(size))
         t = torch.arange(k, device=dev, dtype=x.dtype) - k // 2
         kern = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None] ** 2))
         kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(3, 0)  # (B * 3, k)

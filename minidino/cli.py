@@ -18,12 +18,13 @@ import re
 import typing
 
 from . import parallel
-from .config import METHODS, PRESETS, Config, ConfigError, dinov2, from_dict, options, sections
+from .config import Config, ConfigError, from_dict, options, sections
 from .data import DATASETS
 from .dist import DEVICES
 from .kernels.attention import IMPLS
 from .losses import CENTERINGS
-from .optim import LR_SCALING
+from .optim import CLIP_MODES, LR_SCALING, peak_lr
+from .presets import METHODS, PRESETS, dinov2
 from .vit import ARCHS, DROP_PATH_IMPLS, DROP_PATH_SCHEDULES, FFNS, POS_EMBED_INITS
 
 CHOICES = {
@@ -36,6 +37,7 @@ CHOICES = {
     "model.drop_path_impl": DROP_PATH_IMPLS,
     "loss.centering": CENTERINGS,
     "optim.lr_scaling": LR_SCALING,
+    "optim.clip_mode": CLIP_MODES,
     "data.dataset": DATASETS,
     "run.device": DEVICES,
     "run.parallel": parallel.MODES,
@@ -75,8 +77,10 @@ RANGES = {
     "data.highres_epochs": AT_LEAST_0,
     "data.highres_scale": (1e-6, None, True),
     "data.eval_size": POSITIVE,
+    "data.eval_crop_ratio": (1e-3, 1, True),
     "data.num_workers": AT_LEAST_0,
     "optim.epochs": AT_LEAST_0,
+    "optim.epoch_steps": AT_LEAST_0,
     "optim.batch_size": (2, None, True),  # centering needs a batch
     "optim.lr": (1e-12, None, True),
     "optim.min_lr": AT_LEAST_0,
@@ -144,7 +148,7 @@ def preset_config(name: str, method_dinov2: bool) -> Config:
         hint = f"; did you mean {close[0]}?" if close else ""
         raise ConfigError(f"unknown preset {name!r}: expected one of {', '.join(PRESETS)}{hint}")
     cfg = PRESETS[name]()
-    return dinov2(cfg) if method_dinov2 else cfg
+    return dinov2(cfg) if method_dinov2 and cfg.method != "dinov2" else cfg
 
 
 def read_run_config(run_dir: str) -> Config:
@@ -213,6 +217,8 @@ def help_text(cfg: Config) -> str:
         "usage: python train.py [--preset NAME] [--resume RUN_DIR] [--key=value ...]",
         "",
         f"presets: {', '.join(PRESETS)} (default shapes); values shown are the chosen preset's",
+        f"global batch {cfg.optim.batch_size} (all processes): peak lr {peak_lr(cfg.optim):.4g} "
+        f"(--optim.lr={cfg.optim.lr:g} x {'batch / 256' if cfg.optim.lr_scaling == 'linear' else 'sqrt(batch / 1024)'})",
         "",
     ]
     rows = [

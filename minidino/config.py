@@ -1,21 +1,15 @@
-"""Configuration: plain dataclasses, one per part of the method, and presets as functions returning a `Config`.
+"""Configuration: plain dataclasses, one per part of the method.
 
 Every field carries a comment (meaning, typical value); `python train.py --help` prints those comments, so
-the comments below *are* the documentation of the options. The command line itself (`--preset NAME
---section.name=value`, type checks, did-you-mean, `--help`) is `minidino/cli.py`.
-
-Presets:
-  shapes    the default: embedded synthetic shapes, a tiny ViT, minutes on a laptop CPU
-  cifar10   CIFAR-10 (32x32), ViT with patch 4, 2x32 px global + local 16 px crops
-  imagenet  the DINO paper's ViT-S/16 recipe (Caron et al. 2021, arXiv 2104.14294, Sec. 4 and App. B)
-and `dinov2(config)`, DINOv2's changes to any of them (`--method=dinov2`).
+the comments below *are* the documentation of the options. The presets (functions returning a `Config`, each
+naming the source of its values) are `minidino/presets.py`; the command line (`--preset NAME
+--section.name=value`, type checks, ranges, did-you-mean, `--help`) is `minidino/cli.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -27,7 +21,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "vit_small"  # vit_nano (128 wide, 4 blocks), vit_tiny (192), vit_small (384), _base, _large
+    arch: str = "vit_small"  # vit_nano (128 wide, 4 blocks), _tiny, _small (384), _base, _large, _giant2
     patch_size: int = 16  # side of a square patch in pixels (16 for ImageNet, 4 for 32 px images)
     img_size: int = 224  # crop size the position embeddings are created for; other sizes interpolate
     drop_path: float = 0.1  # stochastic depth rate (DINO ViT-S: 0.1)
@@ -84,13 +78,15 @@ class DataConfig:
     hue: float = 0.1  # max hue shift of the colour jitter (papers: 0.1; 0.5 makes colour useless as a cue)
     highres_epochs: int = 0  # DINOv2's high-resolution phase: the last N epochs use larger crops (0: off)
     highres_scale: float = 2.0  # crop sides are multiplied by this during the high-resolution phase
-    eval_size: int = 224  # images are resized (short side) and centre-cropped to this for evaluation
+    eval_size: int = 224  # side of the centre crop that evaluation sees
+    eval_crop_ratio: float = 0.875  # evaluation resizes to eval_size / ratio first (DINO: 256 -> 224); 1: all
     num_workers: int = 2  # DataLoader worker processes
 
 
 @dataclass
 class OptimConfig:
-    epochs: int = 100  # passes over the training set
+    epochs: int = 100  # epochs of training: passes over the training set, or of epoch_steps steps each
+    epoch_steps: int = 0  # steps per epoch of the schedules (DINOv2: 1250); 0: one pass over the data
     batch_size: int = 64  # images per optimiser step, all processes together (the global batch)
     lr: float = 5e-4  # peak learning rate for a batch of 256; scaled linearly with the batch size
     min_lr: float = 1e-6  # learning rate at the end of the cosine decay
@@ -101,7 +97,8 @@ class OptimConfig:
     lr_scaling: str = "linear"  # linear: lr x batch/256 (DINO); sqrt: lr x sqrt(batch/1024) (DINOv2)
     layer_decay: float = 1.0  # layer-wise lr decay: block i of L gets lr x decay^(L + 1 - i) (DINOv2: 0.9)
     patch_embed_lr_mult: float = 1.0  # extra lr factor of the patch embedding (DINOv2: 0.2)
-    clip_grad: float = 3.0  # max gradient norm of each parameter tensor, clipped apart (0 disables)
+    clip_grad: float = 3.0  # max gradient norm (0 disables)
+    clip_mode: str = "tensor"  # tensor: each tensor's norm apart (DINO); part: backbone, heads (DINOv2)
     freeze_last_layer: int = 1  # epochs during which the prototype layer gets no update
 
 
@@ -130,118 +127,6 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Presets
-
-
-def shapes() -> Config:
-    """Embedded shapes data, sized to train in under 10 minutes on a 2-core CPU."""
-    c = Config()
-    # Patch 8: a 32 px crop is 4 x 4 patches (2 x 2 for a 16 px local crop), so 25 epochs fit the budget.
-    c.model = ModelConfig(arch="vit_nano", patch_size=8, img_size=32, drop_path=0.0, pos_embed_init="sincos")
-    # Small data wants few prototypes and a cool teacher (PAPERS.md: ~1024 prototypes below 20k images).
-    c.head = HeadConfig(out_dim=1024, hidden_dim=512, bottleneck_dim=128, use_bn=True)
-    # KoLeo (DINOv2's regulariser, 0.1 as there) spreads the CLS features of a batch: on this data it is what
-    # turns DINO's features into good k-NN neighbours (README, Results).
-    c.loss = LossConfig(teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0)
-    c.loss.koleo_weight = 0.1
-    c.data = DataConfig(
-        dataset="shapes",
-        image_size=32,
-        global_crops_size=32,
-        local_crops_size=16,
-        local_crops_number=4,
-        global_crops_scale=(0.4, 1.0),
-        local_crops_scale=(0.1, 0.4),
-        eval_size=32,
-        batch_augment=True,
-        hue=0.5,
-        num_workers=0,
-    )
-    c.optim = OptimConfig(epochs=25, batch_size=64, lr=1e-3, warmup_epochs=1, momentum_teacher=0.99)
-    c.run = RunConfig(out_dir="runs/shapes", log_every=10, knn_every=5)
-    return c
-
-
-def cifar10() -> Config:
-    """CIFAR-10 at its native 32 px; `--data.root` points at the extracted data."""
-    c = shapes()
-    c.data = DataConfig(
-        dataset="cifar10",
-        root="data/cifar10",
-        global_crops_size=32,
-        local_crops_size=16,
-        local_crops_number=6,
-        global_crops_scale=(0.3, 1.0),
-        local_crops_scale=(0.1, 0.3),
-        eval_size=32,
-        num_workers=4,
-        batch_augment=True,
-    )
-    c.model = ModelConfig(arch="vit_small", patch_size=4, img_size=32, drop_path=0.1)
-    c.head = HeadConfig(out_dim=4096, hidden_dim=2048, bottleneck_dim=256)
-    c.loss = LossConfig(teacher_temp=0.05, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=30)
-    c.optim = OptimConfig(epochs=200, batch_size=256, lr=5e-4, warmup_epochs=10, momentum_teacher=0.996)
-    c.run.out_dir = "runs/cifar10"
-    return c
-
-
-def imagenet() -> Config:
-    """DINO ViT-S/16 on ImageNet (paper Sec. 4.1 and App. B); the default dataclass values are this recipe."""
-    c = Config()
-    c.model = ModelConfig(arch="vit_small", patch_size=16, img_size=224, drop_path=0.1)
-    c.data = DataConfig(dataset="imagefolder", root="data/imagenet", num_workers=10)
-    c.optim = OptimConfig(batch_size=64)  # a global batch of 64 (the paper's is 1024: 64 per GPU x 16 GPUs)
-    c.run.out_dir = "runs/imagenet"
-    return c
-
-
-def dinov2(c: Config) -> Config:
-    """DINOv2's changes to a DINO config (Oquab et al. 2023, arXiv 2304.07193, Sec. 4-5 and App. B):
-    iBOT + Sinkhorn-Knopp + KoLeo, LayerScale, crops 0.32-1 / 0.05-0.32, momentum 0.992, layer-wise lr decay
-    0.9, patch-embedding lr x 0.2, lr 4e-3 per 1024 images with the square-root rule. Small presets keep their
-    sizes (crop pixels, prototype count, teacher temperature) and take the rest."""
-    c.method = "dinov2"
-    c.loss.centering, c.loss.ibot_weight, c.loss.koleo_weight = "sinkhorn", 1.0, 0.1
-    c.model.layerscale = 1e-5
-    c.data.global_crops_scale, c.data.local_crops_scale = (0.32, 1.0), (0.05, 0.32)
-    c.optim.momentum_teacher = 0.992
-    c.optim.layer_decay, c.optim.patch_embed_lr_mult = 0.9, 0.2
-    if c.data.dataset == "imagefolder":  # the paper's ImageNet scale
-        c.data.local_crops_number = 8
-        c.optim.lr, c.optim.lr_scaling = 4e-3, "sqrt"
-        c.model.drop_path, c.model.drop_path_schedule = 0.3, "uniform"
-    return c
-
-
-PRESETS: dict[str, typing.Callable[[], Config]] = {"shapes": shapes, "cifar10": cifar10, "imagenet": imagenet}
-METHODS = ("dino", "dinov2")
-
-
-def size_for_data(c: Config, n_images: int) -> tuple[Config, list[str]]:
-    """The config with the options left at 0 ("auto") filled from the number of training images, and what
-    was chosen (as options); `c` itself is left as it is.
-
-    Rule: K = 2^round(log2(n / 16)) clamped to [256, 65536], about one prototype per 16 images (1024 at 20k
-    images as PAPERS.md's small-scale notes advise, 65536 at ImageNet's 1.28M as in DINO), and tau_t = 0.04
-    below 50k images, else 0.07. With few images, many prototypes and a soft teacher give near-uniform
-    targets that drift into collapse.
-    """
-    head, loss, filled = c.head, c.loss, []
-    if head.out_dim == 0:
-        head = dataclasses.replace(
-            head, out_dim=int(min(65536, max(256, 2 ** round(math.log2(max(n_images, 1) / 16)))))
-        )
-        filled.append(f"--head.out_dim={head.out_dim}")
-    if loss.teacher_temp == 0:
-        temp = 0.04 if n_images < 50_000 else 0.07
-        loss = dataclasses.replace(
-            loss, teacher_temp=temp, warmup_teacher_temp=min(loss.warmup_teacher_temp, temp)
-        )
-        filled.append(f"--loss.teacher_temp={temp}")
-    return dataclasses.replace(c, head=head, loss=loss), filled
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -319,7 +319,8 @@ class SeededViews(Dataset):
 
 
 class EpochSampler(Sampler):
-    """A permutation seeded by (seed, epoch); skips the first `start` samples when resuming mid-epoch.
+    """A permutation seeded by (seed, epoch); skips the first `start` samples when resuming mid-epoch. With
+    `length` (samples per epoch) above n, the next permutations of the epoch follow (seeds.data_order parts).
 
     Several processes: the permutation is cut into global batches of `batch` samples and process `rank` takes
     its consecutive `batch / world` of each, so the union over processes of step t's batches is exactly the
@@ -327,13 +328,28 @@ class EpochSampler(Sampler):
     another number of processes exact)."""
 
     def __init__(
-        self, n: int, seed: int, epoch: int, start: int = 0, batch: int = 1, rank: int = 0, world: int = 1
+        self,
+        n: int,
+        seed: int,
+        epoch: int,
+        start: int = 0,
+        batch: int = 1,
+        rank: int = 0,
+        world: int = 1,
+        length: int | None = None,
     ):
         self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
-        self.batch, self.rank, self.world = batch, rank, world
+        self.batch, self.rank, self.world, self.length = batch, rank, world, length or n
 
     def __iter__(self):
-        order = torch.randperm(self.n, generator=seeds.data_order(self.seed, self.epoch))[self.start :]
+        parts = -(-self.length // self.n)
+        order = torch.cat(
+            [
+                torch.randperm(self.n, generator=seeds.data_order(self.seed, self.epoch, k))
+                for k in range(parts)
+            ]
+        )
+        order = order[self.start : self.length]
         if self.world > 1:
             local = self.batch // self.world
             steps = len(order) // self.batch
@@ -343,8 +359,8 @@ class EpochSampler(Sampler):
 
     def __len__(self) -> int:
         if self.world == 1:
-            return self.n - self.start
-        return (self.n - self.start) // self.batch * (self.batch // self.world)
+            return self.length - self.start
+        return (self.length - self.start) // self.batch * (self.batch // self.world)
 
 
 def epoch_loader(
@@ -357,7 +373,9 @@ def epoch_loader(
         train_set,
         batch_size=batch // world,
         drop_last=True,
-        sampler=EpochSampler(len(train_set), cfg.run.seed, epoch, start, batch, rank, world),
+        sampler=EpochSampler(
+            len(train_set), cfg.run.seed, epoch, start, batch, rank, world, cfg.optim.epoch_steps * batch
+        ),
         num_workers=cfg.data.num_workers,
         pin_memory=pin,
     )

@@ -1,4 +1,5 @@
-"""Evaluation of frozen features: extraction and DINO's weighted k-NN classifier.
+"""Evaluation of frozen features: extraction, DINO's weighted k-NN classifier, and emergent segmentation
+(the linear evaluations are minidino/linear_eval.py).
 
 Weighted k-NN (Wu et al. 2018, arXiv 1805.01978; DINO arXiv 2104.14294, Sec. 4.1): features are
 L2-normalised, the k training features most similar (cosine) to a test feature vote for their class with
@@ -99,7 +100,7 @@ def knn_sets(cfg) -> tuple[Dataset, Dataset] | None:
     """The (train, held-out) splits of a `Config`'s data set with the deterministic evaluation transform, or
     None (and a line saying why) when the data set has no held-out split."""
     try:
-        tf = eval_transform(cfg.data.eval_size)
+        tf = eval_transform(cfg.data.eval_size, cfg.data.eval_crop_ratio)
         return tuple(build_dataset(cfg.data, split, tf, cfg.run.seed) for split in ("train", "test"))
     except DataError as e:
         print0(f"no k-NN evaluation: {e}")
@@ -140,50 +141,6 @@ def knn_eval(
     )
     test_f, test_y = extract_features(backbone, test_set, device, batch_size, num_workers, "test features")
     return knn_classify(train_f, train_y, test_f, test_y, ks, temperature)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Linear probe (DINO Sec. 4.1; DINOv2 Sec. 7): a linear classifier on frozen features, a small lr sweep.
-
-
-def linear_probe(
-    train_x: Tensor,
-    train_y: Tensor,
-    test_x: Tensor,
-    test_y: Tensor,
-    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
-    epochs: int = 100,
-    batch_size: int = 256,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-) -> dict:
-    """Top-1 (%) of a linear layer trained with SGD (momentum 0.9, cosine lr, no weight decay) on frozen,
-    standardised features, for each lr; returns {'per_lr': {lr: acc}, 'best_lr', 'top1'}. As in DINO's
-    protocol the best value over the sweep is reported (there is no separate validation split here)."""
-    mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
-    tx, vx = ((x - mean) / std for x in (train_x, test_x))
-    tx, ty, vx, vy = (t.to(device) for t in (tx, train_y, vx, test_y))
-    n_classes = int(max(train_y.max(), test_y.max())) + 1
-    per_lr = {}
-    for lr in lrs:
-        g = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
-        clf = torch.nn.Linear(tx.shape[1], n_classes).to(device)
-        opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9)
-        steps = epochs * -(-len(tx) // batch_size)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        for _ in range(epochs):
-            for idx in torch.randperm(len(tx), generator=g).split(batch_size):
-                idx = idx.to(device)
-                loss = F.cross_entropy(clf(tx[idx]), ty[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-        with torch.no_grad():
-            per_lr[lr] = 100.0 * (clf(vx).argmax(1) == vy).float().mean().item()
-    best = max(per_lr, key=per_lr.get)
-    return {"per_lr": per_lr, "best_lr": best, "top1": per_lr[best]}
 
 
 # ----------------------------------------------------------------------------------------------------------

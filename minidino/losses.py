@@ -161,8 +161,8 @@ class Losses(nn.Module):
         terms = {"loss_dino": self.dino(student_out["logits"], targets["cls"])}  # H(P_t(x), P_s(x')), x != x'
         if "patch" in targets:
             terms["loss_ibot"] = self.ibot(student_out["patch_logits"], targets["patch"], patch_masks)
-        if self.weights["loss_koleo"]:  # per global crop, on backbone CLS features (before the head)
-            terms["loss_koleo"] = sum(koleo_loss(c) for c in student_out["cls"][:n_global]) / n_global
+        if self.weights["loss_koleo"]:  # per global crop, summed (DINOv2's ssl_meta_arch), on backbone CLS
+            terms["loss_koleo"] = sum(koleo_loss(c) for c in student_out["cls"][:n_global])
         terms["loss"] = sum(self.weights[k] * v for k, v in terms.items())
         return terms
 

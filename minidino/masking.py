@@ -6,7 +6,8 @@ has an area of at least `min_block` patches and an aspect ratio in [0.3, 1/0.3],
 a block is kept only if it adds new patches without overshooting the target. Blocks hide whole object parts,
 which makes predicting the masked tokens a semantic task rather than an interpolation of neighbours.
 
-DINOv2 masks half of the global crops, each with a ratio drawn in [0.1, 0.5]; the other crops are unmasked.
+DINOv2 masks exactly half of the global crops of a batch, with ratios spread over [0.1, 0.5]; the other crops
+are unmasked.
 """
 
 from __future__ import annotations
@@ -66,13 +67,17 @@ def ibot_masks(
     probability: float = 0.5,
     min_block: int = 4,
 ) -> Tensor:
-    """Masks (n_images, h * w) for a batch of crops: each crop is masked with `probability`, with a ratio
-    drawn uniformly in `ratio`; unmasked crops get an all-False row."""
+    """Masks (n_images, h * w) for the global crops of a batch, as DINOv2's collate function draws them:
+    exactly int(n_images * probability) crops are masked, with stratified ratios (the k-th of the m masked
+    crops masks int(h * w * r) patches, r uniform in the k-th of m equal bins of `ratio`, so that every batch
+    spans the whole range); which crops get which mask is a random permutation; the others are unmasked."""
+    n_masked = int(n_images * probability)
+    edges = torch.linspace(ratio[0], ratio[1], n_masked + 1).tolist()
     masks = torch.zeros(n_images, h * w, dtype=torch.bool)
-    for i in range(n_images):
-        if torch.rand((), generator=g).item() < probability:
-            target = round(h * w * (ratio[0] + (ratio[1] - ratio[0]) * torch.rand((), generator=g).item()))
-            masks[i] = block_mask(h, w, target, g, min_block).flatten()
+    crops = torch.randperm(n_images, generator=g).tolist()
+    for k in range(n_masked):
+        r = edges[k] + (edges[k + 1] - edges[k]) * torch.rand((), generator=g).item()
+        masks[crops[k]] = block_mask(h, w, int(h * w * r), g, min_block).flatten()
     return masks
 
 
@@ -90,8 +95,9 @@ def step_masks(
     """The masks of a step of a `Config` for b images per process (`global_crop`: (b, 3, H, W)).
 
     DINO (iBOT weight 0): none. DINOv2: block masks on the global crops, drawn for the global batch from the
-    step's stream (seeds.masks, so resuming and the process count change nothing); this process keeps its
-    images' rows; the student sees them, and the masked patches go into the patch loss. None if no crop of
+    step's stream (seeds.masks, so resuming and the process count change nothing; DINOv2's collate draws them
+    per GPU, so there exactly half of each process's crops are masked, here half of the global batch's);
+    this process keeps its images' rows; the student sees them, and the masked patches go into the patch loss. None if no crop of
     the global batch got masked. Distillation (DINOv2 Sec. 5): the student's input is not masked and every
     patch of the global crops goes into the patch loss.
     """

@@ -1,10 +1,13 @@
 """The optimiser side of a step: AdamW parameter groups, the lr scaling rule, gradient clipping and the
 frozen prototype layer (DINO, arXiv 2104.14294, App. B; DINOv2, arXiv 2304.07193, App. B).
 
-    groups      no weight decay on biases, norm weights, tokens and position embeddings; DINOv2's layer-wise
-                lr decay (block i of L: decay^(L + 1 - i)) and a smaller lr for the patch embedding
+    groups      no weight decay on biases and other 1-D parameters (norm weights, LayerScale): DINO's
+                get_params_groups, and what DINOv2's rule (biases, "norm", "gamma") gives for these models;
+                tokens and position embeddings are decayed, as in both. DINOv2's layer-wise lr decay (block i
+                of L: decay^(L + 1 - i)) and a smaller lr for the patch embedding
     lr          the base lr is given for a batch of 256 (DINO, linear rule) or 1024 (DINOv2, square root)
-    clipping    DINO clips each parameter tensor's gradient norm to 3.0 on its own
+    clipping    DINO clips each parameter tensor's gradient norm to 3.0 on its own; DINOv2 clips one global
+                norm per part (backbone, DINO head, iBOT head)
     freezing    the prototypes (the head's last layer) get no update in the first epoch
 The values of lr and weight decay change every step (`schedules.py`); `apply_schedule` writes them into
 the groups, each scaled by its lr multiplier.
@@ -42,7 +45,7 @@ def param_groups(model: nn.Module, layer_decay: float = 1.0, patch_embed_lr_mult
         lr_mult = layer_decay ** (depth + 1 - layer_id(name, depth))
         if "patch_embed" in name:
             lr_mult *= patch_embed_lr_mult
-        no_wd = p.ndim <= 1 or name.endswith(("_token", "_tokens")) or "pos_embed" in name
+        no_wd = p.ndim <= 1 or name.endswith(".bias")
         groups.setdefault((lr_mult, not no_wd), []).append(p)
     return [{"params": ps, "lr_mult": m, "apply_wd": wd} for (m, wd), ps in groups.items()]
 
@@ -60,25 +63,51 @@ def peak_lr(optim) -> float:
     return optim.lr * (optim.batch_size / 1024) ** 0.5
 
 
+def small_batch_advice(optim) -> str | None:
+    """DINO's advice for small batches (main_dino.py, --momentum_teacher): a teacher momentum of 0.9995 for a
+    global batch of 256 or less; the line to print when a run does not follow it, else None."""
+    if optim.batch_size <= 256 and optim.momentum_teacher < 0.9995:
+        return (
+            f"note: DINO advises --optim.momentum_teacher=0.9995 for global batches of 256 or less "
+            f"(here {optim.batch_size} and {optim.momentum_teacher:g})"
+        )
+    return None
+
+
 def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_mult"]
         group["weight_decay"] = weight_decay if group["apply_wd"] else 0.0
 
 
+CLIP_MODES = ("tensor", "part")
+
+
 @torch.no_grad()
-def clip_gradients(model: nn.Module, clip: float) -> None:
-    """Clip each parameter tensor's gradient norm to `clip` on its own (DINO's clip_gradients, not one global
-    norm); 0 leaves them. Under FSDP each process holds a shard of every gradient: the squared norms of the
-    shards are summed over processes first."""
+def clip_gradients(model: nn.Module, clip: float, mode: str = "tensor") -> None:
+    """Clip gradient norms to `clip` (0 leaves them). mode 'tensor': each parameter tensor's norm on its own
+    (DINO's clip_gradients); 'part': one global norm for each of the backbone, the DINO head and the iBOT
+    head (DINOv2, clip_grad_norm_ per submodule). Under FSDP each process holds a shard of every gradient:
+    squared norms of the shards are summed over processes first."""
     if not clip:
         return
-    grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
-    sq_norms = torch.stack(torch._foreach_norm(grads)) ** 2  # (P,)
-    if parallel.is_sharded(model):
-        torch.distributed.all_reduce(sq_norms)
-    factors = (clip / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, list(factors.unbind()))
+    model = parallel.unwrap(model)
+    parts = (
+        [m for m in (model.backbone, model.head, model.ibot_head) if m is not None]
+        if mode == "part"
+        else [model]
+    )
+    for part in parts:
+        grads = [local(p.grad) for p in part.parameters() if p.grad is not None]
+        if not grads:
+            continue
+        sq_norms = torch.stack(torch._foreach_norm(grads)) ** 2  # (P,) per tensor
+        if mode == "part":
+            sq_norms = sq_norms.sum(0, keepdim=True)  # the part's global norm, squared
+        if parallel.is_sharded(part):
+            torch.distributed.all_reduce(sq_norms)
+        factors = (clip / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, list(factors.expand(len(grads)).unbind()))
 
 
 def freeze_prototypes(model: nn.Module) -> None:

@@ -37,8 +37,10 @@ def model_init(seed: int) -> None:
     random.seed(seed)
 
 
-def data_order(seed: int, epoch: int) -> torch.Generator:
-    return generator(stream_seed(seed, "data order", epoch))
+def data_order(seed: int, epoch: int, part: int = 0) -> torch.Generator:
+    """The permutation of the data set in `epoch`; `part` k > 0: the k-th further one, when an epoch of the
+    schedules is longer than one pass (--optim.epoch_steps)."""
+    return generator(stream_seed(seed, "data order", epoch, *([part] if part else [])))
 
 
 def image_views(seed: int, epoch: int, index: int) -> int:

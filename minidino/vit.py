@@ -33,6 +33,7 @@ ARCHS = {  # name -> (embed_dim, depth, num_heads); mlp ratio 4 throughout
     "vit_small": (384, 12, 6),
     "vit_base": (768, 12, 12),
     "vit_large": (1024, 24, 16),
+    "vit_giant2": (1536, 40, 24),  # DINOv2's ViT-g: with --model.ffn=swiglu its hidden width is 4096
 }
 FFNS = ("mlp", "swiglu")
 DROP_PATH_SCHEDULES = ("linear", "uniform")  # rate growing with depth from 0 (DINO) or the same everywhere
@@ -250,6 +251,8 @@ class VisionTransformer(nn.Module):
         masks: optional bool (B, N); True patches are replaced by the mask token before positions are added.
         """
         B, _, H, W = x.shape
+        if H % self.patch_size or W % self.patch_size:  # the patch embedding would drop the remainder
+            raise ValueError(f"image size {H} x {W} is not a multiple of the patch size {self.patch_size}")
         x = self.patch_embed(x)  # (B, N, C)
         if masks is not None:
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
@@ -265,6 +268,16 @@ class VisionTransformer(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self._outputs(self.norm(x))
+
+    def get_intermediate_layers(self, x: Tensor, n: int = 1) -> list[Tensor]:
+        """The tokens after each of the last n blocks, each through the final norm: (B, 1 + R + N, C) each,
+        oldest first (what DINO's linear evaluation reads)."""
+        x, out = self.prepare_tokens(x), []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i >= len(self.blocks) - n:
+                out.append(self.norm(x))
+        return out
 
     def _outputs(self, x: Tensor) -> dict[str, Tensor]:
         return {"cls": x[:, 0], "patch": x[:, 1 + self.n_registers :]}  # registers are dropped

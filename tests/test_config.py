@@ -3,17 +3,8 @@ import json
 import pytest
 
 from minidino import cli
-from minidino.config import (
-    Config,
-    ConfigError,
-    cifar10,
-    from_dict,
-    imagenet,
-    options,
-    save_json,
-    shapes,
-    size_for_data,
-)
+from minidino.config import Config, ConfigError, from_dict, options, save_json
+from minidino.presets import cifar10, dinov2, imagenet, lvd142m, shapes, size_for_data
 
 
 def test_presets_and_overrides_are_typed():
@@ -34,28 +25,136 @@ def test_presets_and_overrides_are_typed():
     assert cfg.data.global_crops_scale == (0.3, 0.9) and cfg.head.norm_last_layer is False
 
 
-def test_imagenet_preset_is_the_paper_recipe():
-    c = imagenet()
-    assert (c.model.arch, c.model.patch_size, c.model.drop_path) == ("vit_small", 16, 0.1)
-    assert (c.data.global_crops_size, c.data.global_crops_scale) == (224, (0.4, 1.0))
-    assert (c.data.local_crops_number, c.data.local_crops_size, c.data.local_crops_scale) == (
-        10,
-        96,
-        (0.05, 0.4),
-    )
-    assert c.head.out_dim == 65536 and c.loss.student_temp == 0.1 and c.loss.center_momentum == 0.9
-    assert (c.loss.warmup_teacher_temp, c.loss.teacher_temp, c.loss.warmup_teacher_temp_epochs) == (
-        0.04,
-        0.07,
-        30,
-    )
-    assert (c.optim.lr, c.optim.warmup_epochs, c.optim.weight_decay, c.optim.weight_decay_end) == (
-        5e-4,
-        10,
-        0.04,
-        0.4,
-    )
-    assert (c.optim.momentum_teacher, c.optim.clip_grad, c.optim.freeze_last_layer) == (0.996, 3.0, 1)
+def _value(cfg, key: str):
+    section, _, name = key.rpartition(".")
+    return getattr(getattr(cfg, section) if section else cfg, name)
+
+
+# (option, value, where the value comes from). DINO paper = Caron et al. 2021 (arXiv 2104.14294); main_dino.py
+# = facebookresearch/dino's defaults.
+DINO_VITS16 = [
+    ("model.arch", "vit_small", "paper Sec. 4.1: ViT-S/16"),
+    ("model.patch_size", 16, "paper Sec. 4.1: ViT-S/16"),
+    ("model.drop_path", 0.1, "main_dino.py --drop_path_rate"),
+    ("head.out_dim", 65536, "paper Sec. 3.1 / main_dino.py --out_dim"),
+    ("head.hidden_dim", 2048, "paper Sec. 3.1: 3-layer MLP, hidden 2048"),
+    ("head.bottleneck_dim", 256, "paper Sec. 3.1: bottleneck 256"),
+    ("head.n_layers", 3, "paper Sec. 3.1"),
+    ("head.norm_last_layer", True, "main_dino.py --norm_last_layer"),
+    ("loss.student_temp", 0.1, "paper Sec. 4.1: tau_s 0.1"),
+    ("loss.warmup_teacher_temp", 0.04, "paper Sec. 4.1: tau_t from 0.04"),
+    ("loss.teacher_temp", 0.07, "paper Sec. 4.1: to 0.07"),
+    ("loss.warmup_teacher_temp_epochs", 30, "paper Sec. 4.1: during the first 30 epochs"),
+    ("loss.center_momentum", 0.9, "paper Eq. 4: m = 0.9"),
+    ("data.global_crops_size", 224, "paper Sec. 3.1: 224^2 global views"),
+    ("data.local_crops_size", 96, "paper Sec. 3.1: 96^2 local views"),
+    ("data.local_crops_number", 10, "paper Table 8: 2 x 224^2 + 10 x 96^2"),
+    ("data.global_crops_scale", (0.4, 1.0), "main_dino.py --global_crops_scale"),
+    ("data.local_crops_scale", (0.05, 0.4), "main_dino.py --local_crops_scale"),
+    ("optim.epochs", 100, "paper: the 100-epoch ViT-S/16"),
+    ("optim.batch_size", 1024, "paper Sec. 4.1: batch size 1024 over 16 GPUs"),
+    ("optim.lr", 5e-4, "paper Sec. 4.1: lr = 0.0005 * batchsize / 256"),
+    ("optim.lr_scaling", "linear", "paper Sec. 4.1: linear scaling rule"),
+    ("optim.warmup_epochs", 10, "paper Sec. 4.1: first 10 epochs"),
+    ("optim.weight_decay", 0.04, "paper Sec. 4.1: cosine 0.04 -> 0.4"),
+    ("optim.weight_decay_end", 0.4, "paper Sec. 4.1"),
+    ("optim.min_lr", 1e-6, "main_dino.py --min_lr"),
+    ("optim.momentum_teacher", 0.996, "paper Sec. 3.1 / main_dino.py --momentum_teacher"),
+    ("optim.clip_grad", 3.0, "main_dino.py --clip_grad"),
+    ("optim.clip_mode", "tensor", "dino utils.clip_gradients: per parameter tensor"),
+    ("optim.freeze_last_layer", 1, "main_dino.py --freeze_last_layer"),
+]
+# facebookresearch/dinov2 configs/ssl_default_config.yaml (and its README's 32 GPUs for it)
+DINOV2_DEFAULT = [
+    ("model.arch", "vit_large", "student.arch"),
+    ("model.patch_size", 16, "student.patch_size"),
+    ("model.drop_path", 0.3, "student.drop_path_rate"),
+    ("model.drop_path_schedule", "uniform", "student.drop_path_uniform: true"),
+    ("model.layerscale", 1e-5, "student.layerscale"),
+    ("model.ffn", "mlp", "student.ffn_layer"),
+    ("model.n_registers", 0, "student.num_register_tokens"),
+    ("head.out_dim", 65536, "dino.head_n_prototypes"),
+    ("head.bottleneck_dim", 256, "dino.head_bottleneck_dim"),
+    ("head.hidden_dim", 2048, "dino.head_hidden_dim"),
+    ("head.n_layers", 3, "dino.head_nlayers"),
+    ("head.norm_last_layer", False, "layers/dino_head.py: weight_g learnt"),
+    ("head.ibot_separate_head", False, "ibot.separate_head"),
+    ("loss.koleo_weight", 0.1, "dino.koleo_loss_weight"),
+    ("loss.ibot_weight", 1.0, "ibot.loss_weight"),
+    ("loss.dino_weight", 1.0, "dino.loss_weight"),
+    ("loss.mask_probability", 0.5, "ibot.mask_sample_probability"),
+    ("loss.mask_ratio", (0.1, 0.5), "ibot.mask_ratio_min_max"),
+    ("loss.centering", "center", "train.centering: centering"),
+    ("loss.warmup_teacher_temp", 0.04, "teacher.warmup_teacher_temp"),
+    ("loss.teacher_temp", 0.07, "teacher.teacher_temp"),
+    ("loss.warmup_teacher_temp_epochs", 30, "teacher.warmup_teacher_temp_epochs"),
+    ("data.global_crops_scale", (0.32, 1.0), "crops.global_crops_scale"),
+    ("data.local_crops_scale", (0.05, 0.32), "crops.local_crops_scale"),
+    ("data.local_crops_number", 8, "crops.local_crops_number"),
+    ("data.global_crops_size", 224, "crops.global_crops_size"),
+    ("data.local_crops_size", 96, "crops.local_crops_size"),
+    ("optim.epochs", 100, "optim.epochs"),
+    ("optim.epoch_steps", 1250, "train.OFFICIAL_EPOCH_LENGTH"),
+    ("optim.batch_size", 2048, "train.batch_size_per_gpu 64 x the README's 32 GPUs"),
+    ("optim.lr", 4e-3, "optim.base_lr (for a batch of 1024)"),
+    ("optim.lr_scaling", "sqrt", "optim.scaling_rule: sqrt_wrt_1024"),
+    ("optim.warmup_epochs", 10, "optim.warmup_epochs"),
+    ("optim.min_lr", 1e-6, "optim.min_lr"),
+    ("optim.weight_decay", 0.04, "optim.weight_decay"),
+    ("optim.weight_decay_end", 0.4, "optim.weight_decay_end"),
+    ("optim.momentum_teacher", 0.992, "teacher.momentum_teacher"),
+    ("optim.layer_decay", 0.9, "optim.layerwise_decay"),
+    ("optim.patch_embed_lr_mult", 0.2, "optim.patch_embed_lr_mult"),
+    ("optim.clip_grad", 3.0, "optim.clip_grad"),
+    ("optim.clip_mode", "part", "train/train.py: clip_grad_norm_ per student part"),
+    ("optim.freeze_last_layer", 1, "optim.freeze_last_layer_epochs"),
+]
+# configs/train/vitl14.yaml over the default yaml (and the README's 12 nodes x 8 GPUs for it)
+DINOV2_VITL14 = [
+    ("model.patch_size", 14, "student.patch_size"),
+    ("model.drop_path", 0.4, "student.drop_path_rate"),
+    ("model.ffn", "swiglu", "student.ffn_layer: swiglufused"),
+    ("head.out_dim", 131072, "dino.head_n_prototypes / ibot.head_n_prototypes"),
+    ("head.bottleneck_dim", 384, "dino.head_bottleneck_dim"),
+    ("head.ibot_separate_head", True, "ibot.separate_head"),
+    ("loss.centering", "sinkhorn", "train.centering: sinkhorn_knopp"),
+    ("data.local_crops_size", 98, "crops.local_crops_size"),
+    ("optim.epochs", 500, "optim.epochs"),
+    ("optim.warmup_epochs", 80, "optim.warmup_epochs"),
+    ("optim.lr", 2e-4, "optim.base_lr"),
+    ("optim.layer_decay", 1.0, "optim.layerwise_decay"),
+    ("optim.weight_decay_end", 0.2, "optim.weight_decay_end"),
+    ("optim.momentum_teacher", 0.994, "teacher.momentum_teacher"),
+    ("optim.batch_size", 3072, "train.batch_size_per_gpu 32 x the README's 96 GPUs"),
+]
+
+
+@pytest.mark.parametrize(
+    "preset, table",
+    [(imagenet, DINO_VITS16), (lambda: dinov2(imagenet()), DINOV2_DEFAULT), (lvd142m, DINOV2_VITL14)],
+    ids=["dino_vits16", "dinov2_default_yaml", "dinov2_vitl14_yaml"],
+)
+def test_paper_presets_equal_their_sources_value_by_value(preset, table):
+    cfg = preset()
+    wrong = [(key, _value(cfg, key), want, source) for key, want, source in table if _value(cfg, key) != want]
+    assert not wrong, wrong
+
+
+def test_the_lvd142m_preset_keeps_the_default_yaml_where_vitl14_is_silent():
+    lvd = lvd142m()
+    same = [
+        k for k, _, _ in DINOV2_DEFAULT if k not in {k for k, _, _ in DINOV2_VITL14} and k != "model.arch"
+    ]
+    assert all(_value(lvd, k) == _value(dinov2(imagenet()), k) for k in same)
+    assert (
+        cli.parse_args(["--preset", "lvd142m", "--method=dinov2"])[0] == lvd
+    )  # dinov2() is not applied twice
+
+
+def test_help_shows_the_global_batch_and_the_lr_it_implies():
+    text = cli.help_text(imagenet())
+    assert "global batch 1024 (all processes): peak lr 0.002 (--optim.lr=0.0005 x batch / 256)" in text
+    assert "sqrt(batch / 1024)" in cli.help_text(dinov2(imagenet()))
 
 
 def test_unknown_key_names_closest():

@@ -184,3 +184,13 @@ def test_batch_crop_of_whole_image_without_jitter_is_identity(monkeypatch):
     v = A.BatchMultiCrop().view(x, 16, (1.0, 1.0), 0.0, 0.0, torch.Generator())
     mean, std = torch.tensor(A.IMAGENET_MEAN)[:, None, None], torch.tensor(A.IMAGENET_STD)[:, None, None]
     torch.testing.assert_close(v * std + mean, x, atol=1e-4, rtol=0)
+
+
+def test_blur_sigma_is_the_official_range_from_96_px_and_scaled_below():
+    """DINO's GaussianBlur draws sigma in 0.1-2.0 px on both its 224 px and its 96 px crops; only crops
+    smaller than the papers use get a proportionally smaller range."""
+    from minidino.augment import blur_kernel, blur_sigma
+
+    assert blur_sigma(224) == blur_sigma(96) == (0.1, 2.0)
+    assert blur_sigma(32) == pytest.approx((0.1 / 3, 2.0 / 3))
+    assert blur_kernel(96) == 13 and blur_kernel(16) == 3  # +-3 sigma of the largest sigma, odd

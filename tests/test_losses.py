@@ -92,3 +92,18 @@ def test_sinkhorn_centering_in_loss_module():
     before = loss.center.clone()
     loss.update_center(t)  # Sinkhorn keeps no running centre
     assert torch.equal(loss.center, before)
+
+
+def test_koleo_is_summed_over_the_global_crops_as_in_dinov2():
+    """Losses adds one KoLeo term per global crop (DINOv2's ssl_meta_arch: sum over the two crops' CLS
+    tokens), so a weight of 0.1 means 0.1 per crop. Hand example: three unit vectors 90 degrees apart in turn
+    have nearest-neighbour distance sqrt(2), so one crop's term is -log(sqrt(2)) = -ln(2) / 2."""
+    from minidino.losses import Losses
+
+    losses = Losses(5, LossConfig(koleo_weight=0.1))
+    square = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    student = {"logits": [torch.zeros(3, 5)] * 2, "cls": [square, 2 * square]}  # the scale is normalised away
+    targets = {"cls": [torch.full((3, 5), 0.2)] * 2}
+    terms = losses(student, targets, None)
+    torch.testing.assert_close(terms["loss_koleo"], torch.tensor(-math.log(2.0)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(terms["loss"], terms["loss_dino"] + 0.1 * terms["loss_koleo"])

@@ -21,15 +21,24 @@ def _components(mask):
     return count
 
 
-def test_ratio_within_range_and_reproducible():
+def test_exactly_half_masked_with_stratified_ratios_and_reproducible():
+    """DINOv2's collate: int(n * probability) crops masked; the k-th of m masked crops draws its ratio in the
+    k-th of m equal bins of the range, so the sorted ratios step through the range bin by bin."""
     g = torch.Generator().manual_seed(0)
-    masks = ibot_masks(64, 14, 14, g, ratio=(0.1, 0.5), probability=0.5)
+    n, h, w = 37, 14, 14  # an odd number of crops: int(37 * 0.5) = 18 are masked
+    masks = ibot_masks(n, h, w, g, ratio=(0.1, 0.5), probability=0.5)
     ratios = masks.float().mean(1)
     masked = ratios > 0
-    assert 16 <= masked.sum() <= 48  # about half of the crops are masked
-    assert ratios[masked].max() <= 0.5 + 1e-6 and ratios[masked].min() >= 0.05  # may stop a little short
-    again = ibot_masks(64, 14, 14, torch.Generator().manual_seed(0), ratio=(0.1, 0.5), probability=0.5)
+    assert masked.sum() == 18
+    edges = torch.linspace(0.1, 0.5, 19)
+    targets = (h * w * edges).floor()  # patch counts at the bin edges
+    counts = masks.sum(1)[masked].sort().values.float()
+    # each count lies in its own bin (a mask may stop a few patches short of its target)
+    assert torch.all(counts <= targets[1:]) and torch.all(counts >= targets[:-1] - 6), (counts, targets)
+    assert not torch.equal(masked, masked.sort(descending=True).values)  # which crops: a random permutation
+    again = ibot_masks(n, h, w, torch.Generator().manual_seed(0), ratio=(0.1, 0.5), probability=0.5)
     assert torch.equal(masks, again)
+    assert not ibot_masks(1, h, w, g, probability=0.5).any()  # int(0.5) = 0 crops
 
 
 def test_blocks_are_rectangles_of_at_least_min_patches():

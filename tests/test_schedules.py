@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from minidino.config import imagenet
+from minidino.presets import imagenet
 from minidino.schedules import cosine, linear_warmup, schedules
 
 

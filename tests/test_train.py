@@ -8,7 +8,7 @@ import train
 from conftest import tiny_run
 from minidino import cli
 from minidino.checkpoint import load_checkpoint
-from minidino.config import ConfigError, LossConfig
+from minidino.config import ConfigError, LossConfig, OptimConfig
 from minidino.losses import DINOLoss, Losses
 from minidino.masking import StepMasks
 from minidino.optim import param_groups
@@ -99,7 +99,8 @@ def _one_step(cfg, student, teacher, crops, **sched):
     opt = torch.optim.AdamW(param_groups(student), lr=1e-2)
     sched = {**schedules(0, 10, 1, cfg.optim, cfg.loss, 1e-2), "lr": 1e-2, **sched}
     losses = Losses(cfg.head.out_dim, LossConfig())
-    train.train_step(student, teacher, teacher, losses, opt, crops, StepMasks(None, None), sched, 0.0)
+    no_clip = OptimConfig(clip_grad=0.0)
+    train.train_step(student, teacher, teacher, losses, opt, crops, StepMasks(None, None), sched, no_clip)
 
 
 def test_teacher_gets_no_gradient_and_moves_only_by_ema(tmp_path):
@@ -127,13 +128,9 @@ def test_frozen_last_layer_does_not_move(tmp_path):
     assert any(not torch.equal(p, q) for p, q in zip(student.parameters(), teacher.parameters()))
 
 
-def test_layerwise_lr_decay_groups(tmp_path):
+def test_layerwise_lr_decay_and_weight_decay_groups(tmp_path):
     cfg, _, _ = cli.parse_args(tiny_run(tmp_path / "a", "--method=dinov2"))
-    assert (cfg.optim.layer_decay, cfg.optim.patch_embed_lr_mult, cfg.loss.centering) == (
-        0.9,
-        0.2,
-        "sinkhorn",
-    )
+    assert (cfg.optim.layer_decay, cfg.optim.patch_embed_lr_mult) == (0.9, 0.2)
     from minidino.meta_arch import build_student_teacher
 
     student, _ = build_student_teacher(cfg)
@@ -145,11 +142,39 @@ def test_layerwise_lr_decay_groups(tmp_path):
     assert abs(mult[id(student.backbone.blocks[depth - 1].mlp.fc1.weight)] - 0.9) < 1e-12
     assert abs(mult[id(student.backbone.patch_embed.proj.weight)] - 0.2 * 0.9 ** (depth + 1)) < 1e-12
     assert mult[id(student.head.last_layer.weight)] == 1.0
-    assert not wd[id(student.backbone.pos_embed)] and not wd[id(student.backbone.cls_token)]
-    assert (
-        not wd[id(student.backbone.blocks[0].norm1.weight)]
-        and wd[id(student.backbone.blocks[0].attn.qkv.weight)]
+    # no decay on biases and 1-D parameters (DINO's get_params_groups; DINOv2's bias/norm/gamma rule gives
+    # the same here); tokens, position embeddings and the learnt prototype gain are decayed, as in both
+    blk = student.backbone.blocks[0]
+    assert not any(wd[id(p)] for p in (blk.norm1.weight, blk.attn.qkv.bias, blk.ls1.gamma))
+    assert all(
+        wd[id(p)] for p in (blk.attn.qkv.weight, student.backbone.pos_embed, student.backbone.cls_token)
     )
+    assert student.head.last_layer_g.requires_grad and wd[id(student.head.last_layer_g)]
+
+
+def test_dinov2_clips_one_norm_per_part_dino_each_tensor():
+    from minidino.meta_arch import build_student_teacher
+    from minidino.optim import clip_gradients
+
+    cfg, _, _ = cli.parse_args(["--method=dinov2", "--head.ibot_separate_head=true", "--head.out_dim=64"])
+    student, _ = build_student_teacher(cfg)
+    torch.manual_seed(0)
+    for p in student.parameters():
+        p.grad = torch.randn_like(p)
+    before = {n: p.grad.clone() for n, p in student.named_parameters()}
+    clip_gradients(student, 3.0, "part")
+    for part in (student.backbone, student.head, student.ibot_head):
+        names = [n for n, p in student.named_parameters() if any(p is q for q in part.parameters())]
+        norm_before = torch.stack([before[n].norm() for n in names]).norm()
+        norm_after = torch.stack([p.grad.norm() for p in part.parameters()]).norm()
+        assert abs(norm_after - 3.0) < 1e-3 and norm_before > 3.0  # one global norm per part, clipped to 3
+        ratios = [(dict(student.named_parameters())[n].grad / before[n]).mean() for n in names]
+        assert max(ratios) - min(ratios) < 1e-4  # every tensor of the part scaled by the same factor
+    for p in student.parameters():
+        p.grad = before_grad = torch.randn_like(p) * 10
+    clip_gradients(student, 3.0, "tensor")
+    assert all(p.grad.norm() <= 3.0 + 1e-4 for p in student.parameters())  # DINO: each tensor on its own
+    assert before_grad.norm() > 3.0
 
 
 def test_dinov2_end_to_end_logs_all_terms(tmp_path):
@@ -270,7 +295,9 @@ def test_a_refused_resume_leaves_config_json_as_it_was(tmp_path):
     with pytest.raises(ValueError, match=r"does not match this architecture"):
         train.main(["--resume", str(tmp_path / "a"), "--model.arch=vit_tiny"])
     assert (tmp_path / "a" / "config.json").read_bytes() == before
-    train.main(["--resume", str(tmp_path / "a"), "--run.max_steps=0", "--run.eval_at_end=false"])  # still resumes
+    train.main(
+        ["--resume", str(tmp_path / "a"), "--run.max_steps=0", "--run.eval_at_end=false"]
+    )  # still resumes
     assert load_checkpoint(str(tmp_path / "a"))["step"] == 4
 
 

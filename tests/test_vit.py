@@ -58,10 +58,12 @@ def test_last_selfattention_rows_are_distributions():
     torch.testing.assert_close(attn.sum(-1), torch.ones(2, 4, 65))
 
 
-def test_crop_not_multiple_of_patch_is_rejected_by_shapes():
+def test_non_square_grids_work_and_sizes_off_the_patch_grid_are_refused():
     vit = _vit()
     out = vit(torch.randn(1, 3, 20, 28))  # 5 x 7 patches: interpolation handles non-square grids
     assert out[0]["patch"].shape == (1, 35, 128)
+    with pytest.raises(ValueError, match=r"image size 30 x 28 is not a multiple of the patch size 4"):
+        vit(torch.randn(1, 3, 30, 28))
 
 
 @pytest.mark.parametrize("norm_last_layer", [True, False])
