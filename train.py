@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from minidino import cli, parallel, seeds
 from minidino.augment import BatchMultiCrop, MultiCropAugmentation, to_tensor_image
-from minidino.checkpoint import RunFolder, restore_training, restore_weights, training_state
-from minidino.config import Config, ConfigError, DataConfig, OptimConfig
+from minidino.checkpoint import RunFolder, load_checkpoint, restore_training, restore_weights, training_state
+from minidino.config import Config, ConfigError, OptimConfig
 from minidino.data import DataError, SeededViews, build_dataset, epoch_loader
 from minidino.dist import (
     all_reduce_mean,
@@ -69,9 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = init_distributed(resolve_device(cfg.run.device))  # under torchrun: a process group, this GPU
     run = RunFolder(resume or cfg.run.out_dir)
     state = run.start(resume is not None)  # what a resumed run continues from (None: step 0)
+    start = state or (load_checkpoint(cfg.run.init_from) if cfg.run.init_from else None)  # its weights
     seeds.model_init(cfg.run.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     # 1. data: multi-crop views of unlabelled images, made per image in the workers or per batch on `device`
     train_set = SeededViews(build_dataset(cfg.data, "train", None, cfg.run.seed), cfg.run.seed)
@@ -89,35 +88,30 @@ def main(argv: list[str] | None = None) -> dict:
         teacher = distillation_teacher(cfg)
     for model in (student, teacher, ema_target):
         model.to(device)
-    if state is not None:  # full (unsharded) weights, loaded before sharding: any process count works
-        restore_weights(state, student, ema_target, run.checkpoint)
+    if start is not None:  # full (unsharded) weights, loaded before sharding: any process count works
+        restore_weights(start, student, ema_target, run.checkpoint if state else cfg.run.init_from)
     no_grad_models = [teacher] if ema_target is teacher else [teacher, ema_target]  # sharded like the student
     student = parallel.wrap(student, no_grad_models, cfg.run, device)  # DDP or FSDP2 under torchrun
 
     # 3. losses, holding the teacher centres: DINO on CLS tokens, iBOT on masked patches (DINOv2)
     losses = build_losses(cfg).to(device)
+    if start is not None:
+        losses.load_centers(start["losses"])
     # 4. optimiser: AdamW, lr and weight decay set every step from the schedules
     optimizer = build_optimizer(parallel.unwrap(student), cfg.optim)
     t = Training(
         cfg, student, teacher, ema_target, losses, optimizer, train_set, run, device, steps_per_epoch
     )
 
-    # 5. resume: optimiser (the weights are loaded above), centres, step and RNG states
-    if state is not None:
-        t.step, t.skipped_images = restore_training(state, student, optimizer, losses)
-        t.saved_step = t.step
-        print0(f"resumed {run.path} at step {t.step}/{t.last_step}")
-        if t.step >= t.last_step:
-            print0(f"run {run.path} is already finished ({t.step} steps): nothing to do")
-            cleanup()
-            return {"step": t.step}
+    # 5. resume: optimiser, step and RNG states (the weights and centres are loaded above)
+    if state is not None and resume_training(t, state):  # a finished run: nothing to do
+        cleanup()
+        return {"step": t.step}
     run.begin(cfg, t.step)  # config.json, and the log cut back to the checkpoint's step
     first_step = t.step
 
     # 6. the loop
     t.knn_sets = knn_sets(cfg) if cfg.run.knn_every else None
-    if advice := small_batch_advice(cfg.optim):
-        print0(advice)
     print0(
         f"training {cfg.model.arch}/{cfg.model.patch_size} with {cfg.method} on {cfg.data.dataset} "
         f"({len(train_set)} images, {steps_per_epoch} steps/epoch, {t.last_step} steps) on {device}"
@@ -177,8 +171,7 @@ class Training:
 def train_one_epoch(t: Training, epoch: int, bar: tqdm) -> None:
     """The steps of one epoch (from `t.step` on, when resumed mid-epoch): views, schedules, masks, the step,
     a log line every `run.log_every` steps, a checkpoint at the end of the epoch and of the run."""
-    cfg, world = t.cfg, world_size()
-    data = phase_data(cfg, epoch)
+    cfg, world, data = t.cfg, world_size(), t.cfg.data
     batch_views = BatchMultiCrop(data) if data.batch_augment else None  # on the device, per batch
     t.train_set.epoch = epoch
     t.train_set.transform = to_tensor_image(data.image_size) if batch_views else MultiCropAugmentation(data)
@@ -246,6 +239,16 @@ def kept_checkpoint(t: Training) -> str:
     if t.saved_step is None:
         return "no checkpoint was written yet"
     return f"the last good checkpoint {t.run.checkpoint} (step {t.saved_step}) is intact"
+
+
+def resume_training(t: Training, state: dict) -> bool:
+    """Continue from a checkpoint: the optimiser, the step and the RNG states; True if the run is finished."""
+    t.step, t.skipped_images = restore_training(state, t.student, t.optimizer)
+    t.saved_step = t.step
+    print0(f"resumed {t.run.path} at step {t.step}/{t.last_step}")
+    if t.step >= t.last_step:
+        print0(f"run {t.run.path} is already finished ({t.step} steps): nothing to do")
+    return t.step >= t.last_step
 
 
 def log_row(t: Training, epoch: int, out: dict, sched: dict, images_per_s: float, knn_now: bool) -> dict:
@@ -327,23 +330,9 @@ def check_batch(cfg: Config, world: int, n_images: int) -> int:
         raise ConfigError(
             f"option --optim.batch_size={batch} is larger than the data set ({n_images} images)"
         )
+    if advice := small_batch_advice(cfg.optim):
+        print0(advice)
     return cfg.optim.epoch_steps or n_images // batch
-
-
-def phase_data(cfg: Config, epoch: int) -> DataConfig:
-    """The data config of an epoch: DINOv2's high-resolution phase (the last `data.highres_epochs`) scales the
-    crop sides by `data.highres_scale`, in whole patches (position embeddings interpolate)."""
-    data, patch = cfg.data, cfg.model.patch_size
-    if epoch < cfg.optim.epochs - data.highres_epochs:
-        return data
-
-    def up(size: int) -> int:
-        return max(patch, round(size * data.highres_scale / patch) * patch)
-
-    sizes = (data.global_crops_size, data.local_crops_size, data.image_size)
-    return dataclasses.replace(
-        data, **dict(zip(("global_crops_size", "local_crops_size", "image_size"), map(up, sizes)))
-    )
 
 
 if __name__ == "__main__":

@@ -111,11 +111,10 @@ def restore_weights(state: dict, student, ema_target, path: str) -> None:
     load_model_state(ema_target, state["teacher"], f"checkpoint {path} (teacher)")
 
 
-def restore_training(state: dict, student, optimizer, losses) -> tuple[int, int]:
-    """Load the optimiser, the loss centres and the RNG states (after wrapping the student for DDP/FSDP);
-    returns (step, skipped images)."""
+def restore_training(state: dict, student, optimizer) -> tuple[int, int]:
+    """Load the optimiser and the RNG states (after wrapping the student for DDP/FSDP); returns (step,
+    skipped images). The weights and the centres are loaded apart (also when a run starts from another's)."""
     parallel.load_optimizer_state(student, optimizer, state["optimizer"])
-    losses.load_centers(state["losses"])
     seeds.set_rng_state(state["rng"])
     return state["step"], state["skipped_images"]
 

@@ -1,7 +1,9 @@
-"""The command line of train.py: `--preset NAME`, `--resume RUN_DIR` and `--section.name=value` options.
+"""The command line of train.py: `--preset NAME`, `--resume RUN_DIR`, `--highres RUN_DIR` and
+`--section.name=value` options.
 
     python train.py --preset cifar10 --optim.epochs=50 --data.root=data/cifar10
     python train.py --epochs=50          # a field name that is unique needs no section
+    python train.py --highres runs/x     # DINOv2's high-resolution phase after the finished run runs/x
 
 Values are parsed and type-checked against the field's annotation in config.py; an unknown option names the
 closest ones; `--help` prints every option with the comment written beside its field. `validate` holds the
@@ -24,7 +26,7 @@ from .dist import DEVICES
 from .kernels.attention import IMPLS
 from .losses import CENTERINGS
 from .optim import CLIP_MODES, LR_SCALING, peak_lr
-from .presets import METHODS, PRESETS, dinov2
+from .presets import METHODS, PRESETS, dinov2, highres_phase
 from .vit import ARCHS, DROP_PATH_IMPLS, DROP_PATH_SCHEDULES, FFNS, POS_EMBED_INITS
 
 CHOICES = {
@@ -74,8 +76,6 @@ RANGES = {
     "data.local_crops_number": AT_LEAST_0,
     "data.local_crops_size": POSITIVE,
     "data.hue": (0, 0.5, True),
-    "data.highres_epochs": AT_LEAST_0,
-    "data.highres_scale": (1e-6, None, True),
     "data.eval_size": POSITIVE,
     "data.eval_crop_ratio": (1e-3, 1, True),
     "data.num_workers": AT_LEAST_0,
@@ -109,9 +109,11 @@ def parse_args(argv: list[str]) -> tuple[Config, str | None, bool]:
     """Parse the command line into (config, resume_dir, wants_help).
 
     `--preset NAME` picks the starting point (default shapes); `--resume RUN_DIR` starts from that run's
-    config.json instead; every `--section.name=value` (or `--section.name value`) then overrides a field.
+    config.json instead; `--highres RUN_DIR` from that run's config turned into its high-resolution phase
+    (presets.highres_phase: a new run that starts from its weights); every `--section.name=value` (or
+    `--section.name value`) then overrides a field.
     """
-    preset, resume, wants_help, pairs = "shapes", None, False, []
+    preset, resume, highres, wants_help, pairs = "shapes", None, None, False, []
     args = iter(argv)
     for arg in args:
         if arg in ("-h", "--help"):
@@ -128,13 +130,16 @@ def parse_args(argv: list[str]) -> tuple[Config, str | None, bool]:
             preset = value
         elif key == "resume":
             resume = value
+        elif key == "highres":
+            highres = value
         else:
             pairs.append((key, value))
-    cfg = (
-        read_run_config(resume)
-        if resume is not None
-        else preset_config(preset, ("method", "dinov2") in pairs)
-    )
+    if resume is not None:
+        cfg = read_run_config(resume)
+    elif highres is not None:
+        cfg = highres_phase(read_run_config(highres, "--highres"), highres)
+    else:
+        cfg = preset_config(preset, ("method", "dinov2") in pairs)
     for key, value in pairs:
         set_option(cfg, key, value)
     validate(cfg)
@@ -151,15 +156,15 @@ def preset_config(name: str, method_dinov2: bool) -> Config:
     return dinov2(cfg) if method_dinov2 and cfg.method != "dinov2" else cfg
 
 
-def read_run_config(run_dir: str) -> Config:
+def read_run_config(run_dir: str, flag: str = "--resume") -> Config:
     path = f"{run_dir}/config.json"
     try:
         with open(path) as fh:
             return from_dict(json.load(fh))
     except FileNotFoundError:
-        raise ConfigError(f"--resume {run_dir}: no config.json there (is it a run folder?)") from None
+        raise ConfigError(f"{flag} {run_dir}: no config.json there (is it a run folder?)") from None
     except json.JSONDecodeError as e:
-        raise ConfigError(f"--resume {run_dir}: {path} is not valid JSON ({e})") from None
+        raise ConfigError(f"{flag} {run_dir}: {path} is not valid JSON ({e})") from None
 
 
 def set_option(cfg: Config, key: str, text: str) -> None:
@@ -214,7 +219,7 @@ def field_comments(cfg: Config) -> dict[str, str]:
 def help_text(cfg: Config) -> str:
     comments = field_comments(cfg)
     lines = [
-        "usage: python train.py [--preset NAME] [--resume RUN_DIR] [--key=value ...]",
+        "usage: python train.py [--preset NAME | --resume RUN_DIR | --highres RUN_DIR] [--key=value ...]",
         "",
         f"presets: {', '.join(PRESETS)} (default shapes); values shown are the chosen preset's",
         f"global batch {cfg.optim.batch_size} (all processes): peak lr {peak_lr(cfg.optim):.4g} "

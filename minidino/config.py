@@ -76,8 +76,6 @@ class DataConfig:
     local_crops_size: int = 96  # side of a local crop
     local_crops_scale: tuple[float, float] = (0.05, 0.4)  # area range of a local crop
     hue: float = 0.1  # max hue shift of the colour jitter (papers: 0.1; 0.5 makes colour useless as a cue)
-    highres_epochs: int = 0  # DINOv2's high-resolution phase: the last N epochs use larger crops (0: off)
-    highres_scale: float = 2.0  # crop sides are multiplied by this during the high-resolution phase
     eval_size: int = 224  # side of the centre crop that evaluation sees
     eval_crop_ratio: float = 0.875  # evaluation resizes to eval_size / ratio first (DINO: 256 -> 224); 1: all
     num_workers: int = 2  # DataLoader worker processes
@@ -112,6 +110,7 @@ class RunConfig:
     knn_k: int = 20  # k of the weighted k-NN printed at the end (DINO: 20)
     knn_every: int = 0  # epochs between k-NN evaluations logged in log.jsonl (0: only at the end)
     distill_from: str = ""  # distillation: run folder/checkpoint of a frozen larger teacher (DINOv2 Sec. 5)
+    init_from: str = ""  # start student, teacher and centres from this run or checkpoint (new schedules)
     eval_at_end: bool = True  # print k-NN of the trained and of a random-init model at the end
     parallel: str = "none"  # under torchrun: ddp (replicas) or fsdp (FSDP2 shards); none for one process
     activation_checkpointing: bool = False  # recompute each block's activations in the backward (memory)

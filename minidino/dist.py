@@ -58,6 +58,8 @@ def init_distributed(device: torch.device) -> torch.device:
 
     CUDA: one GPU per process (cuda:LOCAL_RANK), NCCL. CPU: Gloo. A plain `python train.py` returns `device`.
     """
+    if device.type == "cuda":  # TF32 matrix products for fp32 work (the step itself runs in bf16)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if not launched_by_torchrun() or is_dist():
         return device
     if device.type == "cuda":

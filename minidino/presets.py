@@ -160,6 +160,28 @@ PRESETS: dict[str, typing.Callable[[], Config]] = {
 METHODS = ("dino", "dinov2")
 
 
+def highres_phase(c: Config, run_dir: str, steps: int = 10_000) -> Config:
+    """DINOv2's high-resolution phase (Oquab et al. 2023, Sec. 4 "Adapting the resolution", App. B.2): after
+    pre-training, a separate short phase at 518 px global crops whose schedules are compressed into it. It
+    starts from the run in `run_dir` (--run.init_from: weights of student and teacher, and the centres) into
+    a new run folder. Values: 518 px global crops and 10k steps are the paper's; the rest is not published,
+    and these are documented guesses: local crops scaled by the same 518/224 (98 -> 224 px at /14, in
+    whole patches), the phase's lr 10x below the run's, its schedules the run's shape over 10 epochs of
+    steps / 10 steps (lr warm-up 1 epoch, teacher temperature warm-up 3, so 10% and 30% as in the papers'
+    100 epochs), teacher momentum restarted at its first value, prototypes never frozen (the head is
+    trained). `--optim.epoch_steps=N` makes the phase 10 N steps."""
+    patch, scale = c.model.patch_size, 518 / 224
+    c.data.global_crops_size = (
+        518 if patch == 14 else max(patch, round(c.data.global_crops_size * scale / patch) * patch)
+    )
+    c.data.local_crops_size = max(patch, round(c.data.local_crops_size * scale / patch) * patch)
+    c.data.image_size = max(c.data.image_size, c.data.global_crops_size)  # batched views resize to this first
+    c.optim.epochs, c.optim.epoch_steps, c.optim.lr = 10, steps // 10, c.optim.lr / 10
+    c.optim.warmup_epochs, c.loss.warmup_teacher_temp_epochs, c.optim.freeze_last_layer = 1, 3, 0
+    c.run.init_from, c.run.out_dir, c.run.max_steps = run_dir, f"{run_dir.rstrip('/')}_highres", 0
+    return c
+
+
 def size_for_data(c: Config, n_images: int) -> tuple[Config, list[str]]:
     """The config with the options left at 0 ("auto") filled from the number of training images, and what
     was chosen (as options); `c` itself is left as it is.

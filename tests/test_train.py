@@ -196,26 +196,35 @@ def test_dinov2_end_to_end_logs_all_terms(tmp_path):
     )
 
 
-def test_high_resolution_phase_runs_with_larger_crops(tmp_path, monkeypatch):
-    sizes = []
+def test_high_resolution_phase_restarts_its_schedules_and_moves_the_teacher(tmp_path, monkeypatch):
+    """DINOv2's high-resolution phase as its own run: from a finished run's weights, at 518/224 x the crop
+    sides, with lr warm-up, momentum and teacher temperature restarted inside the phase. The kept teacher
+    must move during it (the old 'larger crops for the last epochs' took < 1% of its weights from them)."""
+    run = tmp_path / "a"
+    train.main(tiny_run(run, "--run.eval_at_end=false"))
+    before = load_checkpoint(str(run))["teacher"]
+    seen = []
     real = train.train_step
 
-    def spy(student, teacher, ema_target, losses, optimizer, crops, *args):
-        sizes.append((crops[0].shape[-1], crops[-1].shape[-1]))
-        return real(student, teacher, ema_target, losses, optimizer, crops, *args)
+    def spy(student, teacher, ema_target, losses, optimizer, crops, masks, sched, optim):
+        seen.append((crops[0].shape[-1], crops[-1].shape[-1], sched["lr"], sched["momentum"]))
+        return real(student, teacher, ema_target, losses, optimizer, crops, masks, sched, optim)
 
     monkeypatch.setattr(train, "train_step", spy)
-    train.main(
-        tiny_run(
-            tmp_path / "a",
-            "--data.highres_epochs=1",
-            "--data.highres_scale=1.5",
-            "--method=dinov2",
-            "--run.eval_at_end=false",
-        )
-    )
-    assert sizes == [(32, 16), (32, 16), (48, 24), (48, 24)]  # the last epoch at 1.5x
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _log(tmp_path / "a"))
+    train.main(["--highres", str(run), "--optim.epoch_steps=2", "--run.eval_at_end=false"])  # 10 x 2 steps
+    phase = load_checkpoint(str(tmp_path / "a_highres"))
+    assert phase["step"] == 20 and phase["config"]["run"]["init_from"] == str(run)
+    assert {(big, small) for big, small, _, _ in seen} == {(72, 40)}  # 32 -> 72, 16 -> 40 px at patch 8
+    lrs, momenta = [lr for _, _, lr, _ in seen], [m for _, _, _, m in seen]
+    assert lrs[0] == 0.0 and max(lrs) == pytest.approx(1e-3 / 10 * 16 / 256)  # warm-up to a 10x lower peak
+    assert momenta[0] == 0.99 and momenta[-1] == 1.0  # the momentum schedule starts again
+    # the share of the kept teacher made during the phase, 1 - prod(m_t): 0.095 here (momentum 0.99 -> 1 over
+    # 20 steps); with the pre-training schedules near their end (m ~ 1) it would be close to 0
+    share = 1 - torch.tensor(momenta, dtype=torch.float64).prod()
+    assert share > 0.09, share
+    weights = [k for k in before if k.startswith("backbone.")]
+    delta = torch.cat([(phase["teacher"][k] - before[k]).flatten() for k in weights]).norm()
+    assert delta / torch.cat([before[k].flatten() for k in weights]).norm() > 5e-5  # measured 1.0e-4
 
 
 def test_distillation_from_a_larger_frozen_teacher(tmp_path):
