@@ -5,6 +5,8 @@
     python eval.py runs/shapes --linear --seg           # DINO's linear evaluation and the segmentation score
     python eval.py runs/shapes --all --random-init      # the architecture untrained (eval_random_init/)
     python eval.py runs/cifar10/checkpoint.pt --data data/cifar10 --knn
+    python eval.py dinov2_vits14_pretrain.pth --data data/cifar10 --knn  # an official file (no download)
+    python eval.py runs/shapes --export backbone.pth --layout timm       # weights out: dinov2 or timm keys
 
   --knn        weighted k-NN on L2-normalised CLS features, k = 10, 20, 100, 200, T = 0.07 (DINO Sec. 4.1)
   --linear     DINO's linear evaluation: CLS of the last 4 blocks (--avgpool adds the mean patch token), 100
@@ -35,7 +37,14 @@ import torch
 
 from minidino import cli, seeds
 from minidino.augment import eval_transform, linear_train_transform
-from minidino.checkpoint import backbone_state_dict, load_checkpoint, load_model_state, run_config
+from minidino.checkpoint import (
+    export_backbone,
+    load_checkpoint,
+    load_model_state,
+    model_config_of,
+    plain_backbone,
+    run_config,
+)
 from minidino.config import Config, ConfigError, DataConfig
 from minidino.data import DataError, ShapesDataset, build_dataset
 from minidino.dist import DEVICES, resolve_device
@@ -56,13 +65,19 @@ TASKS = ("knn", "linear", "linear_fast", "attention", "pca", "seg")
 
 
 def load_backbone(path: str, random_init: bool = False) -> tuple[torch.nn.Module, Config]:
-    """The teacher backbone of a run folder or checkpoint file, and the run's config."""
+    """The backbone to evaluate and a config for it: a minidino run's teacher with the run's config, or any
+    other backbone file `checkpoint.load_backbone` reads (official DINO / DINOv2, timm, exports) with the
+    defaults of a 224 px model (eval crops of 224 after resizing to 256, as DINO)."""
     state = load_checkpoint(path)
-    cfg = run_config(state, path)
+    weights = plain_backbone(state)
+    if "config" in state:
+        cfg = run_config(state, path)
+    else:  # no data set of its own: the caller names one
+        cfg = Config(model=model_config_of(weights, f"checkpoint {path}"), data=DataConfig(dataset=""))
     seeds.model_init(cfg.run.seed)
     backbone = VisionTransformer(cfg.model)
     if not random_init:
-        load_model_state(backbone, backbone_state_dict(state["teacher"]), f"checkpoint {path}")
+        load_model_state(backbone, weights, f"checkpoint {path}")
     return backbone.eval(), cfg
 
 
@@ -81,7 +96,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("checkpoint", help="run folder or checkpoint.pt")
+    p.add_argument("checkpoint", help="run folder, checkpoint.pt, or a backbone file (DINO, DINOv2, timm)")
     p.add_argument("--data", help="'shapes' or a folder with train/ and test/ (default: the run's data set)")
     for task in TASKS:
         p.add_argument(f"--{task.replace('_', '-')}", action="store_true", help=f"run the {task} evaluation")
@@ -102,6 +117,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--out", help="report folder (default: <run>/eval or <run>/eval_random_init)")
     p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--export", help="write the teacher backbone to this file instead (a plain state dict)")
+    p.add_argument("--layout", default="dinov2", choices=("dinov2", "timm"), help="key layout of --export")
     return p.parse_args(argv)
 
 
@@ -138,7 +155,13 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError:
         raise ConfigError(f"--ks: expected comma-separated integers, got {args.ks!r}") from None
     device = resolve_device(args.device)
+    if args.export:  # the teacher backbone as a plain file, then nothing else
+        export_backbone(load_checkpoint(args.checkpoint), args.export, args.layout)
+        print(f"wrote {args.export} ({args.layout} layout)")
+        return {"export": args.export}
     backbone, cfg = load_backbone(args.checkpoint, args.random_init)
+    if args.data is None and not cfg.data.dataset:
+        raise ConfigError(f"--data: {args.checkpoint} is a backbone file without a run config: name the data")
     backbone.to(device)
     data = data_config(cfg, args.data, args.size)
     tf = eval_transform(data.eval_size, data.eval_crop_ratio)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from minidino import cli, parallel, seeds
 from minidino.augment import BatchMultiCrop, MultiCropAugmentation, to_tensor_image
-from minidino.checkpoint import RunFolder, load_checkpoint, restore_training, restore_weights, training_state
+from minidino.checkpoint import RunFolder, restore_training, restore_weights, starting_point, training_state
 from minidino.config import Config, ConfigError, OptimConfig
 from minidino.data import DataError, SeededViews, build_dataset, epoch_loader
 from minidino.dist import (
@@ -49,7 +49,7 @@ from minidino.optim import (
     apply_schedule,
     build_optimizer,
     clip_gradients,
-    freeze_prototypes,
+    drop_frozen_gradients,
     peak_lr,
     small_batch_advice,
 )
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = init_distributed(resolve_device(cfg.run.device))  # under torchrun: a process group, this GPU
     run = RunFolder(resume or cfg.run.out_dir)
     state = run.start(resume is not None)  # what a resumed run continues from (None: step 0)
-    start = state or (load_checkpoint(cfg.run.init_from) if cfg.run.init_from else None)  # its weights
+    cfg, start = starting_point(cfg, state)  # the weights to start from: the run's, --run.init_from's, none
     seeds.model_init(cfg.run.seed)
 
     # 1. data: multi-crop views of unlabelled images, made per image in the workers or per batch on `device`
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. losses, holding the teacher centres: DINO on CLS tokens, iBOT on masked patches (DINOv2)
     losses = build_losses(cfg).to(device)
-    if start is not None:
+    if start is not None and "losses" in start:  # a minidino checkpoint: its centres
         losses.load_centers(start["losses"])
     # 4. optimiser: AdamW, lr and weight decay set every step from the schedules
     optimizer = build_optimizer(parallel.unwrap(student), cfg.optim)
@@ -285,27 +285,51 @@ def train_step(
 
     crops: the 2 global crops, then the local ones, each (B, 3, H, W). masks: the iBOT masks of the step
     (`masking.step_masks`: the student's masked patches, and the patches of the patch loss). sched: the
-    schedules at this step (`schedules.schedules`); optim: the clipping options.
+    schedules at this step (`schedules.schedules`); optim: clipping and gradient accumulation. With
+    optim.accum_steps = a, the student runs on a micro-batches of B / a images in turn and their gradients
+    add up, while the targets, the centres and the EMA come from the whole batch: the same step as on the
+    whole batch at once, KoLeo's neighbours and BatchNorm's statistics aside (those see a micro-batch).
     """
-    with mixed_precision(crops[0].device):
-        with torch.no_grad():  # teacher: global views only, unmasked, no gradient
-            t_out = teacher(crops[:2], patch_masks=masks.patches)
-            targets = losses.teacher_targets(t_out, sched["teacher_temp"])  # centred and sharpened
-        s_out = student(crops, masks.student, masks.patches)  # every view; masked patches -> mask token
-        terms = losses(s_out, targets, masks.patches)  # H(P_t(x), P_s(x')) over views x != x', + iBOT, KoLeo
-    if not torch.isfinite(terms["loss"]):
-        raise NonFiniteLoss(f"loss is {terms['loss'].item()}")
+    with torch.no_grad(), mixed_precision(crops[0].device):  # teacher: global views only, unmasked
+        t_out = teacher(crops[:2], patch_masks=masks.patches)
+        targets = losses.teacher_targets(t_out, sched["teacher_temp"])  # centred and sharpened
     optimizer.zero_grad(set_to_none=True)
-    terms["loss"].backward()
+    terms: dict[str, Tensor] = {}
+    for crops_i, masks_i, targets_i in micro_batches(crops, masks, targets, optim.accum_steps):
+        with mixed_precision(crops[0].device):
+            s_out = student(crops_i, masks_i.student, masks_i.patches)  # every view; masked patches -> token
+            micro = losses(s_out, targets_i, masks_i.patches)  # H(P_t(x), P_s(x')), x != x', + iBOT, KoLeo
+        if not torch.isfinite(micro["loss"]):
+            raise NonFiniteLoss(f"loss is {micro['loss'].item()}")
+        (micro["loss"] / optim.accum_steps).backward()
+        terms = {k: terms.get(k, 0) + v.detach() / optim.accum_steps for k, v in micro.items()}
     clip_gradients(student, optim.clip_grad, optim.clip_mode)
-    if sched[
-        "freeze_last_layer"
-    ]:  # the prototypes stay fixed in the first epoch(s): DINO finds it stabilises
-        freeze_prototypes(student)
+    drop_frozen_gradients(student, sched)  # the prototypes in the first epoch; a loaded backbone at first
     optimizer.step()
     ema_update(ema_target, student, sched["momentum"])  # theta_t <- m theta_t + (1 - m) theta_s
-    losses.update_centers(t_out)  # c <- m c + (1 - m) mean(g_t)
-    return {**{k: v.detach() for k, v in terms.items()}, "teacher_probs": torch.cat(targets["cls"])}
+    losses.update_centers(t_out)  # c <- m c + (1 - m) mean(g_t), over the whole batch
+    return {**terms, "teacher_probs": torch.cat(targets["cls"])}
+
+
+def micro_batches(crops: list[Tensor], masks: StepMasks, targets: dict, n: int):
+    """The step's batch cut into n equal micro-batches: (crops, masks, teacher targets) of each. The patch
+    targets (M, K) follow masks.patches.nonzero(), row by row (global crop 1's images, then crop 2's)."""
+    if n == 1:
+        yield crops, masks, targets
+        return
+    b = crops[0].shape[0] // n
+    if masks.patches is not None:  # each masked row's patch targets, then regrouped by micro-batch
+        per_row = list(targets["patch"].split(masks.patches.sum(1).tolist()))
+    for i in range(n):
+        rows = [*range(i * b, (i + 1) * b), *range(n * b + i * b, n * b + (i + 1) * b)]  # both global crops
+        mine = {"cls": [t[i * b : (i + 1) * b] for t in targets["cls"]]}
+        patches = None
+        if masks.patches is not None:
+            mine["patch"], patches = torch.cat([per_row[r] for r in rows]), masks.patches[rows]
+        student = (
+            [m if m is None else m[i * b : (i + 1) * b] for m in masks.student] if masks.student else None
+        )
+        yield [c[i * b : (i + 1) * b] for c in crops], StepMasks(student, patches), mine
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -325,6 +349,11 @@ def check_batch(cfg: Config, world: int, n_images: int) -> int:
     if batch % world:
         raise ConfigError(
             f"option --optim.batch_size={batch} (the global batch) must be divisible by the {world} processes"
+        )
+    if batch % (world * cfg.optim.accum_steps):
+        raise ConfigError(
+            f"option --optim.batch_size={batch} must be divisible by the {world} processes x "
+            f"--optim.accum_steps={cfg.optim.accum_steps} micro-batches"
         )
     if n_images < batch:
         raise ConfigError(

@@ -11,14 +11,17 @@ checkpoint intact.
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import pickle
+from dataclasses import replace
 
 import torch
 
 from . import parallel, seeds
-from .config import Config, ConfigError, from_dict, save_json, to_dict
+from .config import Config, ConfigError, ModelConfig, from_dict, save_json, to_dict
 from .dist import is_main, print0
 from .visualize import plot_training_curves
 
@@ -86,6 +89,27 @@ class RunFolder:
                 json.dump(result, fh, indent=2)
 
 
+def starting_point(cfg: Config, state: dict | None) -> tuple[Config, dict | None]:
+    """What the networks start from: a resumed run's checkpoint, or the file of --run.init_from: a minidino
+    run (every weight and the centres: the high-resolution phase) or a backbone file (official DINO, DINOv2,
+    timm or an export): then the heads are new, the ViT's architecture is read from the file, and the
+    backbone waits --optim.freeze_backbone_epochs while the heads learn. Otherwise that option is 0."""
+    if state is not None:
+        return cfg, state
+    start = load_checkpoint(cfg.run.init_from) if cfg.run.init_from else None
+    if start is None or "config" in start:
+        return replace(cfg, optim=replace(cfg.optim, freeze_backbone_epochs=0)), start
+    found = model_config_of(plain_backbone(start), f"--run.init_from={cfg.run.init_from}")
+    arch = {
+        k: getattr(found, k) for k in ("arch", "patch_size", "img_size", "layerscale", "n_registers", "ffn")
+    }
+    print0(
+        f"--run.init_from={cfg.run.init_from}: a {found.arch}/{found.patch_size} backbone; new heads, the "
+        f"backbone frozen for {cfg.optim.freeze_backbone_epochs} epochs"
+    )
+    return replace(cfg, model=replace(cfg.model, **arch)), start
+
+
 def training_state(
     student, ema_target, optimizer, losses, step: int, epoch: int, cfg: Config, skipped: int
 ) -> dict:
@@ -105,10 +129,18 @@ def training_state(
     }
 
 
-def restore_weights(state: dict, student, ema_target, path: str) -> None:
-    """Load a checkpoint's weights into the unwrapped (unsharded) student and EMA teacher."""
-    load_model_state(student, state["student"], f"checkpoint {path} (student)")
-    load_model_state(ema_target, state["teacher"], f"checkpoint {path} (teacher)")
+def restore_weights(state: dict, student, ema_target, path: str) -> bool:
+    """Load a checkpoint's weights into the unwrapped (unsharded) student and EMA teacher: all of them from a
+    minidino checkpoint (True), the backbones only from any other file `load_backbone` reads (False: the
+    heads are new)."""
+    if "config" in state and "student" in state:
+        load_model_state(student, state["student"], f"checkpoint {path} (student)")
+        load_model_state(ema_target, state["teacher"], f"checkpoint {path} (teacher)")
+        return True
+    weights = plain_backbone(state)
+    for model in (student, ema_target):
+        load_model_state(model.backbone, weights, f"checkpoint {path} (backbone)")
+    return False
 
 
 def restore_training(state: dict, student, optimizer) -> tuple[int, int]:
@@ -135,8 +167,9 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         path = os.path.join(path, "checkpoint.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+    try:  # an official DINO training checkpoint also holds its argparse Namespace: allowed, as plain data
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if "GLOBAL" not in str(e):  # no refused object: bytes that are not a pickle at all
             raise CheckpointError(f"checkpoint {path} is not a readable torch file (not a pickle)") from None
@@ -215,8 +248,8 @@ def to_timm(state: dict) -> dict:
 
 
 def from_timm(state: dict, mask_token: torch.Tensor | None = None) -> dict:
-    """timm VisionTransformer state_dict -> minidino ViT state_dict. timm has no iBOT mask token: a zero one
-    (minidino's initial value) is added unless `mask_token` is given."""
+    """timm VisionTransformer state_dict (or any plain ViT one) -> minidino ViT state_dict. timm has no iBOT
+    mask token: a zero one (minidino's initial value) is added unless the state or `mask_token` has one."""
     out = {
         ("register_tokens" if k == "reg_token" else k): v
         for k, v in state.items()
@@ -227,6 +260,65 @@ def from_timm(state: dict, mask_token: torch.Tensor | None = None) -> dict:
         raise ValueError(
             f"from_timm: {unknown[0]} has no minidino equivalent (a timm ViT variant minidino lacks)"
         )
-    dim = out["cls_token"].shape[-1]
-    out["mask_token"] = mask_token if mask_token is not None else torch.zeros(1, dim)
+    if mask_token is not None or "mask_token" not in out:
+        out["mask_token"] = (
+            mask_token if mask_token is not None else torch.zeros(1, out["cls_token"].shape[-1])
+        )
     return out
+
+
+def plain_backbone(state: dict) -> dict:
+    """A backbone state dict in minidino's keys from any supported file: a minidino run checkpoint (its EMA
+    teacher), an official DINO full training checkpoint ('teacher' with 'backbone.' keys), or a plain ViT
+    state dict: official DINO and DINOv2 backbone files, timm ViTs (a classifier head is dropped, a missing
+    iBOT mask token becomes a zero one, as minidino initialises it)."""
+    if isinstance(state.get("teacher"), dict):  # minidino or DINO: the teacher is the model to keep
+        state = {k.removeprefix("module."): v for k, v in state["teacher"].items()}
+        return from_timm(backbone_state_dict(state))
+    return from_timm(state)
+
+
+def model_config_of(state: dict, what: str) -> ModelConfig:
+    """The ViT a plain backbone state dict describes: width and depth give the arch, the patch embedding
+    the patch size, the position embeddings the native size; registers, LayerScale and SwiGLU if present."""
+    from .vit import ARCHS  # the architectures live with the ViT
+
+    if "cls_token" not in state or "patch_embed.proj.weight" not in state:
+        raise CheckpointError(f"{what} holds no ViT backbone (no cls_token / patch_embed.proj.weight)")
+    dim = state["cls_token"].shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    arch = next((name for name, (d, n, _) in ARCHS.items() if (d, n) == (dim, depth)), None)
+    if arch is None:
+        raise CheckpointError(f"{what}: no minidino arch is {dim} wide with {depth} blocks")
+    patch = state["patch_embed.proj.weight"].shape[-1]
+    side = math.isqrt(state["pos_embed"].shape[1] - 1)
+    return ModelConfig(
+        arch=arch,
+        patch_size=patch,
+        img_size=side * patch,
+        drop_path=0.0,
+        layerscale=1e-5 if "blocks.0.ls1.gamma" in state else 0.0,  # the loaded gammas replace the value
+        n_registers=state["register_tokens"].shape[1] if "register_tokens" in state else 0,
+        ffn="swiglu" if "blocks.0.mlp.w12.weight" in state else "mlp",
+    )
+
+
+def load_backbone(path: str):
+    """The backbone (a `VisionTransformer` in eval mode, architecture read from the file) of a minidino run
+    folder or checkpoint, an official DINO backbone or full training checkpoint, a DINOv2 hub file (with or
+    without registers) or a timm ViT file. Position embeddings interpolate as in the official code, so the
+    features equal the official model's at any input size."""
+    from .vit import VisionTransformer
+
+    state = load_checkpoint(path)
+    weights = plain_backbone(state)
+    backbone = VisionTransformer(model_config_of(weights, f"checkpoint {path}"))
+    load_model_state(backbone, weights, f"checkpoint {path}")
+    return backbone.eval()
+
+
+def export_backbone(state: dict, path: str, layout: str = "dinov2") -> None:
+    """Write the EMA teacher's backbone of a minidino checkpoint as a plain state dict: 'dinov2' (the keys of
+    DINOv2's hub files, mask token included: minidino's own layout) or 'timm' (timm's VisionTransformer)."""
+    weights = plain_backbone(state)
+    save_checkpoint(to_timm(weights) if layout == "timm" else weights, path)

@@ -82,6 +82,7 @@ RANGES = {
     "optim.epochs": AT_LEAST_0,
     "optim.epoch_steps": AT_LEAST_0,
     "optim.batch_size": (2, None, True),  # centering needs a batch
+    "optim.accum_steps": POSITIVE,
     "optim.lr": (1e-12, None, True),
     "optim.min_lr": AT_LEAST_0,
     "optim.warmup_epochs": AT_LEAST_0,
@@ -92,6 +93,7 @@ RANGES = {
     "optim.patch_embed_lr_mult": AT_LEAST_0,
     "optim.clip_grad": AT_LEAST_0,
     "optim.freeze_last_layer": AT_LEAST_0,
+    "optim.freeze_backbone_epochs": AT_LEAST_0,
     "run.seed": AT_LEAST_0,
     "run.log_every": POSITIVE,
     "run.max_steps": AT_LEAST_0,

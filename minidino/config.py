@@ -86,6 +86,7 @@ class OptimConfig:
     epochs: int = 100  # epochs of training: passes over the training set, or of epoch_steps steps each
     epoch_steps: int = 0  # steps per epoch of the schedules (DINOv2: 1250); 0: one pass over the data
     batch_size: int = 64  # images per optimiser step, all processes together (the global batch)
+    accum_steps: int = 1  # micro-batches per process and step (gradient accumulation; 1: none)
     lr: float = 5e-4  # peak learning rate for a batch of 256; scaled linearly with the batch size
     min_lr: float = 1e-6  # learning rate at the end of the cosine decay
     warmup_epochs: int = 10  # epochs of linear lr warm-up
@@ -98,6 +99,7 @@ class OptimConfig:
     clip_grad: float = 3.0  # max gradient norm (0 disables)
     clip_mode: str = "tensor"  # tensor: each tensor's norm apart (DINO); part: backbone, heads (DINOv2)
     freeze_last_layer: int = 1  # epochs during which the prototype layer gets no update
+    freeze_backbone_epochs: int = 1  # with --run.init_from a backbone file: epochs the new heads train alone
 
 
 @dataclass

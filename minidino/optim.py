@@ -110,9 +110,15 @@ def clip_gradients(model: nn.Module, clip: float, mode: str = "tensor") -> None:
         torch._foreach_mul_(grads, list(factors.expand(len(grads)).unbind()))
 
 
-def freeze_prototypes(model: nn.Module) -> None:
-    """Drop the gradients of the heads' prototype layers: they stay fixed this step (DINO: first epoch)."""
+def drop_frozen_gradients(model: nn.Module, sched: dict) -> None:
+    """Drop the gradients of what stays fixed this step (AdamW then skips it: no update, no weight decay):
+    the heads' prototype layers in the first epoch(s) (DINO finds it stabilises training), and the backbone
+    while new heads learn on a backbone loaded from another model (--run.init_from)."""
     model = parallel.unwrap(model)
-    for head in (model.head, model.ibot_head):
-        if head is not None:
-            head.last_layer.weight.grad, head.last_layer_g.grad = None, None
+    if sched["freeze_last_layer"]:
+        for head in (model.head, model.ibot_head):
+            if head is not None:
+                head.last_layer.weight.grad, head.last_layer_g.grad = None, None
+    if sched.get("freeze_backbone"):
+        for p in model.backbone.parameters():
+            p.grad = None

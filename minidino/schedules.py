@@ -8,6 +8,7 @@ which is easier to test and to resume. Steps count optimiser updates from 0 to t
   teacher temp:  linear warm-up from warmup_teacher_temp to teacher_temp, then constant (0.04 -> 0.07)
   momentum:      cosine from momentum_teacher to 1 (0.996 -> 1)
   frozen head:   the prototype layer gets no update during the first freeze_last_layer epochs (1)
+  frozen trunk:  a backbone loaded from another model waits freeze_backbone_epochs while new heads learn
 """
 
 from __future__ import annotations
@@ -50,4 +51,5 @@ def schedules(step: int, total_steps: int, steps_per_epoch: int, optim, loss, lr
         ),
         "momentum": cosine(step, total_steps, optim.momentum_teacher, 1.0),
         "freeze_last_layer": step < optim.freeze_last_layer * steps_per_epoch,  # no prototype update yet
+        "freeze_backbone": step < optim.freeze_backbone_epochs * steps_per_epoch,  # new heads learn alone
     }

@@ -236,14 +236,20 @@ class VisionTransformer(nn.Module):
             blk.attn.attn_impl = impl
 
     def interpolate_pos_encoding(self, h: int, w: int) -> Tensor:
-        """Position embeddings for an h x w patch grid: bicubic resize of the stored square grid."""
+        """Position embeddings for an h x w patch grid: the stored n x n grid resized as the official DINO and
+        DINOv2 code resizes it (so that their weights give their features at any size): bicubic, without
+        antialiasing, by the scale factors (h + 0.1) / n and (w + 0.1) / n (the 0.1 keeps floor() of the
+        output size from falling one short), in fp32."""
         pos_cls, pos_patch = self.pos_embed[:, :1], self.pos_embed[:, 1:]  # (1, 1, C), (1, n*n, C)
         n = int(math.sqrt(pos_patch.shape[1]))
         if (h, w) == (n, n):
             return self.pos_embed
-        grid = rearrange(pos_patch, "1 (h w) c -> 1 c h w", h=n)
-        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(grid.dtype)
-        return torch.cat([pos_cls, rearrange(grid, "1 c h w -> 1 (h w) c")], dim=1)  # (1, 1 + h*w, C)
+        grid = rearrange(pos_patch, "1 (h w) c -> 1 c h w", h=n).float()
+        grid = F.interpolate(
+            grid, scale_factor=((h + 0.1) / n, (w + 0.1) / n), mode="bicubic", align_corners=False
+        )
+        grid = rearrange(grid.to(pos_patch.dtype), "1 c h w -> 1 (h w) c")
+        return torch.cat([pos_cls, grid], dim=1)  # (1, 1 + h*w, C)
 
     def prepare_tokens(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
         """Image (B, 3, H, W) -> tokens (B, 1 + R + N, C): [CLS, registers, patches] with positions.

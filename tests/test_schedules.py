@@ -38,7 +38,8 @@ def test_paper_schedules_from_imagenet_preset():
     total = cfg.optim.epochs * spe
     peak = cfg.optim.lr * 1024 / 256
     s0 = schedules(0, total, spe, cfg.optim, cfg.loss, peak)
-    frozen = s0.pop("freeze_last_layer")
+    frozen, frozen_backbone = s0.pop("freeze_last_layer"), s0.pop("freeze_backbone")
+    assert frozen_backbone  # freeze_backbone_epochs = 1; train.py sets it to 0 unless the heads are new
     assert s0 == pytest.approx({"lr": 0.0, "wd": 0.04, "teacher_temp": 0.04, "momentum": 0.996})
     # the prototypes are frozen for the first epoch (freeze_last_layer = 1): steps 0 .. spe - 1
     assert frozen and schedules(spe - 1, total, spe, cfg.optim, cfg.loss, peak)["freeze_last_layer"]

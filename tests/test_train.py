@@ -319,3 +319,32 @@ def test_resume_of_a_folder_without_checkpoint_says_it_starts_over(tmp_path, cap
     train.main(["--resume", str(tmp_path / "a")])
     assert "no checkpoint there yet, so the run starts at step 0" in capsys.readouterr().out
     assert load_checkpoint(str(tmp_path / "a"))["step"] == 1
+
+
+@pytest.mark.parametrize("method", ["dino", "dinov2"])
+def test_two_accumulated_micro_batches_of_4_equal_one_batch_of_8(tmp_path, method):
+    """Gradient accumulation: the same losses and weights as the whole batch at once. The centre, Sinkhorn's
+    equipartition and the EMA use the whole batch either way; KoLeo (nearest neighbours within a micro-batch)
+    and BatchNorm (statistics of a micro-batch) would differ by design, so they are off, as is drop path."""
+    extra = ["--optim.batch_size=8", "--loss.koleo_weight=0", "--head.use_bn=false", "--model.drop_path=0"]
+    extra += ["--run.eval_at_end=false"] + (
+        ["--method=dinov2", "--loss.koleo_weight=0"] if method == "dinov2" else []
+    )
+    train.main(tiny_run(tmp_path / "whole", *extra))
+    train.main(tiny_run(tmp_path / "accum", *extra, "--optim.accum_steps=2"))
+    a, b = _log(tmp_path / "whole"), _log(tmp_path / "accum")
+    assert len(a) == len(b) == 8
+    for key in ("loss", "loss_dino") + (("loss_ibot",) if method == "dinov2" else ()):
+        torch.testing.assert_close(
+            torch.tensor([r[key] for r in b]), torch.tensor([r[key] for r in a]), atol=1e-5, rtol=1e-5
+        )
+    wa, wb = (load_checkpoint(str(tmp_path / d)) for d in ("whole", "accum"))
+    for part in ("student", "teacher"):
+        for k in wa[part]:
+            torch.testing.assert_close(wb[part][k], wa[part][k], atol=1e-5, rtol=1e-4, msg=f"{part} {k}")
+    torch.testing.assert_close(wb["losses"]["dino"]["center"], wa["losses"]["dino"]["center"])
+
+
+def test_accumulation_must_divide_the_batch(tmp_path):
+    with pytest.raises(ConfigError, match=r"must be divisible by the 1 processes x --optim.accum_steps=3"):
+        train.main(tiny_run(tmp_path / "a", "--optim.accum_steps=3"))

@@ -1,0 +1,229 @@
+"""Weights in and out (minidino/checkpoint.py): official DINO and DINOv2 layouts, built here with random
+tensors (nothing is downloaded), against an independent forward written for the official conventions."""
+
+import argparse
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minidino.checkpoint import CheckpointError, export_backbone, load_backbone, load_checkpoint
+
+D, HEADS, DEPTH = 384, 6, 12  # ViT-S
+
+
+def official_state(patch: int, side: int, registers: int = 0, dinov2: bool = True, seed: int = 0) -> dict:
+    """A backbone state dict laid out as the released files: DINO's dino_deitsmall16_pretrain.pth (no mask
+    token, no LayerScale) or DINOv2's dinov2_vits14[_reg4]_pretrain.pth (mask token, LayerScale gammas,
+    registers), with random values."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=0.02):
+        return torch.randn(*shape, generator=g) * std
+
+    sd = {
+        "cls_token": rnd(1, 1, D),
+        "pos_embed": rnd(1, 1 + side * side, D),
+        "patch_embed.proj.weight": rnd(D, 3, patch, patch),
+        "patch_embed.proj.bias": rnd(D),
+        "norm.weight": 1 + rnd(D),
+        "norm.bias": rnd(D),
+    }
+    if dinov2:
+        sd["mask_token"] = rnd(1, D)
+    if registers:
+        sd["register_tokens"] = rnd(1, registers, D)
+    for i in range(DEPTH):
+        b = f"blocks.{i}."
+        sd |= {b + "norm1.weight": 1 + rnd(D), b + "norm1.bias": rnd(D), b + "norm2.weight": 1 + rnd(D)}
+        sd |= {
+            b + "norm2.bias": rnd(D),
+            b + "attn.qkv.weight": rnd(3 * D, D),
+            b + "attn.qkv.bias": rnd(3 * D),
+        }
+        sd |= {b + "attn.proj.weight": rnd(D, D), b + "attn.proj.bias": rnd(D)}
+        sd |= {b + "mlp.fc1.weight": rnd(4 * D, D), b + "mlp.fc1.bias": rnd(4 * D)}
+        sd |= {b + "mlp.fc2.weight": rnd(D, 4 * D), b + "mlp.fc2.bias": rnd(D)}
+        if dinov2:
+            sd |= {b + "ls1.gamma": 0.1 + rnd(D, std=0.05), b + "ls2.gamma": 0.1 + rnd(D, std=0.05)}
+    return sd
+
+
+def official_forward(sd: dict, x: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official models' forward, written out: conv patches, CLS + positions (the stored grid resized by
+    scale factors (n + 0.1) / M, bicubic, no antialias, as DINO's and DINOv2's interpolate_pos_encoding),
+    registers after CLS, pre-norm blocks with LayerScale when present, the final norm. -> (CLS, patches)."""
+    B, _, H, W = x.shape
+    h, w = H // patch, W // patch
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch)
+    t = t.flatten(2).transpose(1, 2)  # (B, h*w, D)
+    t = torch.cat([sd["cls_token"].expand(B, -1, -1), t], 1)
+    pos = sd["pos_embed"]
+    M = math.isqrt(pos.shape[1] - 1)
+    if (h, w) != (M, M):
+        grid = pos[:, 1:].reshape(1, M, M, D).permute(0, 3, 1, 2)
+        grid = F.interpolate(
+            grid, scale_factor=((h + 0.1) / M, (w + 0.1) / M), mode="bicubic", antialias=False
+        )
+        pos = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, h * w, D)], 1)
+    t = t + pos
+    r = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
+    if r:
+        t = torch.cat([t[:, :1], sd["register_tokens"].expand(B, -1, -1), t[:, 1:]], 1)
+    for i in range(DEPTH):
+        b = f"blocks.{i}."
+        y = F.layer_norm(t, (D,), sd[b + "norm1.weight"], sd[b + "norm1.bias"], eps=1e-6)
+        q, k, v = (
+            F.linear(y, sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"])
+            .reshape(B, -1, 3, HEADS, D // HEADS)
+            .permute(2, 0, 3, 1, 4)
+        )
+        a = ((q @ k.transpose(-2, -1)) * (D // HEADS) ** -0.5).softmax(-1) @ v  # (B, heads, N, d)
+        y = F.linear(
+            a.transpose(1, 2).reshape(B, -1, D), sd[b + "attn.proj.weight"], sd[b + "attn.proj.bias"]
+        )
+        t = t + y * sd.get(b + "ls1.gamma", 1.0)
+        y = F.layer_norm(t, (D,), sd[b + "norm2.weight"], sd[b + "norm2.bias"], eps=1e-6)
+        y = F.linear(
+            F.gelu(F.linear(y, sd[b + "mlp.fc1.weight"], sd[b + "mlp.fc1.bias"])),
+            sd[b + "mlp.fc2.weight"],
+            sd[b + "mlp.fc2.bias"],
+        )
+        t = t + y * sd.get(b + "ls2.gamma", 1.0)
+    t = F.layer_norm(t, (D,), sd["norm.weight"], sd["norm.bias"], eps=1e-6)
+    return t[:, 0], t[:, 1 + r :]
+
+
+@pytest.mark.parametrize(
+    "name, patch, side, registers, dinov2, sizes",
+    [
+        ("dino_vits16", 16, 14, 0, False, [(224, 224), (160, 208)]),  # native, then 10 x 13 patches
+        ("dinov2_vits14", 14, 37, 0, True, [(518, 518), (98, 126)]),  # native 37 x 37, then 7 x 9
+        ("dinov2_vits14_reg4", 14, 37, 4, True, [(126, 98)]),
+    ],
+)
+def test_official_files_give_the_official_features_at_any_size(
+    tmp_path, name, patch, side, registers, dinov2, sizes
+):
+    sd = official_state(patch, side, registers, dinov2)
+    torch.save(sd, tmp_path / f"{name}.pth")
+    vit = load_backbone(str(tmp_path / f"{name}.pth"))
+    assert (vit.embed_dim, vit.patch_size, vit.n_registers, len(vit.blocks)) == (D, patch, registers, DEPTH)
+    assert not vit.training
+    torch.manual_seed(1)
+    for H, W in sizes:
+        x = torch.randn(2, 3, H, W)
+        with torch.no_grad():
+            want_cls, want_patch = official_forward(sd, x, patch)
+            got = vit.forward_features(x)
+        torch.testing.assert_close(got["cls"], want_cls, atol=2e-5, rtol=1e-4, msg=f"{name} {H}x{W}")
+        torch.testing.assert_close(got["patch"], want_patch, atol=2e-5, rtol=1e-4, msg=f"{name} {H}x{W}")
+
+
+def test_a_dino_training_checkpoint_opens_safely_and_code_is_refused(tmp_path):
+    sd = official_state(16, 14, dinov2=False)
+    teacher = {f"backbone.{k}": v for k, v in sd.items()} | {"head.last_layer.weight_g": torch.ones(8, 1)}
+    args = argparse.Namespace(arch="vit_small", patch_size=16, lr=0.0005)  # what main_dino.py saves
+    full = {"student": {f"module.{k}": v for k, v in teacher.items()}, "teacher": teacher, "args": args}
+    torch.save(full | {"epoch": 100, "optimizer": {}}, tmp_path / "checkpoint.pth")
+    vit = load_backbone(str(tmp_path / "checkpoint.pth"))  # weights_only=True with Namespace allowed
+    torch.testing.assert_close(vit.cls_token, sd["cls_token"])
+    assert load_checkpoint(str(tmp_path / "checkpoint.pth"))["args"].lr == 0.0005
+
+    class Code:
+        def __reduce__(self):
+            return (os.system, ("echo PWNED",))
+
+    torch.save({"teacher": teacher, "args": Code()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError) as e:
+        load_backbone(str(tmp_path / "evil.pth"))
+    assert "refused as unsafe" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_vit_giant2_builds_with_dinov2s_shapes():
+    from minidino.config import ModelConfig
+    from minidino.vit import VisionTransformer
+
+    with torch.device("meta"):  # shapes only: 1.1 billion parameters are never allocated
+        vit = VisionTransformer(
+            ModelConfig(arch="vit_giant2", patch_size=14, img_size=518, ffn="swiglu", layerscale=1e-5)
+        )
+        out = vit.forward_features(torch.empty(1, 3, 28, 42))
+    assert (vit.embed_dim, len(vit.blocks), vit.num_heads) == (1536, 40, 24)
+    assert vit.blocks[0].mlp.w12.weight.shape == (2 * 4096, 1536) and vit.blocks[0].mlp.w3.weight.shape == (
+        1536,
+        4096,
+    )
+    assert 1.1e9 < sum(p.numel() for p in vit.parameters()) < 1.2e9  # DINOv2's ViT-g/14: 1.1 B
+    assert out["patch"].shape == (1, 6, 1536) and vit.pos_embed.shape == (1, 1370, 1536)
+
+
+def test_export_round_trips_through_the_dinov2_and_timm_layouts(tmp_path):
+    import train
+    from conftest import tiny_run
+
+    run = tmp_path / "run"
+    train.main(tiny_run(run, "--run.max_steps=1", "--run.eval_at_end=false", "--model.n_registers=2"))
+    state = load_checkpoint(str(run))
+    ours = load_backbone(str(run))
+    x = torch.randn(2, 3, 32, 32)
+    for layout in ("dinov2", "timm"):
+        export_backbone(state, str(tmp_path / f"{layout}.pth"), layout)
+        keys = set(torch.load(tmp_path / f"{layout}.pth", weights_only=True))
+        assert ("mask_token" in keys) == (layout == "dinov2") and ("reg_token" in keys) == (layout == "timm")
+        back = load_backbone(str(tmp_path / f"{layout}.pth"))
+        with torch.no_grad():
+            torch.testing.assert_close(back.forward_features(x)["patch"], ours.forward_features(x)["patch"])
+
+
+def test_continued_pretraining_trains_new_heads_on_a_frozen_backbone_first(tmp_path, capsys):
+    """--run.init_from with a DINO-layout backbone file: the architecture comes from the file, the heads are
+    new, and the backbone stays as loaded for --optim.freeze_backbone_epochs (1 epoch = 2 steps here)."""
+    import train
+    from conftest import tiny_run
+
+    train.main(
+        tiny_run(tmp_path / "src", "--run.max_steps=2", "--run.eval_at_end=false", "--model.arch=vit_tiny")
+    )
+    export_backbone(load_checkpoint(str(tmp_path / "src")), str(tmp_path / "dino.pth"), "timm")
+    backbone = torch.load(tmp_path / "dino.pth", weights_only=True)  # DINO's files: no mask token either
+    start = {k: v for k, v in backbone.items()}
+    new = tmp_path / "new"
+    opts = tiny_run(new, f"--run.init_from={tmp_path / 'dino.pth'}", "--run.eval_at_end=false")
+    train.main([*opts, "--run.max_steps=2"])
+    assert "a vit_tiny/8 backbone; new heads, the backbone frozen for 1 epochs" in capsys.readouterr().out
+    after_freeze = load_checkpoint(str(new))
+    for part in ("student", "teacher"):
+        assert all(torch.equal(after_freeze[part][f"backbone.{k}"], start[k]) for k in start), part
+    head = after_freeze["student"]["head.mlp.0.weight"]
+    train.main(["--resume", str(new), "--run.max_steps=0"])  # steps 3 and 4: everything trains
+    done = load_checkpoint(str(new))
+    assert (
+        done["config"]["model"]["arch"] == "vit_tiny"
+        and done["config"]["optim"]["freeze_backbone_epochs"] == 1
+    )
+    assert any(not torch.equal(done["student"][f"backbone.{k}"], start[k]) for k in start)
+    assert not torch.equal(done["student"]["head.mlp.0.weight"], head)
+
+
+def test_eval_reads_official_layout_files(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    import eval as evaluate_cli
+
+    for split in ("train", "test"):  # a small ImageFolder of 64 px images
+        for c in ("a", "b"):
+            os.makedirs(tmp_path / "data" / split / c)
+            for i in range(3):
+                pixels = np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "data" / split / c / f"{i}.png")
+    for name, patch, side, dinov2 in (("dino.pth", 16, 14, False), ("dinov2.pth", 14, 16, True)):
+        torch.save(official_state(patch, side, dinov2=dinov2), tmp_path / name)
+        args = [str(tmp_path / name), "--data", str(tmp_path / "data"), "--knn", "--num-workers", "0"]
+        report = evaluate_cli.main([*args, "--size", str(4 * patch), "--ks", "1,3"])
+        assert set(report["knn_top1"]) == {"1", "3"} and report["n_train"] == 6
+    with pytest.raises(Exception, match=r"--data: .* is a backbone file without a run config"):
+        evaluate_cli.main([str(tmp_path / "dino.pth"), "--knn"])
