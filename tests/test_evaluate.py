@@ -180,7 +180,11 @@ def test_eval_refuses_files_it_cannot_use_in_one_line_and_recomputes_a_broken_ca
     ]:
         with pytest.raises(CheckpointError) as e:
             evaluate_cli.main([str(tmp_path / name), "--data", "shapes"])
-        assert f"checkpoint {tmp_path / name}" in str(e.value) and why in str(e.value) and "\n" not in str(e.value)
+        assert (
+            f"checkpoint {tmp_path / name}" in str(e.value)
+            and why in str(e.value)
+            and "\n" not in str(e.value)
+        )
         assert "weights_only=False" not in str(e.value)
     assert "PWNED" not in capsys.readouterr().out
 
