@@ -53,13 +53,13 @@ class LossConfig:
     warmup_teacher_temp: float = 0.04  # tau_t at step 0
     warmup_teacher_temp_epochs: int = 30  # epochs of linear tau_t warm-up
     center_momentum: float = 0.9  # m in c <- m c + (1 - m) mean(g_t)
-    centering: str = "center"  # teacher targets: center (EMA, DINO), sinkhorn (DINOv2) or none (ablation)
+    centering: str = "center"  # teacher targets: center (DINO, DINOv2 yaml), sinkhorn (DINOv2 /14), none
     sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations (DINOv2: 3)
     dino_weight: float = 1.0  # weight of the DINO CLS loss
     ibot_weight: float = 0.0  # weight of the iBOT masked-patch loss (DINOv2: 1.0; 0 disables masking)
-    koleo_weight: float = 0.0  # weight of the KoLeo regulariser on student CLS features (DINOv2: 0.1)
+    koleo_weight: float = 0.0  # KoLeo on student CLS features, per global crop, summed (DINOv2: 0.1)
     mask_ratio: tuple[float, float] = (0.1, 0.5)  # iBOT: range of the per-image mask ratio
-    mask_probability: float = 0.5  # iBOT: share of global crops that are masked
+    mask_probability: float = 0.5  # iBOT: share of a batch's global crops that are masked (exactly)
 
 
 @dataclass
@@ -87,7 +87,7 @@ class OptimConfig:
     epoch_steps: int = 0  # steps per epoch of the schedules (DINOv2: 1250); 0: one pass over the data
     batch_size: int = 64  # images per optimiser step, all processes together (the global batch)
     accum_steps: int = 1  # micro-batches per process and step (gradient accumulation; 1: none)
-    lr: float = 5e-4  # peak learning rate for a batch of 256; scaled linearly with the batch size
+    lr: float = 5e-4  # base lr, for a batch of 256 (linear rule) or 1024 (sqrt rule): see lr_scaling
     min_lr: float = 1e-6  # learning rate at the end of the cosine decay
     warmup_epochs: int = 10  # epochs of linear lr warm-up
     weight_decay: float = 0.04  # weight decay at step 0 (cosine schedule)

@@ -6,7 +6,8 @@ x_1..x_n,
     L_koleo = -(1/n) sum_i log( min_{j != i} ||x_i - x_j|| )
 
 Pushing every point away from its nearest neighbour spreads the features uniformly over the sphere. DINOv2
-applies it to the student's CLS features (before the head) of each global crop, per process, weight 0.1.
+applies it to the student's CLS features (before the head) of each global crop and sums the two terms, per
+process, weight 0.1 (minidino.losses.Losses).
 """
 
 from __future__ import annotations

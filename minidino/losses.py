@@ -10,8 +10,8 @@ Paper Eq. (1)-(2): for teacher global views x in {x1_g, x2_g} and every student 
 
 Centering alone pushes the teacher towards the uniform distribution and sharpening alone towards one
 prototype; together they balance (Sec. 5.3). The loss is averaged over the n_pairs view pairs (as the
-official code does) so its scale does not depend on the crop count. DINOv2 replaces the running centre by
-Sinkhorn-Knopp (`centering="sinkhorn"`, see sinkhorn.py).
+official code does) so its scale does not depend on the crop count. DINOv2's large /14 runs replace the
+running centre by Sinkhorn-Knopp (`centering="sinkhorn"`, see sinkhorn.py); its ImageNet-1k recipe keeps it.
 
 iBOT: the student sees global crops with some patches replaced by a mask token; for each masked patch it
 predicts the teacher's prototype distribution of that patch in the *unmasked* crop. Cross-entropies are
@@ -84,7 +84,7 @@ CENTERINGS = ("center", "sinkhorn", "none")
 
 class TeacherCentering(nn.Module):
     """Base of the DINO and iBOT losses: turns teacher logits into targets, softmax((g_t - c) / tau_t)
-    with the running centre c (DINO; a buffer, so it is checkpointed), Sinkhorn-Knopp (DINOv2), or no
+    with the running centre c (DINO; a buffer, so it is checkpointed), Sinkhorn-Knopp (DINOv2 /14), or no
     centering (an ablation), and keeps the student temperature tau_s for the subclass's cross-entropy."""
 
     def __init__(self, out_dim: int, cfg: LossConfig | None = None):
