@@ -167,153 +167,121 @@ def max_error(fn, inputs, cu_seqlens=None) -> float:
     return max((a.float() - b).abs().max().item() for a, b in zip(got, want))
 
 
+class Rows:
+    """Prints the JSON lines of one run and keeps what the summary compares."""
+
+    def __init__(self, gpu: str, dtype: torch.dtype):
+        self.gpu, self.dtype, self.summary = gpu, str(dtype).split(".")[1], {}
+
+    def error(self, shape: str, impl: str, e: Exception) -> None:  # a backend that refuses a shape or dtype
+        row = {"benchmark": "attention", "device": self.gpu, "shape": shape, "impl": impl}
+        print(json.dumps({**row, "error": str(e).splitlines()[0][:200]}), flush=True)
+
+    def timing(self, shape, impl, sizes: dict, times: tuple, total_flops: float, **extra) -> None:
+        fwd, fb, fb_gpu, fb_graph = times
+        row = {
+            "benchmark": "attention",
+            "device": self.gpu,
+            "dtype": self.dtype,
+            "shape": shape,
+            "impl": impl,
+        }
+        row |= sizes | {"fwd_ms": round(fwd, 4), "fwd_bwd_ms": round(fb, 4)}
+        row |= {
+            "fwd_tflops": round(total_flops / fwd / 1e9, 1),
+            "fwd_bwd_tflops": round(3.5 * total_flops / fb / 1e9, 1),
+        }
+        row["fwd_bwd_gpu_ms"] = None if fb_gpu is None else round(fb_gpu, 4)
+        if fb_graph is not None:
+            row["fwd_bwd_graph_ms"] = fb_graph if isinstance(fb_graph, str) else round(fb_graph, 4)
+        print(json.dumps(row | extra), flush=True)
+        self.summary.setdefault(shape, {})[impl] = (
+            fb,
+            fb_gpu,
+            fb_graph if isinstance(fb_graph, float) else None,
+        )
+
+    def print_summary(self) -> None:
+        """Triton's fwd+bwd speed-up over the best SDPA backend: wall, GPU kernel and CUDA-graph time."""
+        for shape, times in self.summary.items():
+            sdpa = {k: v for k, v in times.items() if k.startswith("sdpa")}
+            ours = times.get("triton_packed", times.get("triton"))
+            if not (sdpa and ours):
+                continue
+            best = min(sdpa, key=lambda k: sdpa[k][0])
+            row = {"benchmark": "attention_summary", "device": self.gpu, "shape": shape, "best_sdpa": best}
+            row |= {"best_sdpa_fwd_bwd_ms": round(sdpa[best][0], 4), "triton_fwd_bwd_ms": round(ours[0], 4)}
+            row["speedup_fwd_bwd"] = round(sdpa[best][0] / ours[0], 3)
+            for i, what in ((1, "gpu_time"), (2, "graph")):  # the best SDPA by each measure
+                timed = {k: v[i] for k, v in sdpa.items() if v[i] is not None}
+                if ours[i] is not None and timed:
+                    best_k = min(timed, key=timed.get)
+                    row |= {
+                        f"best_sdpa_{what}": best_k,
+                        f"speedup_fwd_bwd_{what}": round(timed[best_k] / ours[i], 3),
+                    }
+            print(json.dumps(row), flush=True)
+
+
+def per_resolution(fn, split: int, n_global: int, n_local: int):
+    """The usual multi-crop path: one call per resolution on (B, H, n, D) views of the packed tokens."""
+
+    def run(q, k, v):
+        outs = []
+        for lo, hi, n in ((0, split, n_global), (split, q.shape[0], n_local)):
+            views = [t[lo:hi].unflatten(0, (-1, n)).transpose(1, 2) for t in (q, k, v)]  # (B, H, n, D)
+            outs.append(fn(*views).transpose(1, 2).flatten(0, 1))  # (B * n, H, D)
+        return torch.cat(outs)
+
+    return run
+
+
 def main(argv: list[str]) -> None:
     quick, graphs = "--quick" in argv, "--graphs" in argv
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    repeats = 5 if quick or device.type != "cuda" else 15
-    shapes = (
-        SHAPES if device.type == "cuda" else {"tiny_global": (4, 2, 65, 32), "tiny_local": (16, 2, 17, 32)}
-    )
-    summary = {}
-
-    def report(name, impl, B, H, N, D, fwd, fb, fb_gpu, fb_graph, total_flops, **extra):
-        row = {
-            "benchmark": "attention",
-            "device": gpu,
-            "dtype": str(dtype).split(".")[1],
-            "shape": name,
-            "impl": impl,
-            "B": B,
-            "H": H,
-            "N": N,
-            "D": D,
-            "fwd_ms": round(fwd, 4),
-            "fwd_bwd_ms": round(fb, 4),
-            "fwd_tflops": round(total_flops / fwd / 1e9, 1),
-            "fwd_bwd_tflops": round(3.5 * total_flops / fb / 1e9, 1),
-            "fwd_bwd_gpu_ms": None if fb_gpu is None else round(fb_gpu, 4),
-            **(
-                {}
-                if fb_graph is None
-                else {"fwd_bwd_graph_ms": fb_graph if isinstance(fb_graph, str) else round(fb_graph, 4)}
-            ),
-            **extra,
-        }
-        print(json.dumps(row), flush=True)
-        graph = fb_graph if isinstance(fb_graph, float) else None
-        summary.setdefault(name, {})[impl] = (fb, fb_gpu, graph)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    repeats = 5 if quick or not cuda else 15
+    shapes = SHAPES if cuda else {"tiny_global": (4, 2, 65, 32), "tiny_local": (16, 2, 17, 32)}
+    rows = Rows(torch.cuda.get_device_name() if cuda else "cpu", dtype)
 
     for name, (B, H, N, D) in shapes.items():
         qkv = [torch.randn(B, H, N, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
         for impl, fn in impls(device).items():
             try:
-                fwd, fb, fb_gpu, fb_graph = measure(fn, qkv, repeats, device, graphs)
-            except (RuntimeError, torch.OutOfMemoryError) as e:  # a backend that refuses this shape or dtype
-                print(
-                    json.dumps(
-                        {
-                            "benchmark": "attention",
-                            "device": gpu,
-                            "shape": name,
-                            "impl": impl,
-                            "error": str(e).splitlines()[0][:200],
-                        }
-                    ),
-                    flush=True,
-                )
+                times = measure(fn, qkv, repeats, device, graphs)
+            except (RuntimeError, torch.OutOfMemoryError) as e:
+                rows.error(name, impl, e)
                 continue
             err = {"max_err": round(max_error(fn, qkv), 5)} if impl == "triton" else {}
-            report(name, impl, B, H, N, D, fwd, fb, fb_gpu, fb_graph, flops(B, H, N, D), **err)
+            rows.timing(name, impl, dict(B=B, H=H, N=N, D=D), times, flops(B, H, N, D), **err)
 
     # a packed DINO step: 2 global + 10 local crops of 64 images (CPU: 4 images, short sequences)
-    images, (n_global, n_local), H, D = (
-        (64, (197, 37), 6, 64) if device.type == "cuda" else (4, (65, 17), 2, 32)
-    )
+    images, (n_global, n_local), H, D = (64, (197, 37), 6, 64) if cuda else (4, (65, 17), 2, 32)
     lengths = [n_global] * (2 * images) + [n_local] * (10 * images)
-    total = sum(4.0 * H * n * n * D for n in lengths)
     q, k, v = (
         torch.randn(sum(lengths), H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3)
     )
     cu, longest = packed_offsets(lengths, device)
     split = 2 * images * n_global
-
-    def per_resolution(fn):
-        """The usual multi-crop path: one call per resolution on (B, H, N, D) views of the same tokens."""
-
-        def run(q, k, v):
-            outs = []
-            for lo, hi, n in ((0, split, n_global), (split, q.shape[0], n_local)):
-                views = [t[lo:hi].unflatten(0, (-1, n)).transpose(1, 2) for t in (q, k, v)]  # (B, H, n, D)
-                outs.append(fn(*views).transpose(1, 2).flatten(0, 1))  # (B * n, H, D)
-            return torch.cat(outs)
-
-        return run
-
-    candidates = {name: per_resolution(fn) for name, fn in impls(device).items() if name != "ref"}
-    if device.type == "cuda":
+    candidates = {
+        n: per_resolution(fn, split, n_global, n_local) for n, fn in impls(device).items() if n != "ref"
+    }
+    if cuda:
         candidates["triton_packed"] = lambda q, k, v: attention_varlen(q, k, v, cu, longest, impl="triton")
+    sizes = dict(B=images, H=H, N=f"2x{n_global}+10x{n_local}", D=D)
     for impl, fn in candidates.items():
         try:
-            fwd, fb, fb_gpu, fb_graph = measure(fn, (q, k, v), repeats, device, graphs)
+            times = measure(fn, (q, k, v), repeats, device, graphs)
         except (RuntimeError, torch.OutOfMemoryError) as e:
-            print(
-                json.dumps(
-                    {
-                        "benchmark": "attention",
-                        "device": gpu,
-                        "shape": "dino_step_packed",
-                        "impl": impl,
-                        "error": str(e).splitlines()[0][:200],
-                    }
-                ),
-                flush=True,
-            )
+            rows.error("dino_step_packed", impl, e)
             continue
         err = {"max_err": round(max_error(fn, (q, k, v), cu), 5)} if impl == "triton_packed" else {}
-        report(
-            "dino_step_packed",
-            impl,
-            images,
-            H,
-            f"2x{n_global}+10x{n_local}",
-            D,
-            fwd,
-            fb,
-            fb_gpu,
-            fb_graph,
-            total,
-            per_resolution=impl != "triton_packed",
-            **err,
+        total = sum(4.0 * H * n * n * D for n in lengths)
+        rows.timing(
+            "dino_step_packed", impl, sizes, times, total, per_resolution=impl != "triton_packed", **err
         )
-
-    for name, times in summary.items():
-        sdpa = {k: v for k, v in times.items() if k.startswith("sdpa")}
-        ours = times.get("triton_packed", times.get("triton"))
-        if sdpa and ours:
-            best = min(sdpa, key=lambda k: sdpa[k][0])
-            row = {
-                "benchmark": "attention_summary",
-                "device": gpu,
-                "shape": name,
-                "best_sdpa": best,
-                "best_sdpa_fwd_bwd_ms": round(sdpa[best][0], 4),
-                "triton_fwd_bwd_ms": round(ours[0], 4),
-                "speedup_fwd_bwd": round(sdpa[best][0] / ours[0], 3),
-            }
-            # the same comparison in GPU kernel time and replayed from CUDA graphs (best SDPA by each measure)
-            for i, what in ((1, "gpu_time"), (2, "graph")):
-                timed = {k: v[i] for k, v in sdpa.items() if v[i] is not None}
-                if ours[i] is not None and timed:
-                    best_k = min(timed, key=timed.get)
-                    row.update(
-                        {
-                            f"best_sdpa_{what}": best_k,
-                            f"speedup_fwd_bwd_{what}": round(timed[best_k] / ours[i], 3),
-                        }
-                    )
-            print(json.dumps(row), flush=True)
+    rows.print_summary()
 
 
 if __name__ == "__main__":

@@ -40,16 +40,8 @@ def timed(fn, repeats: int, device: torch.device) -> tuple[float, float | None]:
     return sorted(times)[len(times) // 2], peak
 
 
-def main(argv: list[str]) -> None:
-    quick = "--quick" in argv
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    impls = ["mask", "subset"] + (["subset_triton"] if device.type == "cuda" else [])
-    repeats = 5 if quick else 30
-    shapes = {"vit_small": (16 if quick else 128, 197), "vit_large": (4 if quick else 64, 257)}
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-
-    # 1. the fused update alone
+def update_rows(shapes: dict, device, dtype, repeats: int, gpu: str) -> None:
+    """1. the fused update alone, x[kept] += scale * gamma * y at p = 0.4: Triton against the reference."""
     for arch, (B, N) in shapes.items():
         C = ARCHS[arch][0]
         n_keep = round(0.6 * B)
@@ -66,36 +58,30 @@ def main(argv: list[str]) -> None:
 
             fb, peak = timed(fwd_bwd, repeats, device)
             row[impl] = fb
-            print(
-                json.dumps(
-                    {
-                        "benchmark": "drop_add",
-                        "device": gpu,
-                        "arch": arch,
-                        "B": B,
-                        "N": N,
-                        "C": C,
-                        "p": 0.4,
-                        "impl": impl,
-                        "fwd_ms": round(fwd, 4),
-                        "fwd_bwd_ms": round(fb, 4),
-                        "peak_mib": peak and round(peak, 1),
-                    }
-                )
-            )
+            line = {"benchmark": "drop_add", "device": gpu, "arch": arch, "B": B, "N": N, "C": C, "p": 0.4}
+            line |= {
+                "impl": impl,
+                "fwd_ms": round(fwd, 4),
+                "fwd_bwd_ms": round(fb, 4),
+                "peak_mib": peak and round(peak, 1),
+            }
+            print(json.dumps(line))
         if "triton" in row:
+            speedup = round(row["ref"] / row["triton"], 3)
             print(
                 json.dumps(
                     {
                         "benchmark": "drop_add_speedup",
                         "device": gpu,
                         "arch": arch,
-                        "triton_vs_ref_fwd_bwd": round(row["ref"] / row["triton"], 3),
+                        "triton_vs_ref_fwd_bwd": speedup,
                     }
                 )
             )
 
-    # 2. whole blocks
+
+def block_rows(shapes: dict, device, impls: list[str], repeats: int, gpu: str) -> None:
+    """2. whole blocks, forward+backward in bf16 autocast (GPU), for each drop_path_impl and rate."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for arch, (B, N) in shapes.items():
         dim, _, heads = ARCHS[arch]
@@ -121,11 +107,21 @@ def main(argv: list[str]) -> None:
                     "N": N,
                     "p": p,
                     "impl": impl,
-                    "fwd_bwd_ms": round(ms, 3),
-                    "peak_mib": peak and round(peak, 1),
-                    "speedup_vs_mask": round(base / ms, 3),
                 }
-                print(json.dumps(row))
+                row |= {"fwd_bwd_ms": round(ms, 3), "peak_mib": peak and round(peak, 1)}
+                print(json.dumps(row | {"speedup_vs_mask": round(base / ms, 3)}))
+
+
+def main(argv: list[str]) -> None:
+    quick = "--quick" in argv
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    impls = ["mask", "subset"] + (["subset_triton"] if device.type == "cuda" else [])
+    repeats = 5 if quick else 30
+    shapes = {"vit_small": (16 if quick else 128, 197), "vit_large": (4 if quick else 64, 257)}
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    update_rows(shapes, device, dtype, repeats, gpu)
+    block_rows(shapes, device, impls, repeats, gpu)
 
 
 if __name__ == "__main__":
