@@ -5,6 +5,8 @@
     python train.py --preset imagenet --data.root=/data/imagenet      # one GPU
     torchrun --nproc_per_node=8 train.py --preset imagenet --data.root=/data/imagenet --parallel fsdp
     python train.py --resume runs/shapes              # continue a stopped run (a finished one does nothing)
+    python train.py --highres runs/x                  # DINOv2's high-resolution phase after run x, a new run
+    python train.py --run.init_from=dinov2_vits14_pretrain.pth --data.root=DIR   # from released weights
     python train.py --help                            # every option with its meaning
 
 Three layers, as in the official main_dino.py: `main()` builds everything in the paper's order (data ->
