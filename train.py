@@ -233,7 +233,10 @@ def save_checked(t: Training, crops: list[Tensor], masks: StepMasks, sched: dict
             f"the update of step {t.step} gives loss {loss.item()}: stopping; {kept_checkpoint(t)}"
         )
     state = (t.student, t.ema_target, t.optimizer, t.losses)
-    t.run.save(training_state(*state, t.step, t.step // t.steps_per_epoch, t.cfg, t.skipped_images))
+    epochs_done = t.step // t.steps_per_epoch
+    t.run.save(
+        training_state(*state, t.step, epochs_done, t.cfg, t.skipped_images), last=t.step == t.last_step
+    )
     t.saved_step = t.step
 
 

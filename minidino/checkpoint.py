@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pickle
+import time
 from dataclasses import replace
 
 import torch
@@ -39,6 +40,7 @@ class RunFolder:
             os.path.join(path, f) for f in ("config.json", "log.jsonl", "checkpoint.pt")
         )
         self.curves, self.knn = os.path.join(path, "curves.png"), os.path.join(path, "knn.json")
+        self.plotted_at = 0.0  # time.monotonic() of the last plot of the curves
 
     def start(self, resume: bool) -> dict | None:
         """The saved state to continue from (None: start at step 0); a new run refuses a folder that holds a
@@ -75,13 +77,16 @@ class RunFolder:
             with open(self.log, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
 
-    def save(self, state: dict) -> None:
-        """Write the checkpoint atomically and redraw the training curves."""
+    def save(self, state: dict, last: bool = False) -> None:
+        """Write the checkpoint atomically, and redraw the training curves at most once a minute (a plot
+        costs about a second of a small run) and at the last save."""
         if not is_main():
             return
         save_checkpoint(state, self.checkpoint)
-        if os.path.exists(self.log) and os.path.getsize(self.log):
+        has_rows = os.path.exists(self.log) and os.path.getsize(self.log)
+        if has_rows and (last or time.monotonic() - self.plotted_at > 60):
             plot_training_curves(self.log, self.curves)
+            self.plotted_at = time.monotonic()
 
     def write_knn(self, result: dict) -> None:
         if is_main():
