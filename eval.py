@@ -35,21 +35,15 @@ import sys
 
 import torch
 
-from minidino import cli, seeds
+from minidino import cli
 from minidino.augment import eval_transform, linear_train_transform
-from minidino.checkpoint import (
-    export_backbone,
-    load_checkpoint,
-    load_model_state,
-    model_config_of,
-    plain_backbone,
-    run_config,
-)
+from minidino.checkpoint import backbone_and_config, export_backbone, load_checkpoint
 from minidino.config import Config, ConfigError, DataConfig
 from minidino.data import DataError, ShapesDataset, build_dataset
 from minidino.dist import DEVICES, resolve_device
 from minidino.evaluate import (
     attention_threshold_masks,
+    cached,
     cls_attention,
     extract_tokens,
     knn_classify,
@@ -59,26 +53,8 @@ from minidino.evaluate import (
 )
 from minidino.linear_eval import dino_linear_eval, fast_linear_probe
 from minidino.visualize import plot_attention_maps, plot_pca, plot_training_curves
-from minidino.vit import VisionTransformer
 
 TASKS = ("knn", "linear", "linear_fast", "attention", "pca", "seg")
-
-
-def load_backbone(path: str, random_init: bool = False) -> tuple[torch.nn.Module, Config]:
-    """The backbone to evaluate and a config for it: a minidino run's teacher with the run's config, or any
-    other backbone file `checkpoint.load_backbone` reads (official DINO / DINOv2, timm, exports) with the
-    defaults of a 224 px model (eval crops of 224 after resizing to 256, as DINO)."""
-    state = load_checkpoint(path)
-    weights = plain_backbone(state)
-    if "config" in state:
-        cfg = run_config(state, path)
-    else:  # no data set of its own: the caller names one
-        cfg = Config(model=model_config_of(weights, f"checkpoint {path}"), data=DataConfig(dataset=""))
-    seeds.model_init(cfg.run.seed)
-    backbone = VisionTransformer(cfg.model)
-    if not random_init:
-        load_model_state(backbone, weights, f"checkpoint {path}")
-    return backbone.eval(), cfg
 
 
 def data_config(cfg: Config, data: str | None, size: int | None) -> DataConfig:
@@ -123,23 +99,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def cached_tokens(backbone, dataset, split: str, key: dict, out: str, device, args) -> tuple:
-    """extract_tokens, stored in the report folder under a key of (checkpoint, its mtime, data, size). The cache
-    is written to a temporary file and renamed (a killed eval leaves no half file); one that cannot be read
-    (from an older interrupted eval, or not a torch file) is recomputed, with a warning."""
-    path, want = os.path.join(out, f"features_{split}.pt"), json.dumps(key, sort_keys=True)
-    if os.path.exists(path):
-        try:
-            saved = torch.load(path, weights_only=True)
-            if saved["key"] == want:
-                return saved["cls"], saved["avg"], saved["labels"]
-        except Exception as e:  # truncated, unsafe or not a cache at all: never trusted, recomputed
-            print(f"warning: feature cache {path} is unreadable ({type(e).__name__}); computing it again")
-    cls, avg, labels = extract_tokens(
-        backbone, dataset, device, args.batch_size, args.num_workers, f"{split} features"
-    )
-    torch.save({"key": want, "cls": cls, "avg": avg, "labels": labels}, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
-    return cls, avg, labels
+    """extract_tokens, stored in the report folder under a key of (checkpoint, its mtime, data, size)."""
+
+    def compute() -> dict:
+        desc = f"{split} features"
+        cls, avg, labels = extract_tokens(backbone, dataset, device, args.batch_size, args.num_workers, desc)
+        return {"cls": cls, "avg": avg, "labels": labels}
+
+    saved = cached(os.path.join(out, f"features_{split}.pt"), key, compute)
+    return saved["cls"], saved["avg"], saved["labels"]
 
 
 def first_of_class(dataset, label: int, n: int) -> list[int]:
@@ -159,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         export_backbone(load_checkpoint(args.checkpoint), args.export, args.layout)
         print(f"wrote {args.export} ({args.layout} layout)")
         return {"export": args.export}
-    backbone, cfg = load_backbone(args.checkpoint, args.random_init)
+    backbone, cfg = backbone_and_config(args.checkpoint, args.random_init)
     if args.data is None and not cfg.data.dataset:
         raise ConfigError(f"--data: {args.checkpoint} is a backbone file without a run config: name the data")
     backbone.to(device)

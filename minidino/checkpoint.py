@@ -22,7 +22,7 @@ from dataclasses import replace
 import torch
 
 from . import parallel, seeds
-from .config import Config, ConfigError, ModelConfig, from_dict, save_json, to_dict
+from .config import Config, ConfigError, DataConfig, ModelConfig, from_dict, save_json, to_dict
 from .dist import is_main, print0
 from .visualize import plot_training_curves
 
@@ -320,6 +320,25 @@ def load_backbone(path: str):
     backbone = VisionTransformer(model_config_of(weights, f"checkpoint {path}"))
     load_model_state(backbone, weights, f"checkpoint {path}")
     return backbone.eval()
+
+
+def backbone_and_config(path: str, random_init: bool = False) -> tuple[torch.nn.Module, Config]:
+    """`load_backbone` plus a config to evaluate it with: a minidino run's teacher with the run's config, any
+    other backbone file with the defaults of a 224 px model (eval crops of 224 after resizing to 256, as DINO)
+    and no data set (the caller names one). `random_init`: the same architecture at the run's initialisation."""
+    from .vit import VisionTransformer
+
+    state = load_checkpoint(path)
+    weights = plain_backbone(state)
+    if "config" in state:
+        cfg = run_config(state, path)
+    else:
+        cfg = Config(model=model_config_of(weights, f"checkpoint {path}"), data=DataConfig(dataset=""))
+    seeds.model_init(cfg.run.seed)
+    backbone = VisionTransformer(cfg.model)
+    if not random_init:
+        load_model_state(backbone, weights, f"checkpoint {path}")
+    return backbone.eval(), cfg
 
 
 def export_backbone(state: dict, path: str, layout: str = "dinov2") -> None:

@@ -9,6 +9,9 @@ to tune beyond k, which is why DINO reports it next to the linear probe.
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -64,6 +67,24 @@ def extract_features(backbone: torch.nn.Module, dataset: Dataset, *args, **kwarg
     `extract_tokens`."""
     cls, _, labels = extract_tokens(backbone, dataset, *args, **kwargs)
     return F.normalize(cls, dim=-1), labels
+
+
+def cached(path: str, key: dict, compute) -> dict:
+    """`compute()` (a dict of tensors), or what an earlier call with the same `key` stored at `path`. The file
+    is written to a temporary name and renamed (a killed run leaves no half file); one that cannot be read (not
+    a torch file, or from an older interrupted run) is recomputed, with a warning."""
+    want = json.dumps(key, sort_keys=True)
+    if os.path.exists(path):
+        try:
+            saved = torch.load(path, weights_only=True)
+            if saved.pop("key") == want:
+                return saved
+        except Exception as e:  # truncated, unsafe or not a cache at all: never trusted, recomputed
+            print(f"warning: feature cache {path} is unreadable ({type(e).__name__}); computing it again")
+    result = compute()
+    torch.save({"key": want, **result}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+    return result
 
 
 @torch.no_grad()
