@@ -65,7 +65,7 @@ class LossConfig:
 @dataclass
 class DataConfig:
     dataset: str = "shapes"  # shapes (embedded), imagefolder, folder (unlabelled), cifar10, cifar100, stl10
-    root: str = ""  # data directory (unused by shapes)
+    root: str = ""  # data directory (unused by shapes); for folder also a file list (minidino.curate)
     image_size: int = 32  # side of the shapes images; with batch_augment, the size images are resized to
     batch_augment: bool = False  # augment whole batches on the training device (equal-size images only)
     n_train: int = 4000  # embedded shapes: number of training images

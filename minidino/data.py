@@ -227,6 +227,24 @@ def flat_folder(root: str, transform=None) -> ImageFiles:
     return ImageFiles(samples, transform)
 
 
+def file_list(path: str, transform=None) -> ImageFiles:
+    """The images named in a text file, one path per line (relative paths are relative to the file's folder;
+    blank lines and lines starting with # are ignored), unlabelled: what `python -m minidino.curate` writes."""
+    base, samples = os.path.dirname(os.path.abspath(path)), []
+    with open(path) as fh:
+        for n, line in enumerate(fh, 1):
+            name = line.strip()
+            if not name or name.startswith("#"):
+                continue
+            full = os.path.join(base, name)  # an absolute name stays as it is
+            if not os.path.isfile(full):
+                raise DataError(f"file list {path}, line {n}: {full} does not exist")
+            samples.append((full, -1))
+    if not samples:
+        raise DataError(f"file list {path} names no images")
+    return ImageFiles(samples, transform)
+
+
 class _Labelled(Dataset):
     """Adapts a torchvision dataset (PIL image, label) to the (x, label, skipped) convention."""
 
@@ -278,6 +296,10 @@ def build_dataset(data, split: str, transform=None, seed: int = 0) -> Dataset:
     root = data.root
     if not root:
         raise DataError(f"--data.root is empty: data set {data.dataset!r} needs a folder")
+    if data.dataset == "folder" and os.path.isfile(root):  # a list of files, e.g. a curated subset
+        if split != "train":
+            raise DataError(f"--data.dataset=folder is unlabelled: {root} has no held-out split for k-NN")
+        return file_list(root, transform)
     if not os.path.isdir(root):
         raise DataError(f"--data.root={root} does not exist")
     # A root with train/ and test/ (or val/) sub-folders is an ImageFolder pair, whatever the data set name.
