@@ -1,4 +1,5 @@
-"""Pictures: training curves from a run's log.jsonl (loss, schedules and DINO's collapse signals)."""
+"""Pictures: training curves from a run's log.jsonl (loss, schedules and DINO's collapse signals), attention
+maps, PCA of patch features, and the curation report's image grids and cluster sizes."""
 
 from __future__ import annotations
 
@@ -103,6 +104,49 @@ def plot_pca(images, foreground, rgb, out_path: str) -> str:
     axes[0, 0].set_title("image", fontsize=8, loc="left")
     axes[1, 0].set_title("1st component > 0", fontsize=8, loc="left")
     axes[2, 0].set_title("PCA of foreground patches", fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def plot_image_rows(
+    rows: list[list], labels: list[str], out_path: str, titles: list[list[str]] | None = None
+):
+    """A grid of image files, one row per list of paths (rows may differ in length), each row labelled on the
+    left; `titles`: a caption per image (e.g. 'kept' / 'removed'). Used for duplicate groups and clusters."""
+    from PIL import Image
+
+    cols = max((len(r) for r in rows), default=1)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.2 * cols + 1, 1.3 * len(rows)), squeeze=False)
+    for i, row in enumerate(rows):
+        for j in range(cols):
+            ax = axes[i, j]
+            ax.axis("off")
+            if j < len(row):
+                ax.imshow(Image.open(row[j]).convert("RGB"))
+                if titles:
+                    ax.set_title(titles[i][j], fontsize=7)
+        axes[i, 0].text(
+            -0.1, 0.5, labels[i], transform=axes[i, 0].transAxes, ha="right", va="center", fontsize=7
+        )
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def plot_cluster_sizes(before, after, out_path: str, xlabel: str = "top-level cluster") -> str:
+    """Images per cluster before and after balanced sampling, as two bar series sorted by the size before."""
+    import numpy as np
+
+    order = np.argsort(-np.asarray(before), kind="stable")
+    x = np.arange(len(order))
+    fig, ax = plt.subplots(figsize=(max(5, 0.25 * len(order) + 2), 3.2))
+    ax.bar(x - 0.2, np.asarray(before)[order], width=0.4, label="pool")
+    ax.bar(x + 0.2, np.asarray(after)[order], width=0.4, label="balanced sample")
+    ax.set(xlabel=f"{xlabel} (largest first)", ylabel="images", title="cluster sizes")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)

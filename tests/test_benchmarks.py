@@ -47,3 +47,20 @@ def test_step_benchmark_runs_on_cpu_with_its_profile():
     assert rows[0]["images_per_s"] > 0 and rows[0]["peak_memory_mb"] > 0, rows[0]
     ops = rows[1]["top_host_ops_ms"]  # the ViT's matrix products are among the ten largest host-side ops
     assert rows[1]["wall_ms_per_step"] > 0 and any("mm" in name for name, _ in ops[:10]), ops
+
+
+def test_curation_benchmark_runs_on_cpu(tmp_path):
+    import train
+    from conftest import tiny_run
+
+    run = tmp_path / "run"
+    train.main(tiny_run(run, "--run.eval_at_end=false"))
+    rows = json_lines("curation.py", "duplicates", "--backbone", str(run), "--n", "40", "--copies", "12")
+    assert {r["backbone"] for r in rows} == {"trained", "random_init"} and len(rows) == 18
+    for r in rows:
+        assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["copies"] == 12 and r["images"] == 52
+        assert r["recall_exact"] in (None, 1.0), r  # an exact copy is found at any threshold below 1
+    (row,) = json_lines("curation.py", "balance", "--backbone", str(run), "--per-class", "3", "--sample", "24")
+    assert row["classes_pool"] == [30] + [3] * 7 and row["sample"] == 24 and sum(row["classes_balanced"]) == 24
+    (row,) = json_lines("curation.py", "messy-pool", str(tmp_path / "messy"), "--n", "16", "--copies", "16")
+    assert row["classes"] == [18] + [2] * 7 and len(list((tmp_path / "messy").iterdir())) == 32

@@ -1,0 +1,218 @@
+"""Data curation (minidino/curate.py): the search and grouping against brute force, k-means and balanced
+sampling on data with known structure, and the command line on a small shapes pool written here."""
+
+import itertools
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import train
+from conftest import tiny_run
+from minidino import curate
+from minidino.config import ConfigError
+from minidino.data import DataError, draw_shape
+
+
+def test_nearest_in_blocks_equals_brute_force(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    q, k = (
+        F.normalize(torch.randn(37, 13, generator=g), dim=-1),
+        F.normalize(torch.randn(197, 13, generator=g), dim=-1),
+    )
+    monkeypatch.setattr(curate, "SCORE_BLOCK", 5 * 197)  # blocks of 5 queries (the last one of 2)
+    sims, ids = curate.nearest(q, k, 7)
+    full = (q @ k.T).topk(7, dim=1)
+    assert torch.equal(ids, full.indices) and torch.allclose(sims, full.values)
+    sims, ids = curate.nearest(k, k, 3, exclude_self=True)  # no row finds itself
+    brute = (k @ k.T).fill_diagonal_(-math.inf).topk(3, dim=1)
+    assert torch.equal(ids, brute.indices) and not (ids == torch.arange(197)[:, None]).any()
+
+
+def test_groups_are_connected_components_and_keep_the_largest_image():
+    # 0-1 and 1-2 similar (0 and 2 are not), 3-4 similar, 5 alone: chains join 0, 1, 2 into one group
+    angles = torch.tensor([0.0, 0.30, 0.60, 2.0, 2.1, 4.0])
+    feats = torch.stack([angles.cos(), angles.sin()], 1)
+    threshold = math.cos(0.35)  # above it: pairs within 0.35 rad
+    assert feats[0] @ feats[2] < threshold
+    pixels = torch.tensor([10, 40, 40, 5, 9, 1])
+    groups = curate.duplicate_groups(feats, pixels, threshold, k=2)
+    assert sorted(groups) == [[1, 2, 0], [4, 3]]  # most pixels first, a tie (1 and 2) by the lower index
+    assert curate.components(6, torch.tensor([[0, 1], [1, 2], [3, 4]])).tolist() == [0, 0, 0, 3, 3, 5]
+
+
+def test_split_evenly_water_fills():
+    assert curate.split_evenly(20, [1, 10, 10]) == [1, 9, 10]
+    assert curate.split_evenly(100, [3, 4]) == [3, 4]  # asks for more than there is: everything
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        sizes = rng.integers(0, 30, rng.integers(1, 9)).tolist()
+        n = int(rng.integers(0, 120))
+        take = curate.split_evenly(n, sizes)
+        assert sum(take) == min(n, sum(sizes)) and all(0 <= t <= s for t, s in zip(take, sizes))
+        short = [t for t, s in zip(take, sizes) if t < s]  # groups that could give more differ by <= 1
+        assert not short or max(take) - min(short) <= 1
+
+
+def _blobs(
+    counts: list[int], dim: int = 11, noise: float = 0.05, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(len(counts), dim, generator=g), dim=-1)
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    return F.normalize(centres[labels] + noise * torch.randn(len(labels), dim, generator=g), dim=-1), labels
+
+
+def test_kmeans_recovers_separated_clusters_deterministically():
+    x, labels = _blobs([40, 41, 37, 45, 40])  # 203 points, k = 5
+    centroids, assign = curate.kmeans(x, 5, seed=3)
+    for c in range(5):  # every cluster holds one blob, every blob one cluster
+        assert assign[labels == c].unique().numel() == 1
+    assert assign.unique().numel() == 5 and torch.allclose(centroids.norm(dim=1), torch.ones(5))
+    assert torch.equal(curate.kmeans(x, 5, seed=3)[1], assign)
+
+
+def test_balanced_sampling_raises_the_entropy_of_an_imbalanced_pool():
+    counts = [300] + [30] * 7  # one class 10x each of the seven others
+    x, labels = _blobs(counts, seed=1)
+    before = curate.entropy(torch.bincount(labels))
+    levels = curate.hierarchical_kmeans(x, (40, 8), seed=0)
+    pick = curate.balanced_sample(levels, 240, seed=0)
+    after = curate.entropy(torch.bincount(labels[pick], minlength=8))
+    # 1.48 nats before; the 240 drawn are ~30 per class: ln 8 = 2.08 is the most there is
+    assert len(pick) == 240 and pick.unique().numel() == 240
+    assert before == pytest.approx(1.478, abs=1e-3) and after > 2.0, (before, after)
+    uniform = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:240]
+    assert (
+        curate.entropy(torch.bincount(labels[uniform], minlength=8)) < 1.6
+    )  # random sampling keeps the skew
+    assert torch.equal(curate.balanced_sample(levels, 240, seed=0), pick)
+    assert not torch.equal(curate.balanced_sample(levels, 240, seed=1), pick)
+
+
+def test_select_removes_duplicates_and_contaminated_images_in_order():
+    x, _ = _blobs([1] * 12, dim=16, noise=0.0, seed=2)  # 12 distinct directions
+    pool = torch.cat([x, x[:3], x[5:6]])  # images 12-14 copy 0-2, image 15 copies 5
+    pixels = torch.ones(16, dtype=torch.long)
+    readable = torch.ones(16, dtype=torch.bool)
+    readable[11] = False
+    out = curate.select(pool, pixels, readable, 0.99, evaluation=x[5:6], levels=(3, 2))
+    assert sorted(out["groups"]) == [[0, 12], [1, 13], [2, 14], [5, 15]]
+    assert out["contaminated"] == [5]  # its copy 15 went with the duplicates already
+    assert out["kept"].nonzero()[:, 0].tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10]
+    assert out["stages"] == [("pool", 16), ("readable", 15), ("deduplicated", 11), ("decontaminated", 10)]
+    sample = curate.select(pool, pixels, readable, 0.99, balance=4, levels=(3, 2))
+    assert sample["kept"].sum() == 4 and sample["stages"][-1] == ("balanced", 4)
+    near = curate.select(pool, pixels, readable, 0.99, curated=x[7:8], retrieve_k=1, levels=(3, 2))
+    assert near["kept"].nonzero()[:, 0].tolist() == [7]
+
+
+def _pool(tmp_path):
+    """20 shapes images, exact copies of 3 of them, one unreadable file, and an evaluation folder with 2 images
+    whose exact copies are also in the pool."""
+    pool, held = tmp_path / "pool", tmp_path / "heldout"
+    gt = curate.write_shapes_pool(str(pool), 20, seed=4, copies={1: 1, 2: 1, 3: 1}, kinds=("exact",))
+    os.makedirs(held / "a")
+    for i in (40, 41):
+        img = draw_shape(i, 32, 9)[0]
+        img.save(held / "a" / f"{i}.png")
+        img.save(pool / f"heldout_copy_{i}.png")
+    (pool / "broken.png").write_bytes(b"not an image")
+    return gt, pool, held
+
+
+@pytest.fixture(scope="module")
+def backbone_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("curate") / "run"
+    train.main(tiny_run(run, "--run.eval_at_end=false"))
+    return run
+
+
+def test_command_line_on_a_shapes_pool(tmp_path, backbone_run, capsys):
+    gt, pool, held = _pool(tmp_path)
+    out = tmp_path / "out"
+    args = [str(pool), "--backbone", str(backbone_run), "--out", str(out), "--eval-sets", str(held)]
+    report = curate.main(args + ["--threshold", "0.9999", "--links", "--levels", "4,2"])
+    files = (out / "files.txt").read_text().split()
+    names = {os.path.basename(f) for f in files}
+    assert report["stages"] == {"pool": 26, "readable": 25, "deduplicated": 22, "decontaminated": 20}
+    assert not {f"{i:06d}_dup0.png" for i in (1, 2, 3)} & names  # copies go, their originals stay
+    assert {f"{i:06d}.png" for i in range(20)} <= names and not any("heldout" in n for n in names)
+    assert report["unreadable"] == [str(pool / "broken.png")] and len(os.listdir(out / "images")) == 20
+    for fig in ("duplicates.png", "clusters.png", "cluster_sizes.png", "report.md"):
+        assert (out / fig).stat().st_size > 0
+    assert json.loads((out / "report.json").read_text())["duplicate_groups"] == 3
+    # the same call again reads the cached embeddings, and gives the same list
+    mtimes = {f: os.path.getmtime(out / "cache" / f) for f in os.listdir(out / "cache")}
+    curate.main(args + ["--threshold", "0.9999", "--levels", "4,2"])
+    assert (out / "files.txt").read_text().split() == files
+    assert mtimes == {f: os.path.getmtime(out / "cache" / f) for f in os.listdir(out / "cache")}
+    # train.py reads the list as it is
+    result = train.main(
+        tiny_run(
+            tmp_path / "t",
+            "--data.dataset=folder",
+            f"--data.root={out / 'files.txt'}",
+            "--run.max_steps=1",
+            "--run.eval_at_end=false",
+        )
+    )
+    assert result["step"] == 1
+    assert "training" in capsys.readouterr().out
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, backbone_run):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = ["--backbone", str(backbone_run), "--out", str(tmp_path / "o")]
+    with pytest.raises(DataError, match="does not exist"):
+        curate.main([str(tmp_path / "nowhere"), *base])
+    with pytest.raises(DataError, match="contains no images"):
+        curate.main([str(empty), *base])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"{i}.jpg").write_bytes(b"\xff\xd8 truncated")
+    with pytest.raises(DataError, match="none of the 3 images of pool"):
+        curate.main([str(bad), *base])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        curate.main([str(empty), "--backbone", str(tmp_path / "no_run"), "--out", str(tmp_path / "o")])
+    with pytest.raises(ConfigError, match="--threshold"):
+        curate.main([str(empty), *base, "--threshold", "1.5"])
+    with pytest.raises(ConfigError, match="--levels"):
+        curate.main([str(empty), *base, "--levels", "8,x"])
+    listed = tmp_path / "list.txt"
+    listed.write_text("a.png\n")
+    with pytest.raises(DataError, match=r"list.txt, line 1: .*a.png does not exist"):
+        curate.main([str(listed), *base])
+
+
+def test_near_duplicates_are_what_they_say():
+    img = draw_shape(3, 32, 0)[0]
+    rng = np.random.default_rng(0)
+    a = np.asarray(img, dtype=np.float32)
+    for kind in curate.NEAR_DUPLICATES:
+        b = np.asarray(curate.near_duplicate(img, kind, rng), dtype=np.float32)
+        assert b.shape == a.shape
+        if kind == "exact":
+            assert (a == b).all()
+        elif kind == "flip":
+            assert (a[:, ::-1] == b).all()
+        else:  # changed, yet close to the original
+            assert 0 < np.abs(a - b).mean() < 40, kind
+    with pytest.raises(ValueError, match="near-duplicate kind"):
+        curate.near_duplicate(img, "rotate", rng)
+    assert isinstance(img, Image.Image)
+
+
+def test_all_pairs_metric_helper_is_consistent():
+    # the duplicate benchmark scores pairs inside groups; on groups equal to the truth, both are 1
+    truth = [[0, 3], [1, 2, 5]]
+    pairs = {tuple(sorted(p)) for g in truth for p in itertools.combinations(g, 2)}
+    assert curate.pair_scores(truth, truth) == (1.0, 1.0) and len(pairs) == 4
+    assert curate.pair_scores([[0, 3, 4]], truth) == (1 / 3, 1 / 4)
