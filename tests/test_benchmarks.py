@@ -60,7 +60,11 @@ def test_curation_benchmark_runs_on_cpu(tmp_path):
     for r in rows:
         assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["copies"] == 12 and r["images"] == 52
         assert r["recall_exact"] in (None, 1.0), r  # an exact copy is found at any threshold below 1
-    (row,) = json_lines("curation.py", "balance", "--backbone", str(run), "--per-class", "3", "--sample", "24")
-    assert row["classes_pool"] == [30] + [3] * 7 and row["sample"] == 24 and sum(row["classes_balanced"]) == 24
+    (row,) = json_lines(
+        "curation.py", "balance", "--backbone", str(run), "--per-class", "3", "--sample", "24"
+    )
+    assert (
+        row["classes_pool"] == [30] + [3] * 7 and row["sample"] == 24 and sum(row["classes_balanced"]) == 24
+    )
     (row,) = json_lines("curation.py", "messy-pool", str(tmp_path / "messy"), "--n", "16", "--copies", "16")
     assert row["classes"] == [18] + [2] * 7 and len(list((tmp_path / "messy").iterdir())) == 32
