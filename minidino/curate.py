@@ -412,9 +412,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if not 0 < args.threshold <= 1:
         raise ConfigError(f"--threshold: expected a cosine similarity in (0, 1], got {args.threshold}")
     for name in ("retrieve_k", "retrieve_clusters", "balance", "batch_size", "num_workers"):
-        if getattr(args, name) < (1 if name in ("retrieve_k", "batch_size") else 0):
+        lowest = 1 if name in ("retrieve_k", "batch_size") else 0
+        if getattr(args, name) < lowest:
             raise ConfigError(
-                f"--{name.replace('_', '-')}: expected a positive number, got {getattr(args, name)}"
+                f"--{name.replace('_', '-')}: expected at least {lowest}, got {getattr(args, name)}"
             )
     try:
         args.levels = tuple(int(k) for k in args.levels.split(",")) if args.levels else ()

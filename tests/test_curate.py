@@ -186,6 +186,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, backbone_run):
         curate.main([str(empty), *base, "--threshold", "1.5"])
     with pytest.raises(ConfigError, match="--levels"):
         curate.main([str(empty), *base, "--levels", "8,x"])
+    with pytest.raises(ConfigError, match="--balance: expected at least 0, got -3"):
+        curate.main([str(empty), *base, "--balance", "-3"])
     listed = tmp_path / "list.txt"
     listed.write_text("a.png\n")
     with pytest.raises(DataError, match=r"list.txt, line 1: .*a.png does not exist"):
