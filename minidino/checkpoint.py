@@ -108,9 +108,10 @@ def starting_point(cfg: Config, state: dict | None) -> tuple[Config, dict | None
     arch = {
         k: getattr(found, k) for k in ("arch", "patch_size", "img_size", "layerscale", "n_registers", "ffn")
     }
+    n = cfg.optim.freeze_backbone_epochs
     print0(
         f"--run.init_from={cfg.run.init_from}: a {found.arch}/{found.patch_size} backbone; new heads, the "
-        f"backbone frozen for {cfg.optim.freeze_backbone_epochs} epochs"
+        f"backbone frozen for {n} epoch{'' if n == 1 else 's'}"
     )
     return replace(cfg, model=replace(cfg.model, **arch)), start
 

@@ -193,7 +193,7 @@ def test_continued_pretraining_trains_new_heads_on_a_frozen_backbone_first(tmp_p
     new = tmp_path / "new"
     opts = tiny_run(new, f"--run.init_from={tmp_path / 'dino.pth'}", "--run.eval_at_end=false")
     train.main([*opts, "--run.max_steps=2"])
-    assert "a vit_tiny/8 backbone; new heads, the backbone frozen for 1 epochs" in capsys.readouterr().out
+    assert "a vit_tiny/8 backbone; new heads, the backbone frozen for 1 epoch" in capsys.readouterr().out
     after_freeze = load_checkpoint(str(new))
     for part in ("student", "teacher"):
         assert all(torch.equal(after_freeze[part][f"backbone.{k}"], start[k]) for k in start), part
