@@ -6,7 +6,7 @@ pool, and the messy pool of the README's training comparison. One JSON line per 
     python benchmarks/curation.py messy-pool data/messy                # 2000 images + 2000 copies of one class
 
 duplicates: a pool of --n shapes images (`--seed`) with one near-duplicate of each of --copies of them (kinds
-drawn from curate.NEAR_DUPLICATES), embedded by the backbone and by the same architecture at random init;
+drawn from pools.NEAR_DUPLICATES), embedded by the backbone and by the same architecture at random init;
 for each threshold, the precision and recall of the pairs found in the same duplicate group, over all copies
 and per kind of copy (recall only: a kind has no false pairs of its own). The default threshold was chosen
 on --seed 5 and checked on --seed 6.
@@ -24,7 +24,7 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from minidino import curate
+from minidino import curate, pools, similarity
 from minidino.checkpoint import backbone_and_config
 from minidino.data import draw_shape
 
@@ -41,7 +41,7 @@ def centred_features(backbone_path: str, paths: list[str], random_init: bool) ->
 def duplicates(args, folder: str) -> None:
     g = torch.Generator().manual_seed(args.seed)
     picked = torch.randperm(args.n, generator=g)[: args.copies].tolist()
-    gt = curate.write_shapes_pool(folder, args.n, args.seed, copies={i: 1 for i in picked})
+    gt = pools.write_shapes_pool(folder, args.n, args.seed, copies={i: 1 for i in picked})
     by_source: dict[int, list[int]] = {}
     for i, s in enumerate(gt["source"]):
         by_source.setdefault(s, []).append(i)
@@ -50,7 +50,7 @@ def duplicates(args, folder: str) -> None:
         emb = centred_features(args.backbone, gt["paths"], which == "random_init")
         for t in THRESHOLDS:
             found = curate.duplicate_groups(emb["features"], emb["pixels"], t)
-            precision, recall = curate.pair_scores(found, truth)
+            precision, recall = similarity.pair_scores(found, truth)
             row = {
                 "backbone": which,
                 "seed": args.seed,
@@ -60,9 +60,11 @@ def duplicates(args, folder: str) -> None:
                 "copies": len(truth),
                 "images": len(gt["paths"]),
             }
-            for kind in curate.NEAR_DUPLICATES:
+            for kind in pools.NEAR_DUPLICATES:
                 of_kind = [[g[0], i] for g in truth for i in g[1:] if gt["kind"][i] == kind]
-                row[f"recall_{kind}"] = round(curate.pair_scores(found, of_kind)[1], 3) if of_kind else None
+                row[f"recall_{kind}"] = (
+                    round(similarity.pair_scores(found, of_kind)[1], 3) if of_kind else None
+                )
             print(json.dumps(row), flush=True)
 
 
@@ -88,14 +90,14 @@ def balance(args, folder: str) -> None:
     }
     for name, lab in (("pool", labels), ("balanced", kept), ("uniform_sample", uniform)):
         counts = torch.bincount(lab, minlength=8)
-        row[f"entropy_{name}"] = round(curate.entropy(counts), 3)
+        row[f"entropy_{name}"] = round(similarity.entropy(counts), 3)
         row[f"classes_{name}"] = counts.tolist()
     print(json.dumps(row), flush=True)
 
 
 def messy_pool(args) -> None:
     """--n images of all classes and --copies near-duplicates of the images of --copy-class, in one folder."""
-    gt = curate.write_shapes_pool(
+    gt = pools.write_shapes_pool(
         args.folder, args.n, args.seed, copy_class=args.copy_class, n_copies=args.copies
     )
     counts = torch.bincount(torch.tensor(gt["labels"]), minlength=8).tolist()

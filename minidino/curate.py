@@ -27,9 +27,9 @@ The steps, as the papers describe them:
    mode is capped at its share instead of filling the data set. (Vo et al. also re-sample each level's
    k-means to move centroids off dense modes; plain k-means++ and Lloyd iterations here.)
 
-Similarity search is exact: blocks of queries against all keys with a matmul and top-k, memory bounded by the
-block size (~64 MB of scores at a time). That is fine to ~10^5 images on a CPU and ~10^6 on a GPU; beyond, an
-approximate index (faiss IVF/HNSW) is the right tool, as the papers use.
+Similarity search is exact (minidino/similarity.py): blocks of queries against all keys with a matmul and
+top-k, memory bounded by the block size (~64 MB of scores at a time). That is fine to ~10^5 images on a CPU
+and ~10^6 on a GPU; beyond, an approximate index (faiss IVF/HNSW) is the right tool, as the papers use.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from .config import ConfigError
 from .data import UNREADABLE, DataError, file_list, flat_folder, load_rgb
 from .dist import DEVICES, resolve_device
 from .evaluate import cached
+from .similarity import balanced_sample, components, entropy, hierarchical_kmeans, kmeans, nearest
 from .visualize import plot_cluster_sizes, plot_image_rows
 
 # Cosine similarity at and above which two images count as copies, chosen on held-out injected duplicates of
@@ -62,7 +63,6 @@ from .visualize import plot_cluster_sizes, plot_image_rows
 # mirror images and colour shifts, 0.6 for JPEG re-encodes, ~0 for 1-2 px shifts and 90 % crops, which move
 # the CLS token of this 4 x 4-patch ViT more than the step from one image to another does (README, Curation).
 DEFAULT_THRESHOLD = 0.92
-SCORE_BLOCK = 2**24  # similarity scores computed at once (queries x keys): 64 MB of float32
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -150,42 +150,7 @@ def cached_embedding(backbone, backbone_path: str, paths: list[str], cfg, cache:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2.-4. Similarity search, duplicates, contamination, retrieval
-
-
-def nearest(queries: Tensor, keys: Tensor, k: int, exclude_self: bool = False) -> tuple[Tensor, Tensor]:
-    """The k most similar keys of each query: (similarities, indices), both (Q, k), computed in blocks of
-    queries so that at most SCORE_BLOCK scores exist at once. `exclude_self` (queries == keys): no self-match."""
-    k = min(k, len(keys) - exclude_self)
-    block = max(1, SCORE_BLOCK // max(len(keys), 1))
-    sims, ids = [], []
-    for start in range(0, len(queries), block):
-        s = queries[start : start + block] @ keys.T
-        if exclude_self:
-            rows = torch.arange(len(s))
-            s[rows, rows + start] = -math.inf
-        top = s.topk(k, dim=1)
-        sims.append(top.values)
-        ids.append(top.indices)
-    return torch.cat(sims), torch.cat(ids)
-
-
-def components(n: int, pairs: Tensor) -> Tensor:
-    """Connected components of the graph on n nodes with edges `pairs` (E, 2): a root id per node
-    (union-find with path halving)."""
-    parent = list(range(n))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b in pairs.tolist():
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return torch.tensor([root(i) for i in range(n)])
+# 2.-4. Duplicates, contamination, retrieval (on the search and k-means of minidino/similarity.py)
 
 
 def duplicate_groups(features: Tensor, pixels: Tensor, threshold: float, k: int = 32) -> list[list[int]]:
@@ -222,91 +187,6 @@ def retrieve_by_clusters(pool: Tensor, curated: Tensor, n_clusters: int, seed: i
     centroids, assign = kmeans(pool, n_clusters, seed)
     wanted = nearest(curated, centroids, 1)[1][:, 0].unique()
     return torch.isin(assign, wanted)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 5. Balance: hierarchical k-means and balanced sampling
-
-
-def kmeans(x: Tensor, k: int, seed: int, iters: int = 20) -> tuple[Tensor, Tensor]:
-    """Spherical k-means of L2-normalised rows: (k, C) unit centroids and (N,) assignments. k-means++ seeding
-    (each next centroid drawn with probability proportional to its squared distance to the chosen ones), then
-    Lloyd iterations; an emptied cluster is re-seeded with the point farthest from its centroid."""
-    g = torch.Generator().manual_seed(seed)
-    k = min(k, len(x))
-    chosen = [int(torch.randint(len(x), (1,), generator=g))]
-    dist = (2 - 2 * x @ x[chosen[0]]).clamp_min(0)  # squared distance of unit vectors
-    for _ in range(k - 1):
-        nxt = int(torch.multinomial(dist + 1e-12, 1, generator=g))
-        chosen.append(nxt)
-        dist = torch.minimum(dist, (2 - 2 * x @ x[nxt]).clamp_min(0))
-    centroids = x[chosen].clone()
-    for _ in range(iters):
-        sims, assign = nearest(x, centroids, 1)
-        sums = torch.zeros_like(centroids).index_add_(0, assign[:, 0], x)
-        counts = torch.bincount(assign[:, 0], minlength=k)
-        for c in (counts == 0).nonzero().flatten().tolist():  # re-seed empty clusters
-            far = int(sims[:, 0].argmin())
-            sums[c], sims[far, 0] = x[far], math.inf
-        centroids = F.normalize(sums, dim=-1)
-    return centroids, nearest(x, centroids, 1)[1][:, 0]
-
-
-def hierarchical_kmeans(x: Tensor, levels: tuple[int, ...], seed: int) -> list[Tensor]:
-    """Vo et al.'s hierarchy: k-means of the points into levels[0] clusters, of those centroids into levels[1],
-    ... Returns, per level, the cluster of every point (N,) at that level (finest first)."""
-    labels, points = [], x
-    for depth, k in enumerate(levels):
-        centroids, assign = kmeans(points, k, seed + depth)
-        labels.append(assign if depth == 0 else assign[labels[-1]])
-        points = centroids
-    return labels
-
-
-def split_evenly(n: int, sizes: list[int]) -> list[int]:
-    """How many to take from each group: as equal as possible, never more than a group has, min(n, total) in
-    all (water-filling: small groups give everything, what they cannot give goes to the others)."""
-    take, left = [0] * len(sizes), min(n, sum(sizes))
-    order = sorted(range(len(sizes)), key=lambda i: (sizes[i], i))  # smallest first
-    for pos, i in enumerate(order):  # floor shares: the rounding rolls on to the larger groups
-        take[i] = min(sizes[i], left // (len(order) - pos))
-        left -= take[i]
-    return take
-
-
-def balanced_sample(labels: list[Tensor], n: int, seed: int, among: Tensor | None = None) -> Tensor:
-    """n point indices (sorted) drawn top-down over the hierarchy `labels` (from `hierarchical_kmeans`): the top
-    level's clusters share n evenly, each splits its share evenly among its sub-clusters, and the finest
-    clusters give random members. `among`: the candidate points (default all)."""
-    g = torch.Generator().manual_seed(seed)
-    points = torch.arange(len(labels[0])) if among is None else among
-
-    def draw(points: Tensor, depth: int, n: int) -> list[Tensor]:
-        if depth < 0 or n >= len(points):
-            return [points[torch.randperm(len(points), generator=g)[:n]]]
-        groups = [points[labels[depth][points] == c] for c in labels[depth][points].unique().tolist()]
-        takes = split_evenly(n, [len(p) for p in groups])
-        return [part for p, t in zip(groups, takes) if t for part in draw(p, depth - 1, t)]
-
-    return torch.cat(draw(points, len(labels) - 1, n)).sort().values
-
-
-def pair_scores(found: list[list[int]], truth: list[list[int]]) -> tuple[float, float]:
-    """Precision and recall of the image pairs that share a group: found groups against true ones (a chain
-    that wrongly merges two groups costs every pair it adds)."""
-
-    def pairs(groups):
-        return {(a, b) for g in groups for a in g for b in g if a < b}
-
-    got, want = pairs(found), pairs(truth)
-    hits = len(got & want)
-    return hits / max(len(got), 1), hits / max(len(want), 1)
-
-
-def entropy(counts: Tensor) -> float:
-    """Shannon entropy (nats) of a histogram: ln(number of bins) when balanced, 0 when one bin holds all."""
-    p = counts[counts > 0].double() / counts.sum()
-    return float(-(p * p.log()).sum())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -552,86 +432,6 @@ def write_report(paths: list[str], pool: dict, result: dict, args) -> dict:
     with open(os.path.join(args.out, "report.md"), "w") as fh:
         fh.write("\n".join(lines))
     return report
-
-
-# ----------------------------------------------------------------------------------------------------------
-# A messy pool of shapes images, for the tests, the tutorial and the README's measurement
-
-NEAR_DUPLICATES = ("jpeg", "crop", "shift", "flip", "colour", "exact")
-
-
-def near_duplicate(img, kind: str, rng):
-    """A copy of a PIL image as a web pool would hold it: re-encoded as JPEG, slightly cropped and resized
-    back, shifted by 1-2 px, mirrored, colour-shifted, or an exact copy. `rng`: a numpy Generator."""
-    import io
-
-    import numpy as np
-    from PIL import Image, ImageEnhance
-
-    w, h = img.size
-    if kind == "jpeg":
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=int(rng.integers(60, 91)))
-        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-    if kind == "crop":
-        side = rng.uniform(0.88, 0.95)
-        cw, ch = round(w * side), round(h * side)
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        return img.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC)
-    if kind == "shift":
-        dy, dx = (int(rng.choice([-2, -1, 1, 2])) for _ in range(2))
-        return Image.fromarray(np.roll(np.asarray(img), (dy, dx), axis=(0, 1)))
-    if kind == "flip":
-        return img.transpose(Image.FLIP_LEFT_RIGHT)
-    if kind == "colour":
-        img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.85, 1.15))
-        return ImageEnhance.Color(img).enhance(rng.uniform(0.85, 1.15))
-    if kind == "exact":
-        return img.copy()
-    raise ValueError(f"near-duplicate kind {kind!r}: expected one of {', '.join(NEAR_DUPLICATES)}")
-
-
-def write_shapes_pool(
-    root: str,
-    n: int,
-    seed: int,
-    copies: dict[int, int] | None = None,
-    copy_class: int | None = None,
-    n_copies: int = 0,
-    kinds: tuple[str, ...] = NEAR_DUPLICATES,
-) -> dict:
-    """Write n shapes images (PNG, `seed` as ShapesDataset's) to root/<index>.png, plus near-duplicates as
-    root/<index>_dup<j>.<png|jpg>: `copies` maps an index to its number of copies, or `n_copies` copies are
-    spread over the images of `copy_class` (a pool flooded by one class); each copy is of a kind drawn from
-    `kinds`. Returns {"paths", "labels", "source", "kind"}: per written file its path, class, the index of the
-    image it copies (its own index for an original) and the kind of copy (None for an original)."""
-    import numpy as np
-
-    from .data import draw_shape
-
-    os.makedirs(root, exist_ok=True)
-    rng = np.random.default_rng([seed, 7])
-    copies = dict(copies or {})
-    if n_copies:
-        pick = [i for i in range(n) if copy_class is None or i % 8 == copy_class]
-        for j in range(n_copies):
-            copies[pick[j % len(pick)]] = copies.get(pick[j % len(pick)], 0) + 1
-    paths, labels, source, kind_of = [], [], [], []
-    for i in range(n):
-        img, label, _ = draw_shape(i, 32, seed)
-        paths.append(os.path.join(root, f"{i:06d}.png"))
-        img.save(paths[-1])
-        labels.append(label)
-        source.append(i)
-        kind_of.append(None)
-        for j in range(copies.get(i, 0)):
-            kind = kinds[int(rng.integers(len(kinds)))]
-            paths.append(os.path.join(root, f"{i:06d}_dup{j}.{'jpg' if kind == 'jpeg' else 'png'}"))
-            near_duplicate(img, kind, rng).save(paths[-1])
-            labels.append(label)
-            source.append(i)
-            kind_of.append(kind)
-    return {"paths": paths, "labels": labels, "source": source, "kind": kind_of}
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from PIL import Image
 
 import train
 from conftest import tiny_run
-from minidino import curate
+from minidino import curate, pools, similarity
 from minidino.config import ConfigError
 from minidino.data import DataError, draw_shape
 
@@ -25,11 +25,11 @@ def test_nearest_in_blocks_equals_brute_force(monkeypatch):
         F.normalize(torch.randn(37, 13, generator=g), dim=-1),
         F.normalize(torch.randn(197, 13, generator=g), dim=-1),
     )
-    monkeypatch.setattr(curate, "SCORE_BLOCK", 5 * 197)  # blocks of 5 queries (the last one of 2)
-    sims, ids = curate.nearest(q, k, 7)
+    monkeypatch.setattr(similarity, "SCORE_BLOCK", 5 * 197)  # blocks of 5 queries (the last one of 2)
+    sims, ids = similarity.nearest(q, k, 7)
     full = (q @ k.T).topk(7, dim=1)
     assert torch.equal(ids, full.indices) and torch.allclose(sims, full.values)
-    sims, ids = curate.nearest(k, k, 3, exclude_self=True)  # no row finds itself
+    sims, ids = similarity.nearest(k, k, 3, exclude_self=True)  # no row finds itself
     brute = (k @ k.T).fill_diagonal_(-math.inf).topk(3, dim=1)
     assert torch.equal(ids, brute.indices) and not (ids == torch.arange(197)[:, None]).any()
 
@@ -43,17 +43,17 @@ def test_groups_are_connected_components_and_keep_the_largest_image():
     pixels = torch.tensor([10, 40, 40, 5, 9, 1])
     groups = curate.duplicate_groups(feats, pixels, threshold, k=2)
     assert sorted(groups) == [[1, 2, 0], [4, 3]]  # most pixels first, a tie (1 and 2) by the lower index
-    assert curate.components(6, torch.tensor([[0, 1], [1, 2], [3, 4]])).tolist() == [0, 0, 0, 3, 3, 5]
+    assert similarity.components(6, torch.tensor([[0, 1], [1, 2], [3, 4]])).tolist() == [0, 0, 0, 3, 3, 5]
 
 
 def test_split_evenly_water_fills():
-    assert curate.split_evenly(20, [1, 10, 10]) == [1, 9, 10]
-    assert curate.split_evenly(100, [3, 4]) == [3, 4]  # asks for more than there is: everything
+    assert similarity.split_evenly(20, [1, 10, 10]) == [1, 9, 10]
+    assert similarity.split_evenly(100, [3, 4]) == [3, 4]  # asks for more than there is: everything
     rng = np.random.default_rng(0)
     for _ in range(50):
         sizes = rng.integers(0, 30, rng.integers(1, 9)).tolist()
         n = int(rng.integers(0, 120))
-        take = curate.split_evenly(n, sizes)
+        take = similarity.split_evenly(n, sizes)
         assert sum(take) == min(n, sum(sizes)) and all(0 <= t <= s for t, s in zip(take, sizes))
         short = [t for t, s in zip(take, sizes) if t < s]  # groups that could give more differ by <= 1
         assert not short or max(take) - min(short) <= 1
@@ -70,29 +70,29 @@ def _blobs(
 
 def test_kmeans_recovers_separated_clusters_deterministically():
     x, labels = _blobs([40, 41, 37, 45, 40])  # 203 points, k = 5
-    centroids, assign = curate.kmeans(x, 5, seed=3)
+    centroids, assign = similarity.kmeans(x, 5, seed=3)
     for c in range(5):  # every cluster holds one blob, every blob one cluster
         assert assign[labels == c].unique().numel() == 1
     assert assign.unique().numel() == 5 and torch.allclose(centroids.norm(dim=1), torch.ones(5))
-    assert torch.equal(curate.kmeans(x, 5, seed=3)[1], assign)
+    assert torch.equal(similarity.kmeans(x, 5, seed=3)[1], assign)
 
 
 def test_balanced_sampling_raises_the_entropy_of_an_imbalanced_pool():
     counts = [300] + [30] * 7  # one class 10x each of the seven others
     x, labels = _blobs(counts, seed=1)
-    before = curate.entropy(torch.bincount(labels))
-    levels = curate.hierarchical_kmeans(x, (40, 8), seed=0)
-    pick = curate.balanced_sample(levels, 240, seed=0)
-    after = curate.entropy(torch.bincount(labels[pick], minlength=8))
+    before = similarity.entropy(torch.bincount(labels))
+    levels = similarity.hierarchical_kmeans(x, (40, 8), seed=0)
+    pick = similarity.balanced_sample(levels, 240, seed=0)
+    after = similarity.entropy(torch.bincount(labels[pick], minlength=8))
     # 1.48 nats before; the 240 drawn are ~30 per class: ln 8 = 2.08 is the most there is
     assert len(pick) == 240 and pick.unique().numel() == 240
     assert before == pytest.approx(1.478, abs=1e-3) and after > 2.0, (before, after)
     uniform = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:240]
     assert (
-        curate.entropy(torch.bincount(labels[uniform], minlength=8)) < 1.6
+        similarity.entropy(torch.bincount(labels[uniform], minlength=8)) < 1.6
     )  # random sampling keeps the skew
-    assert torch.equal(curate.balanced_sample(levels, 240, seed=0), pick)
-    assert not torch.equal(curate.balanced_sample(levels, 240, seed=1), pick)
+    assert torch.equal(similarity.balanced_sample(levels, 240, seed=0), pick)
+    assert not torch.equal(similarity.balanced_sample(levels, 240, seed=1), pick)
 
 
 def test_select_removes_duplicates_and_contaminated_images_in_order():
@@ -116,7 +116,7 @@ def _pool(tmp_path):
     """20 shapes images, exact copies of 3 of them, one unreadable file, and an evaluation folder with 2 images
     whose exact copies are also in the pool."""
     pool, held = tmp_path / "pool", tmp_path / "heldout"
-    gt = curate.write_shapes_pool(str(pool), 20, seed=4, copies={1: 1, 2: 1, 3: 1}, kinds=("exact",))
+    gt = pools.write_shapes_pool(str(pool), 20, seed=4, copies={1: 1, 2: 1, 3: 1}, kinds=("exact",))
     os.makedirs(held / "a")
     for i in (40, 41):
         img = draw_shape(i, 32, 9)[0]
@@ -198,8 +198,8 @@ def test_near_duplicates_are_what_they_say():
     img = draw_shape(3, 32, 0)[0]
     rng = np.random.default_rng(0)
     a = np.asarray(img, dtype=np.float32)
-    for kind in curate.NEAR_DUPLICATES:
-        b = np.asarray(curate.near_duplicate(img, kind, rng), dtype=np.float32)
+    for kind in pools.NEAR_DUPLICATES:
+        b = np.asarray(pools.near_duplicate(img, kind, rng), dtype=np.float32)
         assert b.shape == a.shape
         if kind == "exact":
             assert (a == b).all()
@@ -208,7 +208,7 @@ def test_near_duplicates_are_what_they_say():
         else:  # changed, yet close to the original
             assert 0 < np.abs(a - b).mean() < 40, kind
     with pytest.raises(ValueError, match="near-duplicate kind"):
-        curate.near_duplicate(img, "rotate", rng)
+        pools.near_duplicate(img, "rotate", rng)
     assert isinstance(img, Image.Image)
 
 
@@ -216,5 +216,5 @@ def test_all_pairs_metric_helper_is_consistent():
     # the duplicate benchmark scores pairs inside groups; on groups equal to the truth, both are 1
     truth = [[0, 3], [1, 2, 5]]
     pairs = {tuple(sorted(p)) for g in truth for p in itertools.combinations(g, 2)}
-    assert curate.pair_scores(truth, truth) == (1.0, 1.0) and len(pairs) == 4
-    assert curate.pair_scores([[0, 3, 4]], truth) == (1 / 3, 1 / 4)
+    assert similarity.pair_scores(truth, truth) == (1.0, 1.0) and len(pairs) == 4
+    assert similarity.pair_scores([[0, 3, 4]], truth) == (1 / 3, 1 / 4)
