@@ -28,9 +28,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from minidino import cli, parallel, seeds
-from minidino.augment import BatchMultiCrop, MultiCropAugmentation, to_tensor_image
 from minidino.checkpoint import RunFolder, restore_training, restore_weights, starting_point, training_state
 from minidino.config import Config, ConfigError, OptimConfig
+from minidino.crops import pipeline
 from minidino.data import DataError, SeededViews, build_dataset, epoch_loader
 from minidino.dist import (
     all_reduce_mean,
@@ -173,19 +173,15 @@ class Training:
 def train_one_epoch(t: Training, epoch: int, bar: tqdm) -> None:
     """The steps of one epoch (from `t.step` on, when resumed mid-epoch): views, schedules, masks, the step,
     a log line every `run.log_every` steps, a checkpoint at the end of the epoch and of the run."""
-    cfg, world, data = t.cfg, world_size(), t.cfg.data
-    batch_views = BatchMultiCrop(data) if data.batch_augment else None  # on the device, per batch
-    t.train_set.epoch = epoch
-    t.train_set.transform = to_tensor_image(data.image_size) if batch_views else MultiCropAugmentation(data)
+    cfg, world = t.cfg, world_size()
+    views = pipeline(cfg.data)  # --data.augment: what the workers do per image, the device per batch
+    t.train_set.epoch, t.train_set.transform = epoch, views.per_image
     start = (t.step - epoch * t.steps_per_epoch) * cfg.optim.batch_size
-    loader = epoch_loader(t.train_set, cfg, epoch, start, rank(), world, pin=t.device.type == "cuda")
+    pin = t.device.type == "cuda"
+    loader = epoch_loader(t.train_set, cfg, epoch, start, rank(), world, pin, views.collate)
     clock, n_images = time.perf_counter(), 0
     for images, _, skipped in loader:
-        if batch_views:  # whole images here: their views depend on (seed, step, process) only
-            g = seeds.batch_views(cfg.run.seed, t.step, rank())
-            crops = batch_views(images.to(t.device, non_blocking=True), g)
-        else:
-            crops = [c.to(t.device, non_blocking=True) for c in images]
+        crops = views.on_device(images, t.device, seeds.batch_views(cfg.run.seed, t.step, rank()))
         t.skipped_images += int(skipped.sum())
         sched = schedules(t.step, t.total_steps, t.steps_per_epoch, cfg.optim, cfg.loss, peak_lr(cfg.optim))
         apply_schedule(t.optimizer, sched["lr"], sched["wd"])

@@ -126,7 +126,7 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=g)
 
 
-def _gray(x: torch.Tensor) -> torch.Tensor:
+def gray(x: torch.Tensor) -> torch.Tensor:
     """Luma (ITU-R 601), (B, 1, H, W)."""
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
@@ -146,6 +146,20 @@ def _rotate_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
         dim=1,
     )
     return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(to_yiq), yiq)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, k: int) -> torch.Tensor:
+    """Blur images (B, 3, H, W) with a k x k Gaussian of one sigma per image (B,), reflecting at the
+    borders: separable (2k multiplies per pixel, where torchvision's GaussianBlur does k^2), as a grouped
+    convolution over the B * 3 channels."""
+    B, _, H, W = x.shape
+    t = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
+    kern = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None] ** 2))
+    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(3, 0)  # (B * 3, k)
+    flat = torch.nn.functional.pad(x.reshape(1, B * 3, H, W), [k // 2] * 4, mode="reflect")
+    flat = torch.nn.functional.conv2d(flat, kern[:, None, :, None], groups=B * 3)
+    flat = torch.nn.functional.conv2d(flat, kern[:, None, None, :], groups=B * 3)
+    return flat.reshape(B, 3, H, W)
 
 
 class BatchMultiCrop:
@@ -197,23 +211,18 @@ class BatchMultiCrop:
         # colour jitter with probability 0.8: brightness 0.4, contrast 0.4, saturation 0.2, hue
         jitter = (draw(0, 1) < 0.8)[:, None, None, None]
         y = x * draw(0.6, 1.4)[:, None, None, None]
-        mean = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
+        mean = gray(y).mean(dim=(1, 2, 3), keepdim=True)
         y = ((y - mean) * draw(0.6, 1.4)[:, None, None, None] + mean).clamp(0, 1)
-        gray = _gray(y)
-        y = ((y - gray) * draw(0.8, 1.2)[:, None, None, None] + gray).clamp(0, 1)
+        luma = gray(y)
+        y = ((y - luma) * draw(0.8, 1.2)[:, None, None, None] + luma).clamp(0, 1)
         y = _rotate_hue(y, draw(-self.cfg.hue, self.cfg.hue)).clamp(0, 1)
         x = torch.where(jitter, y, x)
-        x = torch.where((draw(0, 1) < 0.2)[:, None, None, None], _gray(x).expand_as(x), x)  # grayscale
+        x = torch.where((draw(0, 1) < 0.2)[:, None, None, None], gray(x).expand_as(x), x)  # grayscale
 
-        # Gaussian blur: separable, one sigma per image, as a grouped convolution over (B * 3) channels
-        k, sigma = blur_kernel(size), draw(*blur_sigma(size))
-        t = torch.arange(k, device=dev, dtype=x.dtype) - k // 2
-        kern = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None] ** 2))
-        kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(3, 0)  # (B * 3, k)
-        flat = torch.nn.functional.pad(x.reshape(1, B * 3, size, size), [k // 2] * 4, mode="reflect")
-        flat = torch.nn.functional.conv2d(flat, kern[:, None, :, None], groups=B * 3)
-        flat = torch.nn.functional.conv2d(flat, kern[:, None, None, :], groups=B * 3)
-        x = torch.where((draw(0, 1) < p_blur)[:, None, None, None], flat.reshape(B, 3, size, size), x)
+        sigma = draw(*blur_sigma(size))  # Gaussian blur
+        x = torch.where(
+            (draw(0, 1) < p_blur)[:, None, None, None], gaussian_blur(x, sigma, blur_kernel(size)), x
+        )
 
         if p_solarize:
             x = torch.where((draw(0, 1) < p_solarize)[:, None, None, None] & (x >= 0.5), 1 - x, x)

@@ -21,6 +21,7 @@ import typing
 
 from . import parallel
 from .config import Config, ConfigError, from_dict, options, sections
+from .crops import AUGMENTS
 from .data import DATASETS
 from .dist import DEVICES
 from .kernels.attention import IMPLS
@@ -41,6 +42,7 @@ CHOICES = {
     "optim.lr_scaling": LR_SCALING,
     "optim.clip_mode": CLIP_MODES,
     "data.dataset": DATASETS,
+    "data.augment": AUGMENTS,
     "run.device": DEVICES,
     "run.parallel": parallel.MODES,
 }

@@ -66,8 +66,8 @@ class LossConfig:
 class DataConfig:
     dataset: str = "shapes"  # shapes (embedded), imagefolder, folder (unlabelled), cifar10, cifar100, stl10
     root: str = ""  # data directory (unused by shapes); for folder also a file list (minidino.curate)
-    image_size: int = 32  # side of the shapes images; with batch_augment, the size images are resized to
-    batch_augment: bool = False  # augment whole batches on the training device (equal-size images only)
+    image_size: int = 32  # side of the shapes images; with augment=batch, the size images are resized to
+    augment: str = "crops"  # crops (uint8 crops in workers, colour on the device), batch (equal-size), pil
     n_train: int = 4000  # embedded shapes: number of training images
     n_test: int = 1000  # embedded shapes: number of held-out images
     global_crops_size: int = 224  # side of the 2 global crops
@@ -160,6 +160,8 @@ def to_dict(cfg: Config) -> dict:
 def from_dict(d: dict) -> Config:
     """Rebuild a Config from `to_dict` output (e.g. a run's config.json); keys it lacks keep their defaults."""
     cfg = Config()
+    if "batch_augment" in d.get("data", {}):  # config.json of a run made before --data.augment
+        d = {**d, "data": {**d["data"], "augment": "batch" if d["data"]["batch_augment"] else "pil"}}
     for key, (obj, name, typ) in options(cfg).items():
         section, _, _ = key.rpartition(".")
         src = d.get(section, {}) if section else d

@@ -155,7 +155,11 @@ UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 def load_rgb(path: str) -> Image.Image:
     """Open any image as 8-bit RGB: grayscale, palette, RGBA, CMYK and 16-bit images are converted."""
-    img = Image.open(path)
+    return to_rgb(Image.open(path))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Decode an opened image and convert it to 8-bit RGB (see `load_rgb`)."""
     img.load()  # decode now, so a truncated file fails here and not inside a transform
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit: rescale to 0-255, not clip
         arr = np.asarray(img, dtype=np.float32)
@@ -166,12 +170,15 @@ def load_rgb(path: str) -> Image.Image:
 
 class ImageFiles(Dataset):
     """A list of (path, label) image files. An unreadable file is skipped: the next one is used instead and
-    counted in `skipped`, with a warning printed once per file by each process."""
+    counted in `skipped`, with a warning printed once per file by each process. `decode` (path -> RGB
+    image) is `load_rgb` unless a transform brings its own (`crops.WorkerCrops.decode`: reduced-size JPEG
+    decoding)."""
 
     def __init__(self, samples: list[tuple[str, int]], transform=None, classes: tuple[str, ...] = ()):
         self.samples, self.transform, self.classes = samples, transform, classes
         self.targets = [label for _, label in samples]
         self.warned: set[str] = set()  # files already reported by this process (each worker has its own)
+        self.decode = load_rgb
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -180,7 +187,7 @@ class ImageFiles(Dataset):
         for skipped in range(len(self.samples)):
             path, label = self.samples[(index + skipped) % len(self.samples)]
             try:
-                img = load_rgb(path)
+                img = self.decode(path)
             except UNREADABLE as e:
                 if path not in self.warned:
                     self.warned.add(path)
@@ -334,8 +341,11 @@ class SeededViews(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
+        if isinstance(self.dataset, ImageFiles):  # a transform may decode files itself (crops.WorkerCrops)
+            self.dataset.decode = getattr(self.transform, "decode", load_rgb)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seeds.image_views(self.seed, self.epoch, index))
+            # the CPU generator only (torch.manual_seed would also seed every GPU, ~1 ms per image)
+            torch.default_generator.manual_seed(seeds.image_views(self.seed, self.epoch, index))
             image, label, skipped = self.dataset[index]
             return (self.transform(image) if self.transform else image), label, skipped
 
@@ -386,10 +396,10 @@ class EpochSampler(Sampler):
 
 
 def epoch_loader(
-    train_set: SeededViews, cfg, epoch: int, start: int, rank: int, world: int, pin: bool
+    train_set: SeededViews, cfg, epoch: int, start: int, rank: int, world: int, pin: bool, collate=None
 ) -> DataLoader:
     """This process's share of each global batch of `epoch` (all of it in one process), from sample `start` of
-    the epoch's order on (a run resumed mid-epoch)."""
+    the epoch's order on (a run resumed mid-epoch); `collate` as the DataLoader's collate_fn."""
     batch = cfg.optim.batch_size
     return DataLoader(
         train_set,
@@ -400,6 +410,7 @@ def epoch_loader(
         ),
         num_workers=cfg.data.num_workers,
         pin_memory=pin,
+        collate_fn=collate,
     )
 
 

@@ -38,7 +38,7 @@ def shapes() -> Config:
         local_crops_scale=(0.1, 0.4),
         eval_size=32,
         eval_crop_ratio=1.0,  # the whole 32 px image: nothing to crop away at this size
-        batch_augment=True,
+        augment="batch",
         hue=0.5,
         num_workers=0,
     )
@@ -61,7 +61,7 @@ def cifar10() -> Config:
         eval_size=32,
         eval_crop_ratio=1.0,  # CIFAR's 32 px images whole
         num_workers=4,
-        batch_augment=True,
+        augment="batch",
     )
     c.model = ModelConfig(arch="vit_small", patch_size=4, img_size=32, drop_path=0.1)
     c.head = HeadConfig(out_dim=4096, hidden_dim=2048, bottleneck_dim=256)

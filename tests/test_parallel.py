@@ -26,7 +26,7 @@ def _opts(run_dir, *extra):
         "--data.n_train=32", "--data.n_test=16", "--optim.batch_size=8", "--optim.epochs=1",
         "--optim.warmup_epochs=1", "--data.num_workers=0", "--run.log_every=1", "--head.out_dim=64",
         "--head.hidden_dim=64", "--head.bottleneck_dim=32", "--data.local_crops_number=2",
-        "--data.batch_augment=false", "--model.drop_path=0", "--head.use_bn=false", "--loss.koleo_weight=0",
+        "--data.augment=pil", "--model.drop_path=0", "--head.use_bn=false", "--loss.koleo_weight=0",
         f"--run.out_dir={run_dir}", *extra,
     ]  # fmt: skip
 

@@ -1,0 +1,309 @@
+"""Multi-crop for real photos, in two halves: geometry in the DataLoader workers, colour on the device.
+
+`augment.MultiCropAugmentation` is the readable reference: per image, on PIL images, everything in the
+workers. On ImageNet-like JPEGs it costs ~45 ms per image on one core (most of it the Gaussian blur, which
+torchvision runs as a dense 2-D convolution, and the float tensors it sends), so a GPU would wait for data.
+This path (`--data.augment=crops`) gives the same views from the same distributions, split where it is
+cheapest:
+
+    worker, per image (uint8)                           device, per batch (float, no host sync)
+    1. draw the 2 + n crop boxes on the original size    5. colour jitter (p 0.8) in a random order
+       (RandomResizedCrop's rule) and the flips          6. grayscale (p 0.2)
+    2. decode the JPEG at the smallest scale that        7. Gaussian blur (1.0 / 0.1 / 0.5), separable
+       leaves every box its crop's pixels (PIL draft)    8. solarize (0.2, second global crop)
+    3. cut and resize each box (bicubic, antialiased)    9. normalise
+    4. draw every photometric parameter of every crop
+
+The workers send uint8 crops (a quarter of the float bytes) and a small parameter table; the device half,
+`colour`, only applies what the table says, so every random draw still depends on (seed, epoch, image)
+alone (`data.SeededViews`) and resuming stays exact. The collate function (also in the workers) groups
+the images by what must be computed for them (blurred or not, where the hue shift falls in the jitter's
+random order), so the device never computes an operation for an image that does not get it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import default_collate
+
+from .augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BatchMultiCrop,
+    MultiCropAugmentation,
+    blur_kernel,
+    blur_sigma,
+    gaussian_blur,
+    gray,
+    to_tensor_image,
+)
+from .config import DataConfig
+
+AUGMENTS = ("crops", "batch", "pil")  # --data.augment: see `pipeline`
+
+# the photometric parameter table: one row per crop, these columns
+JITTER, BRIGHTNESS, CONTRAST, SATURATION, HUE, ORDER, GRAY, SIGMA, SOLARIZE = 0, 1, 2, 3, 4, 5, 9, 10, 11
+N_PARAMS = 12  # ORDER takes 4 columns: the permutation of (brightness, contrast, saturation, hue) = (0..3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Worker side: boxes, reduced decode, uint8 crops, parameters
+
+
+def crop_box(width: int, height: int, scale: tuple[float, float], ratio=(3 / 4, 4 / 3)) -> tuple:
+    """(top, left, h, w) of a random resized crop, by torchvision's RandomResizedCrop rule: up to 10 tries
+    of an area share in `scale` and a log-uniform aspect ratio, rounded, kept if it fits; otherwise the
+    largest centred box whose aspect ratio is within `ratio`. Draws from the global torch RNG."""
+    area, log_lo, log_hi = width * height, math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(()).item())
+        aspect = math.exp(log_lo + (log_hi - log_lo) * torch.rand(()).item())
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, ()).item())
+            left = int(torch.randint(0, width - w + 1, ()).item())
+            return top, left, h, w
+    if width / height < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif width / height > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def reduction(boxes: list[tuple], sizes: list[int]) -> int:
+    """The largest JPEG decode reduction (1, 2, 4 or 8: the scales libjpeg's DCT can skip to) that leaves
+    every box at least its output size in both directions."""
+    fits = [r for r in (8, 4, 2, 1) if all(min(h, w) // r >= s for (_, _, h, w), s in zip(boxes, sizes))]
+    return fits[0] if fits else 1
+
+
+def scaled_box(box: tuple, sx: float, sy: float) -> tuple[int, int, int, int]:
+    """A box of the original image in the pixels of a reduced decode (sx, sy: reduced / original size),
+    rounded outwards, so it never has fewer pixels than the original box divided by the reduction."""
+    top, left, h, w = box
+    t, b = math.floor(top * sy), math.ceil((top + h) * sy)
+    lft, r = math.floor(left * sx), math.ceil((left + w) * sx)
+    return t, lft, b - t, r - lft
+
+
+class WorkerCrops:
+    """The worker half: PIL image -> (list of uint8 crops (3, s, s), parameter table (2 + n, N_PARAMS)).
+
+    `decode(path)` is what `data.ImageFiles` calls instead of a plain decode when this transform is in use:
+    it reads the header, draws the boxes on the original size, and decodes at the reduced scale they allow.
+    Images that are already in memory (shapes, CIFAR) go straight to `__call__`, which draws the boxes then.
+    """
+
+    def __init__(self, cfg: DataConfig | None = None):
+        self.cfg = cfg = cfg or DataConfig()
+        g, lc = (cfg.global_crops_size, cfg.global_crops_scale), (cfg.local_crops_size, cfg.local_crops_scale)
+        # (size, area range, p blur, p solarize) per crop, in the order of the views
+        self.kinds = [(*g, 1.0, 0.0), (*g, 0.1, 0.2)] + [(*lc, 0.5, 0.0)] * cfg.local_crops_number
+        self.pending: tuple | None = None  # (original size, boxes) drawn by decode() for the next __call__
+
+    def boxes(self, width: int, height: int) -> list[tuple]:
+        return [crop_box(width, height, scale) for _, scale, _, _ in self.kinds]
+
+    def decode(self, path: str) -> Image.Image:
+        from .data import to_rgb
+
+        img = Image.open(path)
+        boxes = self.boxes(*img.size)
+        self.pending = (img.size, boxes)
+        r = reduction(boxes, [k[0] for k in self.kinds])
+        if r > 1:  # JPEG only (a no-op for other formats): DCT scaling, 1/r of the pixels to decode
+            img.draft("RGB", (math.ceil(img.width / r), math.ceil(img.height / r)))
+        return to_rgb(img)
+
+    def __call__(self, img: Image.Image) -> tuple[list[Tensor], Tensor]:
+        (width, height), boxes = self.pending or (img.size, self.boxes(*img.size))
+        self.pending = None
+        sx, sy = img.width / width, img.height / height
+        pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1)  # (3, H, W), channels-last memory
+        crops = []
+        for box, (size, _, _, _) in zip(boxes, self.kinds):
+            t, lft, h, w = scaled_box(box, sx, sy) if (sx, sy) != (1, 1) else box
+            part = pixels[None, :, t : t + h, lft : lft + w]
+            crop = F.interpolate(part, size=(size, size), mode="bicubic", antialias=True)[0]
+            crops.append(crop.flip(-1) if torch.rand(()) < 0.5 else crop)  # horizontal flip, p 0.5
+        params = self.draw_params()
+        return [c.contiguous() for c in crops], params
+
+    def draw_params(self) -> Tensor:
+        """The parameter table of one image's crops, drawn as torchvision's transforms draw them:
+        ColorJitter (0.4, 0.4, 0.2, hue) with probability 0.8, its four operations in a random order;
+        grayscale 0.2; blur (p per crop kind) with sigma uniform in `blur_sigma`; solarize (p per kind)."""
+        n = len(self.kinds)
+        u = torch.rand(n, 9)  # every uniform number of the table at once
+        p = torch.zeros(n, N_PARAMS)
+        p[:, JITTER] = (u[:, 0] < 0.8).float()
+        lo = torch.tensor([0.6, 0.6, 0.8, -self.cfg.hue])
+        hi = torch.tensor([1.4, 1.4, 1.2, self.cfg.hue])
+        factors = lo + (hi - lo) * u[:, 1:5]
+        identity = torch.tensor([1.0, 1.0, 1.0, 0.0])
+        p[:, BRIGHTNESS : HUE + 1] = torch.where(p[:, JITTER, None] > 0, factors, identity)
+        p[:, ORDER : ORDER + 4] = torch.rand(n, 4).argsort(dim=1).float()  # a uniform random permutation
+        p[:, GRAY] = (u[:, 5] < 0.2).float()
+        for i, (size, _, p_blur, p_solarize) in enumerate(self.kinds):
+            lo_s, hi_s = blur_sigma(size)
+            p[i, SIGMA] = (lo_s + (hi_s - lo_s) * u[i, 6]) * float(u[i, 7] < p_blur)
+            p[i, SOLARIZE] = float(u[i, 8] < p_solarize)
+        return p
+
+
+def collate(items: list) -> tuple[dict, Tensor, Tensor]:
+    """DataLoader collate of (WorkerCrops output, label, skipped) items -> (batch, labels, skipped), where
+    batch holds, per crop size, the uint8 crops of all views stacked view after view ("global": (2B, 3,
+    S, S), "local": (nB, 3, s, s)) and their parameter rows ((2B, N_PARAMS), (nB, N_PARAMS))."""
+    crops, params = zip(*(x for x, _, _ in items))
+    table, batch = torch.stack(params), {}  # (B, 2 + n, N_PARAMS)
+    for name, views in (("global", slice(0, 2)), ("local", slice(2, None))):
+        per_view = list(zip(*crops))[views]  # per view: its B crops
+        if per_view:
+            batch[name] = {
+                "crops": torch.stack([c for view in per_view for c in view]),
+                "params": table[:, views].transpose(0, 1).reshape(-1, N_PARAMS),  # view-major, as the crops
+            }
+    labels = torch.tensor([label for _, label, _ in items])
+    return batch, labels, torch.tensor([skipped for _, _, skipped in items])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device side: the photometric operations of a table, on a stack of crops
+
+
+def brightness(x: Tensor, f: Tensor) -> Tensor:  # torchvision's definitions: a blend with black,
+    return x.mul_(f[:, None, None, None]).clamp_(0, 1)
+
+
+def contrast(x: Tensor, f: Tensor) -> Tensor:  # with the mean gray level of the image,
+    return torch.lerp(gray(x).mean(dim=(1, 2, 3), keepdim=True), x, f[:, None, None, None]).clamp_(0, 1)
+
+
+def saturation(x: Tensor, f: Tensor) -> Tensor:  # with the gray level of the pixel,
+    return torch.lerp(gray(x), x, f[:, None, None, None]).clamp_(0, 1)
+
+
+def hue(x: Tensor, turns: Tensor) -> Tensor:  # and a rotation of the hue in HSV (turns: a fraction of 1)
+    """Keeps each pixel's value (max) and saturation (max - min); the sector formula of HSV -> RGB."""
+    r, g, b = x.unbind(1)
+    top, bottom = x.amax(1), x.amin(1)
+    chroma = top - bottom
+    # hue in sixths of a turn times chroma, by the sector of the largest channel (red, green or blue)
+    h = torch.where(top == g, (b - r).add_(chroma, alpha=2), (r - g).add_(chroma, alpha=4))
+    h = torch.where(top == r, g - b, h).div_(chroma.clamp(min=1e-12)).add_(6 * turns[:, None, None])
+    out = torch.empty_like(x)
+    for channel, n in enumerate((5, 3, 1)):  # red, green, blue
+        k = (h + n).remainder_(6)
+        torch.addcmul(top, chroma, torch.minimum(k, 4 - k).clamp_(0, 1), value=-1, out=out[:, channel])
+    return out
+
+
+JITTER_OPS = (brightness, contrast, saturation, hue)  # the order of the ORDER and factor columns
+
+
+def jitter_groups(params: Tensor) -> list[tuple[tuple[int, ...], Tensor]]:
+    """The jittered rows grouped by their order of the four operations: [(order, row indices), ...]."""
+    jittered = params[:, JITTER] > 0
+    orders = params[:, ORDER : ORDER + 4].long()
+    found = torch.unique(orders[jittered], dim=0).tolist() if jittered.any() else []
+    return [(tuple(o), (jittered & (orders == orders.new_tensor(o)).all(1)).nonzero()[:, 0]) for o in found]
+
+
+def blur_rows(x: Tensor, idx: Tensor, sigma: Tensor) -> None:
+    """Blur rows `idx` of x in place (`augment.gaussian_blur`, kernel +-3 sigma of the largest sigma). On
+    the CPU in chunks of 4 rows, the last one padded with a repeated row: oneDNN builds a convolution kernel
+    per input shape, and a new number of blurred rows in every batch would rebuild it every time (~3x
+    slower); chunks also stay in cache."""
+    n, k = len(idx), blur_kernel(x.shape[-1])
+    if n == 0:
+        return
+    chunk = 4 if x.device.type == "cpu" else n
+    pad = -n % chunk  # the last row again (it is in the last chunk, so it is read before it is written)
+    idx, sigma = torch.cat([idx, idx[-1:].expand(pad)]), torch.cat([sigma, sigma[-1:].expand(pad)])
+    for i in range(0, n + pad, chunk):
+        rows = idx[i : i + chunk]
+        x.index_copy_(0, rows, gaussian_blur(x[rows], sigma[i : i + chunk], k))
+
+
+def colour(crops: Tensor, params: Tensor, dtype=torch.float32) -> Tensor:
+    """uint8 crops (N, 3, s, s) and their parameter rows (N, N_PARAMS) -> normalised crops in `dtype`.
+
+    The rows each operation applies to are found on `params`, which stays on the host (they come from the
+    workers), so the device never waits: it gathers those rows, applies the operation, puts them back.
+    """
+    dev = crops.device
+    x = crops.to(dev).float().div_(255)
+
+    def rows(mask: Tensor) -> Tensor:
+        return mask.nonzero()[:, 0].to(dev, non_blocking=True)
+
+    def on_device(t: Tensor) -> Tensor:
+        return t.to(dev, non_blocking=True)
+
+    for order, idx in jitter_groups(params):  # colour jitter, in each row's random order
+        y, factors = x[on_device(idx)], on_device(params[idx, BRIGHTNESS : HUE + 1])
+        for op in order:
+            y = JITTER_OPS[op](y, factors[:, op])
+        x.index_copy_(0, on_device(idx), y)
+    idx = rows(params[:, GRAY] > 0)
+    x.index_copy_(0, idx, gray(x[idx]).expand(-1, 3, -1, -1))
+    blurred = params[:, SIGMA] > 0
+    blur_rows(x, rows(blurred), on_device(params[blurred, SIGMA]))
+    idx = rows(params[:, SOLARIZE] > 0)
+    y = x[idx]
+    x.index_copy_(0, idx, torch.where(y >= 128 / 255, 1 - y, y))
+    mean, std = x.new_tensor(IMAGENET_MEAN)[:, None, None], x.new_tensor(IMAGENET_STD)[:, None, None]
+    return x.sub_(mean).div_(std).to(dtype)
+
+
+def to_views(batch: dict, device: torch.device, dtype=torch.float32) -> list[Tensor]:
+    """A collated batch -> the 2 + n views on `device`, each (B, 3, s, s), normalised."""
+    views, n_images = [], len(batch["global"]["params"]) // 2
+    for part in batch.values():
+        x = colour(part["crops"].to(device, non_blocking=True), part["params"], dtype)
+        views += list(x.split(n_images))
+    return views
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The three ways to make the training views
+
+
+class Pipeline(NamedTuple):
+    per_image: Callable  # applied to each image in the DataLoader workers (data.SeededViews)
+    collate: Callable  # the workers' collate function
+    on_device: Callable  # (batch, device, generator) -> the 2 + n views, each (B, 3, s, s), on the device
+
+
+def pipeline(data: DataConfig) -> Pipeline:
+    """The training views of `--data.augment`:
+    pil    the reference: every operation per image on PIL images in the workers (MultiCropAugmentation)
+    batch  whole images to the device, cropped and coloured there per batch with one generator drawn from
+           (seed, step, process) (BatchMultiCrop): for data sets of small equal-size images (shapes, CIFAR)
+    crops  this file: uint8 crops of the original image from the workers, colour per batch on the device
+    """
+    if data.augment == "pil":
+        return Pipeline(
+            MultiCropAugmentation(data),
+            default_collate,
+            lambda batch, device, g: [c.to(device, non_blocking=True) for c in batch],
+        )
+    if data.augment == "batch":
+        views = BatchMultiCrop(data)
+        return Pipeline(
+            to_tensor_image(data.image_size),
+            default_collate,
+            lambda batch, device, g: views(batch.to(device, non_blocking=True), g),
+        )
+    return Pipeline(WorkerCrops(data), collate, lambda batch, device, g: to_views(batch, device))
