@@ -4,7 +4,8 @@
 # graphs (the same, quick, with fwd+bwd also replayed from CUDA graphs: wall time without the host's share),
 # overhead (benchmarks/attention_overhead.py: host time against GPU kernel time per attention call),
 # step (full DINO training step, imagenet preset, SDPA vs Triton vs packed Triton, each with its profile line),
-# parallel (the same step plain, DDP and FSDP2 on one GPU), drop_path.
+# parallel (the same step plain, DDP and FSDP2 on one GPU), drop_path, data (the crops and PIL pipelines from
+# JPEG files with 14 workers, beside the step on the same preset: which of the two limits a run).
 #
 #   bash benchmarks/gpu_checks.sh                 # everything; logs in $OUT (or ./gpu_logs)
 #   bash benchmarks/gpu_checks.sh tests attention # just these
@@ -12,7 +13,7 @@ set -u
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-sections=${*:-tests attention graphs overhead step parallel drop_path}
+sections=${*:-tests attention graphs overhead step parallel drop_path data}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 for s in $sections; do
@@ -40,8 +41,18 @@ for s in $sections; do
       done ;;
     drop_path)
       timeout 200 python benchmarks/drop_path.py --quick 2>&1 | tee "$out/drop_path.jsonl" ;;
+    data)
+      # 3000 ImageNet-sized JPEGs made on the spot (~1 min), then images/s delivered to the GPU, batch 128
+      # (DATA_* / STEP_ARGS: smaller settings, e.g. for the test of this section on a CPU)
+      jpegs=${JPEGS:-/tmp/minidino_jpegs}
+      [ -d "$jpegs" ] || timeout 300 python benchmarks/data.py --make-jpegs "$jpegs" "${DATA_JPEGS:-3000}" | tee -a "$out/data.jsonl"
+      # shellcheck disable=SC2086
+      timeout 300 python benchmarks/data.py --preset imagenet --data.root="$jpegs" --optim.batch_size=${DATA_BATCH:-128} \
+        --workers=${DATA_WORKERS:-14} --pipelines=crops,pil --batches=8 ${DATA_ARGS:-} 2>&1 | grep '^{' | tee -a "$out/data.jsonl"
+      # shellcheck disable=SC2086
+      timeout 150 python benchmarks/step.py --preset imagenet ${STEP_ARGS:---optim.batch_size=128 --steps=10} 2>&1 | grep '^{' | tee -a "$out/data.jsonl" ;;
     *)
-      echo "unknown section $s (expected tests, attention, graphs, overhead, step, parallel, drop_path)" ;;
+      echo "unknown section $s (expected tests, attention, graphs, overhead, step, parallel, drop_path, data)" ;;
   esac
 done
 echo "== done ($(date +%T))"

@@ -16,9 +16,14 @@ cheapest:
 
 The workers send uint8 crops (a quarter of the float bytes) and a small parameter table; the device half,
 `colour`, only applies what the table says, so every random draw still depends on (seed, epoch, image)
-alone (`data.SeededViews`) and resuming stays exact. The collate function (also in the workers) groups
-the images by what must be computed for them (blurred or not, where the hue shift falls in the jitter's
-random order), so the device never computes an operation for an image that does not get it.
+alone (`data.SeededViews`) and resuming stays exact. The table stays on the host: the rows each operation
+applies to (blurred or not, which order of the jitter) are read from it there, so the device computes no
+operation for a crop that does not get it and the host never waits for the device.
+
+Where this differs from the reference: the crops are resized with torch's antialiased bicubic (made to
+match PIL's, within one grey level), every operation works in float instead of rounding to uint8 after
+each step as PIL does, and a JPEG decoded at a reduced scale is cut at box edges rounded outwards to the
+reduced pixel grid (at most one reduced pixel wider).
 """
 
 from __future__ import annotations
@@ -87,12 +92,12 @@ def reduction(boxes: list[tuple], sizes: list[int]) -> int:
     return fits[0] if fits else 1
 
 
-def scaled_box(box: tuple, sx: float, sy: float) -> tuple[int, int, int, int]:
-    """A box of the original image in the pixels of a reduced decode (sx, sy: reduced / original size),
-    rounded outwards, so it never has fewer pixels than the original box divided by the reduction."""
-    top, left, h, w = box
-    t, b = math.floor(top * sy), math.ceil((top + h) * sy)
-    lft, r = math.floor(left * sx), math.ceil((left + w) * sx)
+def scaled_box(box: tuple, original: tuple[int, int], reduced: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A box of the original image (width, height) in the pixels of a reduced decode, rounded outwards (and
+    kept inside), so it never has fewer pixels than the original box divided by the reduction."""
+    (top, left, h, w), sx, sy = box, reduced[0] / original[0], reduced[1] / original[1]
+    t, b = math.floor(top * sy), min(math.ceil((top + h) * sy), reduced[1])
+    lft, r = math.floor(left * sx), min(math.ceil((left + w) * sx), reduced[0])
     return t, lft, b - t, r - lft
 
 
@@ -110,6 +115,8 @@ class WorkerCrops:
         # (size, area range, p blur, p solarize) per crop, in the order of the views
         self.kinds = [(*g, 1.0, 0.0), (*g, 0.1, 0.2)] + [(*lc, 0.5, 0.0)] * cfg.local_crops_number
         self.pending: tuple | None = None  # (original size, boxes) drawn by decode() for the next __call__
+        # per crop: the blur's sigma range, p blur, p solarize
+        self.kind_table = torch.tensor([(*blur_sigma(k[0]), k[2], k[3]) for k in self.kinds])
 
     def boxes(self, width: int, height: int) -> list[tuple]:
         return [crop_box(width, height, scale) for _, scale, _, _ in self.kinds]
@@ -126,13 +133,12 @@ class WorkerCrops:
         return to_rgb(img)
 
     def __call__(self, img: Image.Image) -> tuple[list[Tensor], Tensor]:
-        (width, height), boxes = self.pending or (img.size, self.boxes(*img.size))
+        original, boxes = self.pending or (img.size, self.boxes(*img.size))
         self.pending = None
-        sx, sy = img.width / width, img.height / height
         pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1)  # (3, H, W), channels-last memory
         crops = []
         for box, (size, _, _, _) in zip(boxes, self.kinds):
-            t, lft, h, w = scaled_box(box, sx, sy) if (sx, sy) != (1, 1) else box
+            t, lft, h, w = box if img.size == original else scaled_box(box, original, img.size)
             part = pixels[None, :, t : t + h, lft : lft + w]
             crop = F.interpolate(part, size=(size, size), mode="bicubic", antialias=True)[0]
             crops.append(crop.flip(-1) if torch.rand(()) < 0.5 else crop)  # horizontal flip, p 0.5
@@ -145,20 +151,15 @@ class WorkerCrops:
         grayscale 0.2; blur (p per crop kind) with sigma uniform in `blur_sigma`; solarize (p per kind)."""
         n = len(self.kinds)
         u = torch.rand(n, 9)  # every uniform number of the table at once
-        p = torch.zeros(n, N_PARAMS)
-        p[:, JITTER] = (u[:, 0] < 0.8).float()
+        jitter = u[:, 0] < 0.8
         lo = torch.tensor([0.6, 0.6, 0.8, -self.cfg.hue])
         hi = torch.tensor([1.4, 1.4, 1.2, self.cfg.hue])
-        factors = lo + (hi - lo) * u[:, 1:5]
-        identity = torch.tensor([1.0, 1.0, 1.0, 0.0])
-        p[:, BRIGHTNESS : HUE + 1] = torch.where(p[:, JITTER, None] > 0, factors, identity)
-        p[:, ORDER : ORDER + 4] = torch.rand(n, 4).argsort(dim=1).float()  # a uniform random permutation
-        p[:, GRAY] = (u[:, 5] < 0.2).float()
-        for i, (size, _, p_blur, p_solarize) in enumerate(self.kinds):
-            lo_s, hi_s = blur_sigma(size)
-            p[i, SIGMA] = (lo_s + (hi_s - lo_s) * u[i, 6]) * float(u[i, 7] < p_blur)
-            p[i, SOLARIZE] = float(u[i, 8] < p_solarize)
-        return p
+        factors = torch.where(jitter[:, None], lo + (hi - lo) * u[:, 1:5], torch.tensor([1.0, 1.0, 1.0, 0.0]))
+        order = torch.rand(n, 4).argsort(dim=1)  # a uniform random permutation of the four operations
+        sigma_lo, sigma_hi, p_blur, p_solarize = self.kind_table.unbind(1)
+        sigma = (sigma_lo + (sigma_hi - sigma_lo) * u[:, 6]) * (u[:, 7] < p_blur)  # 0: no blur
+        columns = [jitter[:, None], factors, order, (u[:, 5] < 0.2)[:, None], sigma[:, None]]
+        return torch.cat([*columns, (u[:, 8] < p_solarize)[:, None]], dim=1).float()
 
 
 def collate(items: list) -> tuple[dict, Tensor, Tensor]:
@@ -182,31 +183,48 @@ def collate(items: list) -> tuple[dict, Tensor, Tensor]:
 # Device side: the photometric operations of a table, on a stack of crops
 
 
-def brightness(x: Tensor, f: Tensor) -> Tensor:  # torchvision's definitions: a blend with black,
+# The four operations of the colour jitter, as torchvision defines them: blends clamped to [0, 1] with black
+# (brightness), the mean gray level of the image (contrast), the gray level of the pixel (saturation), and a
+# rotation of the hue in HSV. Comparisons are written as float arithmetic: bool tensors are several times
+# slower than float ones in the CPU kernels, and these run on every pixel of every jittered crop.
+
+LUMA = (0.299, 0.587, 0.114)  # augment.gray's weights (ITU-R 601)
+
+
+def brightness(x: Tensor, f: Tensor) -> Tensor:
     return x.mul_(f[:, None, None, None]).clamp_(0, 1)
 
 
-def contrast(x: Tensor, f: Tensor) -> Tensor:  # with the mean gray level of the image,
-    return torch.lerp(gray(x).mean(dim=(1, 2, 3), keepdim=True), x, f[:, None, None, None]).clamp_(0, 1)
+def contrast(x: Tensor, f: Tensor) -> Tensor:
+    mean_gray = (x.mean(dim=(2, 3)) @ x.new_tensor(LUMA))[:, None, None, None]  # = gray(x).mean()
+    return torch.lerp(mean_gray, x, f[:, None, None, None]).clamp_(0, 1)
 
 
-def saturation(x: Tensor, f: Tensor) -> Tensor:  # with the gray level of the pixel,
+def saturation(x: Tensor, f: Tensor) -> Tensor:
     return torch.lerp(gray(x), x, f[:, None, None, None]).clamp_(0, 1)
 
 
-def hue(x: Tensor, turns: Tensor) -> Tensor:  # and a rotation of the hue in HSV (turns: a fraction of 1)
-    """Keeps each pixel's value (max) and saturation (max - min); the sector formula of HSV -> RGB."""
+def _is_max(c: Tensor, top: Tensor) -> Tensor:  # 1.0 where channel c is the largest (c <= top), else 0.0
+    return torch.sign(c - top).add_(1)
+
+
+def _ramp(k: Tensor) -> Tensor:  # the HSV -> RGB ramp of one period: 0 -> 1 on [0, 1], 1 to 3, 1 -> 0 to 4
+    return torch.minimum(k, 4 - k).clamp_(0, 1)
+
+
+def hue(x: Tensor, turns: Tensor) -> Tensor:
+    """Rotate the hue by `turns` (a fraction of a turn, per row), keeping each pixel's value (max) and
+    chroma (max - min): HSV's hue from the largest channel's sector, then the sector formula back."""
     r, g, b = x.unbind(1)
-    top, bottom = x.amax(1), x.amin(1)
-    chroma = top - bottom
-    # hue in sixths of a turn times chroma, by the sector of the largest channel (red, green or blue)
-    h = torch.where(top == g, (b - r).add_(chroma, alpha=2), (r - g).add_(chroma, alpha=4))
-    h = torch.where(top == r, g - b, h).div_(chroma.clamp(min=1e-12)).add_(6 * turns[:, None, None])
-    out = torch.empty_like(x)
-    for channel, n in enumerate((5, 3, 1)):  # red, green, blue
-        k = (h + n).remainder_(6)
-        torch.addcmul(top, chroma, torch.minimum(k, 4 - k).clamp_(0, 1), value=-1, out=out[:, channel])
-    return out
+    top = torch.maximum(torch.maximum(r, g), b)
+    chroma = top - torch.minimum(torch.minimum(r, g), b)
+    # hue x chroma in sixths of a turn: red's sector, else green's, else blue's (torchvision's priority)
+    blue_or_green = torch.lerp((r - g).add_(chroma, alpha=4), (b - r).add_(chroma, alpha=2), _is_max(g, top))
+    h = torch.lerp(blue_or_green, g - b, _is_max(r, top))
+    h = h.div_(chroma.clamp(min=1e-12)).add_(6 * turns[:, None, None])
+    h = h.sub_(torch.floor(h / 6).mul_(6))  # the rotated hue, wrapped to [0, 6)
+    k = h[:, None] + x.new_tensor([5.0, 3.0, 1.0])[:, None, None]  # per channel (R, G, B), in [1, 11)
+    return torch.addcmul(top[:, None], chroma[:, None], torch.maximum(_ramp(k), _ramp(k - 6)), value=-1)
 
 
 JITTER_OPS = (brightness, contrast, saturation, hue)  # the order of the ORDER and factor columns
@@ -222,13 +240,13 @@ def jitter_groups(params: Tensor) -> list[tuple[tuple[int, ...], Tensor]]:
 
 def blur_rows(x: Tensor, idx: Tensor, sigma: Tensor) -> None:
     """Blur rows `idx` of x in place (`augment.gaussian_blur`, kernel +-3 sigma of the largest sigma). On
-    the CPU in chunks of 4 rows, the last one padded with a repeated row: oneDNN builds a convolution kernel
+    the CPU in chunks of 8 or 16 rows, the last one padded with a repeated row: oneDNN builds a convolution kernel
     per input shape, and a new number of blurred rows in every batch would rebuild it every time (~3x
     slower); chunks also stay in cache."""
     n, k = len(idx), blur_kernel(x.shape[-1])
     if n == 0:
         return
-    chunk = 4 if x.device.type == "cpu" else n
+    chunk = (8 if x.shape[-1] > 128 else 16) if x.device.type == "cpu" else n  # fastest on a 2-core box
     pad = -n % chunk  # the last row again (it is in the last chunk, so it is read before it is written)
     idx, sigma = torch.cat([idx, idx[-1:].expand(pad)]), torch.cat([sigma, sigma[-1:].expand(pad)])
     for i in range(0, n + pad, chunk):
@@ -243,7 +261,6 @@ def colour(crops: Tensor, params: Tensor, dtype=torch.float32) -> Tensor:
     workers), so the device never waits: it gathers those rows, applies the operation, puts them back.
     """
     dev = crops.device
-    x = crops.to(dev).float().div_(255)
 
     def rows(mask: Tensor) -> Tensor:
         return mask.nonzero()[:, 0].to(dev, non_blocking=True)
@@ -251,11 +268,14 @@ def colour(crops: Tensor, params: Tensor, dtype=torch.float32) -> Tensor:
     def on_device(t: Tensor) -> Tensor:
         return t.to(dev, non_blocking=True)
 
+    x = crops.float().div_(255)
     for order, idx in jitter_groups(params):  # colour jitter, in each row's random order
-        y, factors = x[on_device(idx)], on_device(params[idx, BRIGHTNESS : HUE + 1])
+        factors = on_device(params[idx, BRIGHTNESS : HUE + 1])
+        idx = on_device(idx)
+        y = x[idx]
         for op in order:
             y = JITTER_OPS[op](y, factors[:, op])
-        x.index_copy_(0, on_device(idx), y)
+        x.index_copy_(0, idx, y)
     idx = rows(params[:, GRAY] > 0)
     x.index_copy_(0, idx, gray(x[idx]).expand(-1, 3, -1, -1))
     blurred = params[:, SIGMA] > 0
@@ -264,7 +284,7 @@ def colour(crops: Tensor, params: Tensor, dtype=torch.float32) -> Tensor:
     y = x[idx]
     x.index_copy_(0, idx, torch.where(y >= 128 / 255, 1 - y, y))
     mean, std = x.new_tensor(IMAGENET_MEAN)[:, None, None], x.new_tensor(IMAGENET_STD)[:, None, None]
-    return x.sub_(mean).div_(std).to(dtype)
+    return x.sub_(mean).div_(std).to(dtype)  # in place: a new tensor of this size would cost page faults
 
 
 def to_views(batch: dict, device: torch.device, dtype=torch.float32) -> list[Tensor]:

@@ -165,7 +165,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float32)
         top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
         img = Image.fromarray((arr / top * 255).clip(0, 255).astype(np.uint8))
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 class ImageFiles(Dataset):

@@ -2,6 +2,7 @@
 check of them; the numbers themselves are not tested)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,47 @@ def test_curation_benchmark_runs_on_cpu(tmp_path):
     )
     (row,) = json_lines("curation.py", "messy-pool", str(tmp_path / "messy"), "--n", "16", "--copies", "16")
     assert row["classes"] == [18] + [2] * 7 and len(list((tmp_path / "messy").iterdir())) == 32
+
+
+def test_data_benchmark_makes_jpegs_and_times_each_pipelines_stages(tmp_path):
+    (made,) = json_lines("data.py", "--make-jpegs", str(tmp_path / "jpegs"), "12")
+    assert made["made_jpegs"] == 12 and len(list((tmp_path / "jpegs").glob("*/*.jpg"))) == 12
+    small = ["--data.global_crops_size=64", "--data.local_crops_size=32", "--data.local_crops_number=2"]
+    rows = json_lines(
+        "data.py", "--preset", "imagenet", f"--data.root={tmp_path / 'jpegs'}", "--optim.batch_size=4",
+        "--pipelines=pil,crops", "--workers=0", "--threads=1", "--batches=2", "--repeats=2", *small,
+    )  # fmt: skip
+    pil, crops, ratios = rows
+    assert (pil["augment"], crops["augment"]) == ("pil", "crops") and crops["crops"] == "2x64+2x32"
+    for r in (pil, crops):
+        ms = r["ms_per_image"]
+        assert r["images_per_s"] > 0 and ms["decode"] > 0 and ms["per_image"] > 0 and r["repeats"] == 2
+        assert r["total_ms_per_image"] >= r["worker_ms_per_image"] > 0
+    assert pil["ms_per_image"]["photometrics"] == 0 < crops["ms_per_image"]["photometrics"]
+    ratio = ratios["ratios"]["crops_vs_pil_workers0"]
+    assert ratio["images_per_s"] > 0 and ratio["worker_part"] > 0
+
+
+def test_gpu_checks_data_section_runs_on_cpu(tmp_path):
+    """The `data` section of benchmarks/gpu_checks.sh, at toy sizes: JPEGs made, both pipelines measured,
+    the step benchmark beside them, all in the section's log (what a GPU machine runs at full size)."""
+    small = "--data.global_crops_size=32 --data.local_crops_size=16 --data.local_crops_number=2"
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path / "logs"),
+        "JPEGS": str(tmp_path / "jpegs"),
+        "DATA_JPEGS": "6",
+        "DATA_BATCH": "2",
+        "DATA_WORKERS": "0",
+        "DATA_ARGS": small,
+        "STEP_ARGS": f"{small} --optim.batch_size=2 --steps=1 --warmup=1 --model.arch=vit_nano --head.out_dim=64",
+    }
+    res = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_checks.sh"), "data"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "logs" / "data.jsonl").read_text().splitlines()]
+    assert rows[0]["made_jpegs"] == 6
+    assert [r.get("augment") for r in rows[1:3]] == ["crops", "pil"] and "ratios" in rows[3]
+    assert rows[4]["benchmark"] == "step" and rows[4]["images_per_s"] > 0
