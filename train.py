@@ -174,7 +174,9 @@ def train_one_epoch(t: Training, epoch: int, bar: tqdm) -> None:
     """The steps of one epoch (from `t.step` on, when resumed mid-epoch): views, schedules, masks, the step,
     a log line every `run.log_every` steps, a checkpoint at the end of the epoch and of the run."""
     cfg, world = t.cfg, world_size()
-    views = pipeline(cfg.data)  # --data.augment: what the workers do per image, the device per batch
+    views = pipeline(
+        cfg.data, cfg.run.compile
+    )  # --data.augment: the workers' part per image, the device's per batch
     t.train_set.epoch, t.train_set.transform = epoch, views.per_image
     start = (t.step - epoch * t.steps_per_epoch) * cfg.optim.batch_size
     pin = t.device.type == "cuda"

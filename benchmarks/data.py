@@ -85,7 +85,7 @@ class TimedTransform:
 
 def measure(cfg, augment: str, workers: int, batches: int, device: torch.device) -> dict:
     cfg.data.augment = augment
-    views = minidino.crops.pipeline(cfg.data)
+    views = minidino.crops.pipeline(cfg.data, cfg.run.compile)
     dataset = build_dataset(cfg.data, "train", None, cfg.run.seed)
     train_set = SeededViews(dataset, cfg.run.seed, views.per_image)
     clock = StageClock()
@@ -125,6 +125,7 @@ def measure(cfg, augment: str, workers: int, batches: int, device: torch.device)
         "num_workers": workers,
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
+        "compile": cfg.run.compile,
         "batch_size": batch,
         "crops": f"2x{d.global_crops_size}+{d.local_crops_number}x{d.local_crops_size}",
         "images_per_s": round(n / dt, 1),

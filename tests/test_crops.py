@@ -279,3 +279,13 @@ def test_odd_images_are_handled_and_a_corrupt_one_is_skipped_and_counted(tmp_pat
 def test_old_run_configs_with_batch_augment_still_load():
     assert from_dict({"data": {"batch_augment": True}}).data.augment == "batch"
     assert from_dict({"data": {"batch_augment": False}}).data.augment == "pil"
+
+
+def test_jitter_operations_compile_whole_and_equal_eager():
+    """--run.compile puts each jitter operation under torch.compile (inductor); here with aot_eager (no C++
+    compiler needed): each traces as one graph with dynamic shapes and gives the eager values."""
+    torch.manual_seed(0)
+    x, f, turns = torch.rand(3, 3, 37, 37), torch.rand(3) * 0.8 + 0.6, torch.rand(3) - 0.5
+    for op, arg in zip(C.JITTER_OPS, (f, f, f, turns)):
+        compiled = torch.compile(op, backend="aot_eager", dynamic=True, fullgraph=True)
+        torch.testing.assert_close(compiled(x.clone(), arg), op(x.clone(), arg), atol=1e-6, rtol=0)
