@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import sys
 import time
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +32,8 @@ from tqdm import tqdm
 from minidino import cli, parallel, seeds
 from minidino.checkpoint import RunFolder, restore_training, restore_weights, starting_point, training_state
 from minidino.config import Config, ConfigError, OptimConfig
-from minidino.crops import pipeline
-from minidino.data import DataError, SeededViews, build_dataset, epoch_loader
+from minidino.crops import Pipeline, pipeline
+from minidino.data import DataError, SeededViews, build_dataset, run_loader
 from minidino.dist import (
     all_reduce_mean,
     cleanup,
@@ -80,6 +82,11 @@ def main(argv: list[str] | None = None) -> dict:
     if filled:
         print0(f"for {len(train_set)} images: {' '.join(filled)}")
     steps_per_epoch = check_batch(cfg, world_size(), len(train_set))
+    if cfg.data.augment == "batch" and cfg.data.dataset in ("imagefolder", "folder"):
+        print0(
+            f"note: --data.augment=batch first resizes and centre-crops every image to --data.image_size="
+            f"{cfg.data.image_size} px; --data.augment=crops cuts the crops from the original images"
+        )
 
     # 2. student and teacher: same architecture, same initial weights; the teacher gets no gradient and is
     #    an EMA of the student. Distillation (DINOv2 Sec. 5): the teacher is a frozen trained model, and the
@@ -114,6 +121,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 6. the loop
     t.knn_sets = knn_sets(cfg) if cfg.run.knn_every else None
+    # the views (--data.augment): begun per image in the DataLoader workers, finished per batch on `device`
+    views = pipeline(cfg.data, cfg.run.compile)
+    t.train_set.transform = views.per_image
+    first_epoch, end_epoch = t.step // steps_per_epoch, -(-t.last_step // steps_per_epoch)
+    start = (t.step - first_epoch * steps_per_epoch) * cfg.optim.batch_size
+    pin = device.type == "cuda"
+    loader = run_loader(
+        t.train_set, cfg, first_epoch, end_epoch, start, rank(), world_size(), pin, views.collate
+    )
+    batches = iter(loader)  # one set of worker processes for the whole run
     print0(
         f"training {cfg.model.arch}/{cfg.model.patch_size} with {cfg.method} on {cfg.data.dataset} "
         f"({len(train_set)} images, {steps_per_epoch} steps/epoch, {t.last_step} steps) on {device}"
@@ -121,8 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tqdm(
         total=t.last_step, initial=t.step, desc="train", dynamic_ncols=True, disable=not is_main()
     ) as bar:
-        for epoch in range(t.step // steps_per_epoch, -(-t.last_step // steps_per_epoch)):
-            train_one_epoch(t, epoch, bar)
+        for epoch in range(first_epoch, end_epoch):
+            train_one_epoch(t, epoch, bar, batches, views)
     skipped = f"; skipped {t.skipped_images} unreadable images" if t.skipped_images else ""
     if t.step > first_step:
         print0(f"saved {run.checkpoint} (step {t.saved_step}) and {run.curves}{skipped}")
@@ -170,19 +187,14 @@ class Training:
         return min(self.total_steps, self.cfg.run.max_steps or self.total_steps)
 
 
-def train_one_epoch(t: Training, epoch: int, bar: tqdm) -> None:
+def train_one_epoch(t: Training, epoch: int, bar: tqdm, batches: Iterator, views: Pipeline) -> None:
     """The steps of one epoch (from `t.step` on, when resumed mid-epoch): views, schedules, masks, the step,
-    a log line every `run.log_every` steps, a checkpoint at the end of the epoch and of the run."""
+    a log line every `run.log_every` steps, a checkpoint at the end of the epoch and of the run. `batches`:
+    the run's DataLoader iterator, whose next batches are this epoch's."""
     cfg, world = t.cfg, world_size()
-    views = pipeline(
-        cfg.data, cfg.run.compile
-    )  # --data.augment: the workers' part per image, the device's per batch
-    t.train_set.epoch, t.train_set.transform = epoch, views.per_image
-    start = (t.step - epoch * t.steps_per_epoch) * cfg.optim.batch_size
-    pin = t.device.type == "cuda"
-    loader = epoch_loader(t.train_set, cfg, epoch, start, rank(), world, pin, views.collate)
     clock, n_images = time.perf_counter(), 0
-    for images, _, skipped in loader:
+    steps = min((epoch + 1) * t.steps_per_epoch, t.last_step) - t.step
+    for images, _, skipped in itertools.islice(batches, steps):
         crops = views.on_device(images, t.device, seeds.batch_views(cfg.run.seed, t.step, rank()))
         t.skipped_images += int(skipped.sum())
         sched = schedules(t.step, t.total_steps, t.steps_per_epoch, cfg.optim, cfg.loss, peak_lr(cfg.optim))

@@ -329,10 +329,10 @@ def build_dataset(data, split: str, transform=None, seed: int = 0) -> Dataset:
 
 
 class SeededViews(Dataset):
-    """The training set as the loop sees it: item i is `transform(image i)` with the global RNG seeded from
-    (seed, epoch, i) (seeds.image_views), so the crops of a step depend neither on the number of DataLoader
-    workers nor on where a run was resumed. The global RNG is restored afterwards. `epoch` and `transform`
-    are set by the training loop at the start of each epoch."""
+    """The training set as the loop sees it: item (epoch, i) is `transform(image i)` with the global RNG
+    seeded from (seed, epoch, i) (seeds.image_views), so the crops of a step depend neither on the number of
+    DataLoader workers nor on where a run was resumed. The global RNG is restored afterwards. The training
+    loop asks for (epoch, i) pairs (`RunSampler`); a plain index i means (self.epoch, i)."""
 
     def __init__(self, dataset: Dataset, seed: int, transform=None):
         self.dataset, self.seed, self.transform, self.epoch = dataset, seed, transform, 0
@@ -340,12 +340,13 @@ class SeededViews(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int | tuple[int, int]):
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
         if isinstance(self.dataset, ImageFiles):  # a transform may decode files itself (crops.WorkerCrops)
             self.dataset.decode = getattr(self.transform, "decode", load_rgb)
         with torch.random.fork_rng(devices=[]):
             # the CPU generator only (torch.manual_seed would also seed every GPU, ~1 ms per image)
-            torch.default_generator.manual_seed(seeds.image_views(self.seed, self.epoch, index))
+            torch.default_generator.manual_seed(seeds.image_views(self.seed, epoch, index))
             image, label, skipped = self.dataset[index]
             return (self.transform(image) if self.transform else image), label, skipped
 
@@ -395,19 +396,42 @@ class EpochSampler(Sampler):
         return (self.length - self.start) // self.batch * (self.batch // self.world)
 
 
-def epoch_loader(
-    train_set: SeededViews, cfg, epoch: int, start: int, rank: int, world: int, pin: bool, collate=None
+class RunSampler(Sampler):
+    """The (epoch, index) pairs of a whole run, epoch after epoch from `first_epoch` (skipping its first
+    `start` samples when resumed mid-epoch) up to `end_epoch`, each epoch's order from `EpochSampler` and cut
+    to whole batches of `batch / world`. One DataLoader, and one set of worker processes, serves the whole run
+    instead of new workers every epoch."""
+
+    def __init__(self, n, seed, first_epoch, end_epoch, start, batch, rank, world, length=None):
+        self.epochs = [
+            EpochSampler(n, seed, e, start if e == first_epoch else 0, batch, rank, world, length)
+            for e in range(first_epoch, end_epoch)
+        ]
+        self.local = batch // world
+
+    def __iter__(self):
+        for epoch in self.epochs:
+            order = list(epoch)
+            yield from ((epoch.epoch, i) for i in order[: len(order) // self.local * self.local])
+
+    def __len__(self) -> int:
+        return sum(len(e) // self.local * self.local for e in self.epochs)
+
+
+def run_loader(
+    train_set: SeededViews, cfg, first_epoch, end_epoch, start, rank, world, pin, collate=None
 ) -> DataLoader:
-    """This process's share of each global batch of `epoch` (all of it in one process), from sample `start` of
-    the epoch's order on (a run resumed mid-epoch); `collate` as the DataLoader's collate_fn."""
+    """This process's share of each global batch from sample `start` of `first_epoch` (a run resumed
+    mid-epoch) to the end of epoch `end_epoch - 1`; `collate` as the DataLoader's collate_fn."""
     batch = cfg.optim.batch_size
+    sampler = RunSampler(
+        len(train_set), cfg.run.seed, first_epoch, end_epoch, start, batch, rank, world,
+        cfg.optim.epoch_steps * batch,
+    )  # fmt: skip
     return DataLoader(
         train_set,
         batch_size=batch // world,
-        drop_last=True,
-        sampler=EpochSampler(
-            len(train_set), cfg.run.seed, epoch, start, batch, rank, world, cfg.optim.epoch_steps * batch
-        ),
+        sampler=sampler,
         num_workers=cfg.data.num_workers,
         pin_memory=pin,
         collate_fn=collate,

@@ -194,3 +194,19 @@ def test_blur_sigma_is_the_official_range_from_96_px_and_scaled_below():
     assert blur_sigma(224) == blur_sigma(96) == (0.1, 2.0)
     assert blur_sigma(32) == pytest.approx((0.1 / 3, 2.0 / 3))
     assert blur_kernel(96) == 13 and blur_kernel(16) == 3  # +-3 sigma of the largest sigma, odd
+
+
+def test_run_sampler_chains_the_epochs_in_whole_batches_and_resumes_mid_epoch():
+    from minidino.data import EpochSampler, RunSampler
+
+    n, batch = 37, 8  # 4 whole batches per epoch, 5 samples dropped
+    full = list(RunSampler(n, 0, 0, 3, 0, batch, 0, 1))
+    assert len(full) == len(RunSampler(n, 0, 0, 3, 0, batch, 0, 1)) == 3 * 32
+    for e in range(3):
+        part = full[e * 32 : (e + 1) * 32]
+        assert {ep for ep, _ in part} == {e} and [i for _, i in part] == list(EpochSampler(n, 0, e))[:32]
+    resumed = list(RunSampler(n, 0, 1, 3, 16, batch, 0, 1))  # epoch 1, after its first 2 batches
+    assert resumed == full[32 + 16 :]
+    two = [list(RunSampler(n, 0, 0, 2, 0, batch, r, 2)) for r in (0, 1)]  # 2 processes x 4 per batch
+    merged = [x for step in range(8) for r in (0, 1) for x in two[r][step * 4 : step * 4 + 4]]
+    assert merged == full[:64]

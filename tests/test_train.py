@@ -88,6 +88,22 @@ def test_resume_equals_uninterrupted_with_the_crops_pipeline(tmp_path, data):
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+def test_one_data_loader_serves_all_epochs(tmp_path, monkeypatch):
+    """The DataLoader (and its worker processes) is made once per run, not once per epoch."""
+    import minidino.data
+
+    made = []
+
+    class Counted(minidino.data.DataLoader):
+        def __init__(self, *args, **kwargs):
+            made.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(minidino.data, "DataLoader", Counted)
+    train.main(tiny_run(tmp_path / "a", "--run.eval_at_end=false", "--data.num_workers=1"))
+    assert [r["epoch"] for r in _log(tmp_path / "a")] == [0, 0, 1, 1] and len(made) == 1
+
+
 def test_finished_run_resumed_does_nothing(tmp_path, capsys):
     train.main(tiny_run(tmp_path / "a"))
     before = os.path.getmtime(tmp_path / "a" / "checkpoint.pt")
