@@ -56,6 +56,7 @@ class LossConfig:
     centering: str = "center"  # teacher targets: center (DINO, DINOv2 yaml), sinkhorn (DINOv2 /14), none
     sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations (DINOv2: 3)
     dino_weight: float = 1.0  # weight of the DINO CLS loss
+    fused_dino_loss: bool = False  # the DINO loss in closed form per student crop (equal; less memory)
     ibot_weight: float = 0.0  # weight of the iBOT masked-patch loss (DINOv2: 1.0; 0 disables masking)
     koleo_weight: float = 0.0  # KoLeo on student CLS features, per global crop, summed (DINOv2: 0.1)
     mask_ratio: tuple[float, float] = (0.1, 0.5)  # iBOT: range of the per-image mask ratio

@@ -32,13 +32,17 @@ from .koleo import koleo_loss
 from .sinkhorn import sinkhorn_knopp
 
 
+def _fp32_at_least(x: Tensor) -> Tensor:  # bf16/fp16 logits are upcast; fp64 stays fp64 (the tests)
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def dino_loss(student_logits: list[Tensor], teacher_probs: list[Tensor], student_temp: float) -> Tensor:
     """Mean over pairs (teacher global view i, student view j != i) of the batch-mean cross-entropy.
 
     student_logits: one (B, K) tensor per student crop, the global crops first in the teacher's order.
     teacher_probs:  one (B, K) distribution per teacher (global) crop, already centred and sharpened.
     """
-    student_logp = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student_logits]
+    student_logp = [F.log_softmax(_fp32_at_least(s) / student_temp, dim=-1) for s in student_logits]
     total, n_pairs = 0.0, 0
     for i, t in enumerate(teacher_probs):
         for j, s in enumerate(student_logp):
@@ -47,6 +51,47 @@ def dino_loss(student_logits: list[Tensor], teacher_probs: list[Tensor], student
             total = total + torch.sum(-t * s, dim=-1).mean()
             n_pairs += 1
     return total / n_pairs
+
+
+class _CrossEntropyToTargets(torch.autograd.Function):
+    """sum over rows of n * LSE(s / tau) - <T, s> / tau for logits s (B, K) and summed targets T (B, K):
+    the cross-entropies of one student crop against the n teacher crops whose targets add up to T (each a
+    distribution, so the n log-partition terms add up to n * LSE). Saves only s (in its own dtype) and the
+    B log-partitions for the backward; the fp32 copy of s lives one crop at a time."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, targets: Tensor, n: float, tau: float) -> Tensor:
+        z = _fp32_at_least(s) / tau
+        lse = torch.logsumexp(z, dim=-1)
+        ctx.save_for_backward(s, targets, lse)
+        ctx.n, ctx.tau = n, tau
+        return (n * lse - (targets * z).sum(-1)).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        s, targets, lse = ctx.saved_tensors
+        probs = torch.exp(_fp32_at_least(s) / ctx.tau - lse[:, None])  # the student's softmax, recomputed
+        grad_s = (ctx.n * probs - targets) * (grad / ctx.tau)
+        return grad_s.to(s.dtype), None, None, None
+
+
+def dino_loss_fused(student_logits: list[Tensor], teacher_probs: list[Tensor], student_temp: float) -> Tensor:
+    """`dino_loss` in closed form: per student crop j one term, n_j LSE(s_j / tau_s) - <T_j, s_j> / tau_s,
+    with T_j the sum of the targets of the n_j teacher crops it is compared with (all but its own view):
+    2 + n terms instead of the 2 (2 + n - 1) pair products, and no fp32 log-probabilities kept for the
+    backward. Equal to `dino_loss` as far as each target sums to 1 (in fp32, to ~1e-7; tests: fp64,
+    gradcheck); `--loss.fused_dino_loss`."""
+    total_targets = torch.stack(teacher_probs).sum(0)  # (B, K)
+    n_teacher, batch = len(teacher_probs), student_logits[0].shape[0]
+    total, n_pairs = 0.0, 0
+    for j, s in enumerate(student_logits):
+        own = j < n_teacher  # a global crop: its own view is not a target
+        targets = total_targets - teacher_probs[j] if own else total_targets
+        n = n_teacher - own
+        if n:
+            total = total + _CrossEntropyToTargets.apply(s, targets, float(n), student_temp)
+            n_pairs += n
+    return total / (n_pairs * batch)
 
 
 def entropy_stats(probs: Tensor) -> dict[str, float]:
@@ -92,6 +137,7 @@ class TeacherCentering(nn.Module):
         cfg = cfg or LossConfig()
         self.student_temp, self.center_momentum = cfg.student_temp, cfg.center_momentum
         self.centering, self.sinkhorn_iters = cfg.centering, cfg.sinkhorn_iters
+        self.fused = cfg.fused_dino_loss
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     @torch.no_grad()
@@ -120,7 +166,8 @@ class DINOLoss(TeacherCentering):
     """DINO's CLS loss with its centre; `forward(student_logits, teacher_probs)` is Eq. (1)."""
 
     def forward(self, student_logits: list[Tensor], teacher_probs: list[Tensor]) -> Tensor:
-        return dino_loss(student_logits, teacher_probs, self.student_temp)
+        loss = dino_loss_fused if self.fused else dino_loss
+        return loss(student_logits, teacher_probs, self.student_temp)
 
 
 class IBOTLoss(TeacherCentering):

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -107,3 +108,41 @@ def test_koleo_is_summed_over_the_global_crops_as_in_dinov2():
     terms = losses(student, targets, None)
     torch.testing.assert_close(terms["loss_koleo"], torch.tensor(-math.log(2.0)), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(terms["loss"], terms["loss_dino"] + 0.1 * terms["loss_koleo"])
+
+
+def _crops_and_targets(centering: str, B=3, K=37, n_student=5, dtype=torch.float64):
+    """Student logits of 2 global + 3 local crops and the targets of 2 teacher crops, centred by a running
+    centre or by Sinkhorn-Knopp (odd shapes: 3 images, 37 prototypes)."""
+    torch.manual_seed(0)
+    student = [torch.randn(B, K, dtype=dtype, requires_grad=True) for _ in range(n_student)]
+    loss = DINOLoss(K, LossConfig(centering=centering))
+    loss.center.copy_(torch.randn(1, K))
+    teacher = loss.teacher_probs([torch.randn(B, K, dtype=dtype) for _ in range(2)], teacher_temp=0.04)
+    # the targets come in fp32; the closed form uses that each sums to 1, so renormalise them in fp64
+    return student, [(t.to(dtype) / t.to(dtype).sum(-1, keepdim=True)) for t in teacher]
+
+
+@pytest.mark.parametrize("centering", ["center", "sinkhorn"])
+def test_fused_dino_loss_equals_the_pairwise_loss_in_fp64_with_its_gradients(centering):
+    from minidino.losses import dino_loss_fused
+
+    student, teacher = _crops_and_targets(centering)
+    ref = dino_loss(student, teacher, 0.1)
+    fused = dino_loss_fused(student, teacher, 0.1)
+    assert abs(ref.item() - fused.item()) < 1e-12
+    g_ref = torch.autograd.grad(ref, student)
+    g_fused = torch.autograd.grad(fused, student)
+    assert all(torch.allclose(a, b, atol=1e-13, rtol=0) for a, b in zip(g_ref, g_fused))
+    assert torch.autograd.gradcheck(lambda *s: dino_loss_fused(list(s), teacher, 0.1), student)
+
+
+def test_fused_dino_loss_keeps_the_logits_dtype_in_its_gradient():
+    from minidino.losses import dino_loss_fused
+
+    student, teacher = _crops_and_targets("center", dtype=torch.float32)
+    half = [s.detach().bfloat16().requires_grad_() for s in student]
+    loss = dino_loss_fused(half, [t.float() for t in teacher], 0.1)
+    grads = torch.autograd.grad(loss, half)
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in grads)
+    ref = torch.autograd.grad(dino_loss([h.float() for h in half], teacher, 0.1), half)
+    assert all(torch.allclose(g.float(), r.float(), atol=1e-3, rtol=1e-2) for g, r in zip(grads, ref))

@@ -104,6 +104,17 @@ def test_one_data_loader_serves_all_epochs(tmp_path, monkeypatch):
     assert [r["epoch"] for r in _log(tmp_path / "a")] == [0, 0, 1, 1] and len(made) == 1
 
 
+def test_fused_dino_loss_trains_the_same_steps(tmp_path):
+    """--loss.fused_dino_loss: 4 steps give the losses and teacher weights of the pairwise loss, to fp32
+    rounding (the closed form reorders the sums)."""
+    train.main(tiny_run(tmp_path / "a", "--run.eval_at_end=false"))
+    train.main(tiny_run(tmp_path / "b", "--run.eval_at_end=false", "--loss.fused_dino_loss=true"))
+    a, b = _log(tmp_path / "a"), _log(tmp_path / "b")
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
+    ta, tb = (load_checkpoint(str(tmp_path / d))["teacher"] for d in "ab")
+    assert all(torch.allclose(ta[k], tb[k], atol=1e-5, rtol=1e-4) for k in ta)
+
+
 def test_finished_run_resumed_does_nothing(tmp_path, capsys):
     train.main(tiny_run(tmp_path / "a"))
     before = os.path.getmtime(tmp_path / "a" / "checkpoint.pt")
