@@ -3,13 +3,16 @@
     python benchmarks/step.py --preset shapes
     python benchmarks/step.py --preset imagenet --optim.batch_size=128 --steps=20
     python benchmarks/step.py --preset imagenet --profile    # and where a step's time goes (second line)
+    python benchmarks/step.py --preset imagenet --syncs      # where one step makes the host wait (a line)
     torchrun --nproc_per_node=1 benchmarks/step.py --preset imagenet --run.parallel=fsdp   # or ddp
 
 One step = teacher forward, student forward/backward, clipping, optimiser step, EMA update and centre
 update, exactly `train.train_step`. Prints one JSON line: images/s and peak memory (CUDA allocator peak on
 GPU, the process's peak RSS on CPU). With --profile, a second line from torch.profiler over the timed steps:
 GPU kernel time per step against the step's wall time (a GPU busy far less than the wall time means the
-step waits on the host) and the ten largest kernels and host-side ops by their own time.
+step waits on the host) and the ten largest kernels and host-side ops by their own time. With --syncs, a
+line of `minidino.syncs.HostSyncs` over one step, its iBOT masks included (as train.py makes them): how
+many times and where the host reads a value back from the device (on a CPU: where a GPU run would).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from minidino.masking import step_masks
 from minidino.meta_arch import build_student_teacher
 from minidino.optim import build_optimizer
 from minidino.schedules import schedules
+from minidino.syncs import HostSyncs
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # train.py: not installed
 import train  # noqa: E402
@@ -74,11 +78,13 @@ def profile_steps(run, steps: int, device: torch.device) -> dict:
 
 
 def main(argv: list[str]) -> dict:
-    steps, warmup, profile = 10, 3, False
+    steps, warmup, profile, syncs = 10, 3, False, False
     rest = []
     for a in argv:
         if a == "--profile":
             profile = True
+        elif a == "--syncs":
+            syncs = True
         elif a.startswith("--steps="):
             steps = int(a.split("=", 1)[1])
         elif a.startswith("--warmup="):
@@ -135,6 +141,11 @@ def main(argv: list[str]) -> dict:
     print0(json.dumps(result))
     if profile:
         print0(json.dumps({"benchmark": "step_profile", **profile_steps(run, steps, device)}))
+    if syncs:
+        with HostSyncs() as found:
+            step_masks(cfg, crops[0], step=1, n_crops=len(crops))
+            run(1)
+        print0(json.dumps({"benchmark": "step_syncs", "count": found.count, "places": dict(found.places)}))
     cleanup()
     return result
 

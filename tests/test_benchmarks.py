@@ -43,8 +43,9 @@ def test_attention_overhead_stub_measures_the_wrapper():
 
 
 def test_step_benchmark_runs_on_cpu_with_its_profile():
-    rows = json_lines("step.py", "--preset", "shapes", "--steps=1", "--warmup=1", "--profile")
-    assert [r["benchmark"] for r in rows] == ["step", "step_profile"]
+    rows = json_lines("step.py", "--preset", "shapes", "--steps=1", "--warmup=1", "--profile", "--syncs")
+    assert [r["benchmark"] for r in rows] == ["step", "step_profile", "step_syncs"]
+    assert rows[2]["count"] == sum(rows[2]["places"].values()) > 0  # the step's non-finite check, at least
     assert rows[0]["images_per_s"] > 0 and rows[0]["peak_memory_mb"] > 0, rows[0]
     ops = rows[1]["top_host_ops_ms"]  # the ViT's matrix products are among the ten largest host-side ops
     assert rows[1]["wall_ms_per_step"] > 0 and any("mm" in name for name, _ in ops[:10]), ops
