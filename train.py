@@ -47,7 +47,7 @@ from minidino.dist import (
 from minidino.ema import ema_update
 from minidino.evaluate import knn_against_random_init, knn_eval, knn_sets
 from minidino.losses import Losses, build_losses, entropy_stats
-from minidino.masking import StepMasks, step_masks
+from minidino.masking import StepMasks
 from minidino.meta_arch import build_student_teacher, distillation_teacher
 from minidino.optim import (
     apply_schedule,
@@ -194,12 +194,12 @@ def train_one_epoch(t: Training, epoch: int, bar: tqdm, batches: Iterator, views
     cfg, world = t.cfg, world_size()
     clock, n_images = time.perf_counter(), 0
     steps = min((epoch + 1) * t.steps_per_epoch, t.last_step) - t.step
-    for images, _, skipped in itertools.islice(batches, steps):
+    for images, _, skipped, masks in itertools.islice(batches, steps):
         crops = views.on_device(images, t.device, seeds.batch_views(cfg.run.seed, t.step, rank()))
         t.skipped_images += int(skipped.sum())
         sched = schedules(t.step, t.total_steps, t.steps_per_epoch, cfg.optim, cfg.loss, peak_lr(cfg.optim))
         apply_schedule(t.optimizer, sched["lr"], sched["wd"])
-        masks = step_masks(cfg, crops[0], t.step, rank(), world, len(crops))
+        masks = masks.to(t.device)  # the step's iBOT masks, drawn with its batch in the workers
         try:
             out = train_step(*t.networks, t.losses, t.optimizer, crops, masks, sched, cfg.optim)
         except NonFiniteLoss as e:

@@ -102,7 +102,7 @@ def main(argv: list[str]) -> dict:
     losses = build_losses(cfg).to(device)
     opt = build_optimizer(parallel.unwrap(student), cfg.optim)
     crops = synthetic_crops(cfg, device)
-    masks = step_masks(cfg, crops[0], step=0, n_crops=len(crops))  # as in train.py
+    masks = step_masks(cfg, len(crops[0]), step=0, n_crops=len(crops)).to(device)  # as in train.py
     sched = {**schedules(0, 100, 10, cfg.optim, cfg.loss, 1e-4), "lr": 1e-4, "freeze_last_layer": False}
     for group in opt.param_groups:
         group["lr"] = 1e-4
@@ -143,7 +143,7 @@ def main(argv: list[str]) -> dict:
         print0(json.dumps({"benchmark": "step_profile", **profile_steps(run, steps, device)}))
     if syncs:
         with HostSyncs() as found:
-            step_masks(cfg, crops[0], step=1, n_crops=len(crops))
+            step_masks(cfg, len(crops[0]), step=1, n_crops=len(crops)).to(device)
             run(1)
         print0(json.dumps({"benchmark": "step_syncs", "count": found.count, "places": dict(found.places)}))
     cleanup()

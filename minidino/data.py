@@ -22,7 +22,7 @@ import pickle
 import numpy as np
 import torch
 from PIL import Image, ImageFile
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from . import seeds
 
@@ -331,8 +331,7 @@ def build_dataset(data, split: str, transform=None, seed: int = 0) -> Dataset:
 class SeededViews(Dataset):
     """The training set as the loop sees it: item (epoch, i) is `transform(image i)` with the global RNG
     seeded from (seed, epoch, i) (seeds.image_views), so the crops of a step depend neither on the number of
-    DataLoader workers nor on where a run was resumed. The global RNG is restored afterwards. The training
-    loop asks for (epoch, i) pairs (`RunSampler`); a plain index i means (self.epoch, i)."""
+    DataLoader workers nor on where a run was resumed. The global RNG is restored afterwards."""
 
     def __init__(self, dataset: Dataset, seed: int, transform=None):
         self.dataset, self.seed, self.transform, self.epoch = dataset, seed, transform, 0
@@ -340,8 +339,15 @@ class SeededViews(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int | tuple[int, int]):
-        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+    def __getitem__(self, index: int | tuple[int, int, int]):
+        """A plain index i: (x, label, skipped) of (self.epoch, i). An (epoch, i, step) of `RunSampler`: the
+        same for (epoch, i), and the step its batch is for as a fourth item."""
+        if isinstance(index, tuple):
+            epoch, index, step = index
+            return *self.item(epoch, index), step
+        return self.item(self.epoch, index)
+
+    def item(self, epoch: int, index: int):
         if isinstance(self.dataset, ImageFiles):  # a transform may decode files itself (crops.WorkerCrops)
             self.dataset.decode = getattr(self.transform, "decode", load_rgb)
         with torch.random.fork_rng(devices=[]):
@@ -397,33 +403,46 @@ class EpochSampler(Sampler):
 
 
 class RunSampler(Sampler):
-    """The (epoch, index) pairs of a whole run, epoch after epoch from `first_epoch` (skipping its first
-    `start` samples when resumed mid-epoch) up to `end_epoch`, each epoch's order from `EpochSampler` and cut
-    to whole batches of `batch / world`. One DataLoader, and one set of worker processes, serves the whole run
-    instead of new workers every epoch."""
+    """The (epoch, index, step) of every sample of a whole run, epoch after epoch from `first_epoch`
+    (skipping its first `start` samples when resumed mid-epoch) up to `end_epoch`, each epoch's order from
+    `EpochSampler` and cut to whole batches of `batch / world`; `step` is the training step the sample's
+    batch is for. One DataLoader, and one set of worker processes, serves the whole run instead of new
+    workers every epoch, and its collate function can draw the step's iBOT masks."""
 
     def __init__(self, n, seed, first_epoch, end_epoch, start, batch, rank, world, length=None):
         self.epochs = [
             EpochSampler(n, seed, e, start if e == first_epoch else 0, batch, rank, world, length)
             for e in range(first_epoch, end_epoch)
         ]
-        self.local = batch // world
+        self.local, self.batch, self.steps_per_epoch = batch // world, batch, (length or n) // batch
 
     def __iter__(self):
         for epoch in self.epochs:
             order = list(epoch)
-            yield from ((epoch.epoch, i) for i in order[: len(order) // self.local * self.local])
+            first_step = epoch.epoch * self.steps_per_epoch + epoch.start // self.batch
+            whole = order[: len(order) // self.local * self.local]
+            yield from ((epoch.epoch, i, first_step + k // self.local) for k, i in enumerate(whole))
 
     def __len__(self) -> int:
         return sum(len(e) // self.local * self.local for e in self.epochs)
 
 
 def run_loader(
-    train_set: SeededViews, cfg, first_epoch, end_epoch, start, rank, world, pin, collate=None
+    train_set: SeededViews, cfg, first_epoch, end_epoch, start, rank, world, pin, collate=default_collate
 ) -> DataLoader:
     """This process's share of each global batch from sample `start` of `first_epoch` (a run resumed
-    mid-epoch) to the end of epoch `end_epoch - 1`; `collate` as the DataLoader's collate_fn."""
+    mid-epoch) to the end of epoch `end_epoch - 1`, as (views, labels, skipped, step masks): `collate` makes
+    the first three, and the step's iBOT masks (`masking.step_masks`) are drawn with them, in the workers."""
+    from .masking import step_masks
+
     batch = cfg.optim.batch_size
+    n_crops = 2 + cfg.data.local_crops_number
+
+    def collate_with_masks(items):
+        step = items[0][3]
+        masks = step_masks(cfg, len(items), step, rank, world, n_crops)
+        return (*collate([item[:3] for item in items]), masks)
+
     sampler = RunSampler(
         len(train_set), cfg.run.seed, first_epoch, end_epoch, start, batch, rank, world,
         cfg.optim.epoch_steps * batch,
@@ -434,7 +453,7 @@ def run_loader(
         sampler=sampler,
         num_workers=cfg.data.num_workers,
         pin_memory=pin,
-        collate_fn=collate,
+        collate_fn=collate_with_masks,
     )
 
 

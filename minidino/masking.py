@@ -88,11 +88,18 @@ class StepMasks:
     student: list[Tensor | None] | None  # per crop: patches the student sees as the mask token (None: none)
     patches: Tensor | None  # (2B, N) bool: patches of the two global crops that go into the patch loss
 
+    def to(self, device, non_blocking: bool = True) -> StepMasks:
+        """On `device` (no stream sync: see attention.packed_offsets)."""
+        if self.patches is None:
+            return self
+        patches = self.patches.to(device, non_blocking=non_blocking)
+        student = None if self.student is None else list(patches.chunk(2)) + [None] * (len(self.student) - 2)
+        return StepMasks(student, patches)
 
-def step_masks(
-    cfg, global_crop: Tensor, step: int, rank: int = 0, world: int = 1, n_crops: int = 2
-) -> StepMasks:
-    """The masks of a step of a `Config` for b images per process (`global_crop`: (b, 3, H, W)).
+
+def step_masks(cfg, b: int, step: int, rank: int = 0, world: int = 1, n_crops: int = 2) -> StepMasks:
+    """The masks of a step of a `Config` for b images per process, on the CPU (`.to(device)`): drawn in
+    the DataLoader workers with the step's batch (data.run_loader).
 
     DINO (iBOT weight 0): none. DINOv2: block masks on the global crops, drawn for the global batch from the
     step's stream (seeds.masks, so resuming and the process count change nothing; DINOv2's collate draws them
@@ -103,13 +110,12 @@ def step_masks(
     """
     if not cfg.loss.ibot_weight:
         return StepMasks(None, None)
-    b, side = global_crop.shape[0], global_crop.shape[-1] // cfg.model.patch_size
+    side = cfg.data.global_crops_size // cfg.model.patch_size
     if cfg.run.distill_from:
-        return StepMasks(None, torch.ones(2 * b, side * side, dtype=torch.bool, device=global_crop.device))
+        return StepMasks(None, torch.ones(2 * b, side * side, dtype=torch.bool))
     g = seeds.masks(cfg.run.seed, step)
     masks = ibot_masks(2 * b * world, side, side, g, cfg.loss.mask_ratio, cfg.loss.mask_probability)
     if not masks.any():  # decided on the global batch, so every process takes the same branch
         return StepMasks(None, None)
     masks = masks.view(2, world, b, -1)[:, rank].reshape(2 * b, -1)  # (crop, process, image, N) -> ours
-    masks = masks.to(global_crop.device, non_blocking=True)  # no stream sync: see attention.packed_offsets
     return StepMasks(list(masks.chunk(2)) + [None] * (n_crops - 2), masks)

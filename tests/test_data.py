@@ -204,9 +204,33 @@ def test_run_sampler_chains_the_epochs_in_whole_batches_and_resumes_mid_epoch():
     assert len(full) == len(RunSampler(n, 0, 0, 3, 0, batch, 0, 1)) == 3 * 32
     for e in range(3):
         part = full[e * 32 : (e + 1) * 32]
-        assert {ep for ep, _ in part} == {e} and [i for _, i in part] == list(EpochSampler(n, 0, e))[:32]
+        assert {ep for ep, _, _ in part} == {e} and [i for _, i, _ in part] == list(EpochSampler(n, 0, e))[
+            :32
+        ]
+        assert [step for _, _, step in part] == [4 * e + k // 8 for k in range(32)]  # the batch's step
     resumed = list(RunSampler(n, 0, 1, 3, 16, batch, 0, 1))  # epoch 1, after its first 2 batches
     assert resumed == full[32 + 16 :]
     two = [list(RunSampler(n, 0, 0, 2, 0, batch, r, 2)) for r in (0, 1)]  # 2 processes x 4 per batch
     merged = [x for step in range(8) for r in (0, 1) for x in two[r][step * 4 : step * 4 + 4]]
     assert merged == full[:64]
+
+
+def test_the_run_loader_draws_each_steps_ibot_masks_with_its_batch():
+    """The iBOT masks come with the batch from the workers, and are the masks of that step (the stream
+    of seeds.masks), also when the run resumes mid-epoch and with a worker process."""
+    from minidino import cli
+    from minidino.crops import pipeline
+    from minidino.data import SeededViews, run_loader
+    from minidino.masking import step_masks
+
+    cfg, _, _ = cli.parse_args(["--method=dinov2", "--data.n_train=40", "--optim.batch_size=8"])
+    cfg.data.num_workers = 1
+    views = pipeline(cfg.data)
+    train_set = SeededViews(build_dataset(cfg.data, "train"), 0, views.per_image)
+    loader = run_loader(train_set, cfg, 1, 3, 16, 0, 1, False, views.collate)  # epoch 1 from its 3rd step
+    got = [masks for _, _, _, masks in loader]
+    assert len(got) == 3 + 5  # 5 steps per epoch: 3 left of epoch 1, all of epoch 2
+    for k, masks in enumerate(got):
+        want = step_masks(cfg, 8, 5 + 2 + k, n_crops=2 + cfg.data.local_crops_number)
+        assert torch.equal(masks.patches, want.patches) and masks.patches.shape == (16, 16)
+    assert not torch.equal(got[0].patches, got[1].patches)
