@@ -146,3 +146,41 @@ def test_fused_dino_loss_keeps_the_logits_dtype_in_its_gradient():
     assert loss.dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in grads)
     ref = torch.autograd.grad(dino_loss([h.float() for h in half], teacher, 0.1), half)
     assert all(torch.allclose(g.float(), r.float(), atol=1e-3, rtol=1e-2) for g, r in zip(grads, ref))
+
+
+def test_dino_forward_and_loss_compile_as_one_graph_equal_to_eager():
+    """Issue 19's compile check on the CPU: teacher and student forward, targets and the DINO loss under
+    torch.compile(fullgraph=True) with aot_eager equal eager (eval mode: no random stochastic depth). The
+    DINOv2 step does not compile whole yet: its boolean gather of masked patches has a data-dependent
+    size."""
+    from minidino import cli
+    from minidino.losses import build_losses
+    from minidino.meta_arch import build_student_teacher
+
+    cfg, _, _ = cli.parse_args(
+        ["--model.arch=vit_nano", "--head.out_dim=64", "--head.hidden_dim=64", "--head.bottleneck_dim=32"]
+        + ["--data.local_crops_number=2"]
+    )
+    torch.manual_seed(0)
+    student, teacher = build_student_teacher(cfg)
+    losses = build_losses(cfg)
+    student.eval(), teacher.eval()
+    crops = [torch.randn(3, 3, 32, 32) for _ in range(2)] + [torch.randn(3, 3, 16, 16) for _ in range(2)]
+
+    def forward_and_loss(crops):
+        targets = losses.teacher_targets(teacher(crops[:2], patch_masks=None), 0.04)
+        return losses(student(crops, None, None), targets, None)["loss"]
+
+    compiled = torch.compile(forward_and_loss, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(crops), forward_and_loss(crops), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_dino_loss_compiles_as_one_graph_with_its_backward():
+    from minidino.losses import dino_loss_fused
+
+    student, teacher = _crops_and_targets("center", dtype=torch.float32)
+    compiled = torch.compile(dino_loss_fused, backend="aot_eager", fullgraph=True)
+    loss, ref = compiled(student, teacher, 0.1), dino_loss_fused(student, teacher, 0.1)
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(torch.autograd.grad(loss, student), torch.autograd.grad(ref, student)):
+        torch.testing.assert_close(g, r)
