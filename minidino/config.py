@@ -117,7 +117,7 @@ class RunConfig:
     eval_at_end: bool = True  # print k-NN of the trained and of a random-init model at the end
     parallel: str = "none"  # under torchrun: ddp (replicas) or fsdp (FSDP2 shards); none for one process
     activation_checkpointing: bool = False  # recompute each block's activations in the backward (memory)
-    compile: bool = False  # torch.compile each transformer block (and the hue shift of --data.augment=crops)
+    compile: bool = False  # torch.compile each transformer block and the colour jitter of augment=crops
 
 
 @dataclass

@@ -253,9 +253,9 @@ def jitter_groups(params: Tensor) -> list[tuple[tuple[int, ...], Tensor]]:
 
 def blur_rows(x: Tensor, idx: Tensor, sigma: Tensor) -> None:
     """Blur rows `idx` of x in place (`augment.gaussian_blur`, kernel +-3 sigma of the largest sigma). On
-    the CPU in chunks of 8 or 16 rows, the last one padded with a repeated row: oneDNN builds a convolution kernel
-    per input shape, and a new number of blurred rows in every batch would rebuild it every time (~3x
-    slower); chunks also stay in cache."""
+    the CPU in chunks of 8 or 16 rows, the last one padded with a repeated row: oneDNN builds a convolution
+    kernel per input shape, and a new number of blurred rows in every batch would rebuild it every time
+    (~3x slower); chunks also stay in cache."""
     n, k = len(idx), blur_kernel(x.shape[-1])
     if n == 0:
         return
@@ -327,7 +327,7 @@ def pipeline(data: DataConfig, compiled: bool = False) -> Pipeline:
     batch  whole images to the device, cropped and coloured there per batch with one generator drawn from
            (seed, step, process) (BatchMultiCrop): for data sets of small equal-size images (shapes, CIFAR)
     crops  this file: uint8 crops of the original image from the workers, colour per batch on the device
-           (with `compiled` (--run.compile), the hue shift under torch.compile)
+           (with `compiled` (--run.compile), the jitter operations under torch.compile)
     """
     if data.augment == "pil":
         return Pipeline(
