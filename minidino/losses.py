@@ -118,7 +118,10 @@ def ibot_loss(student_logits: Tensor, teacher_probs: Tensor, masks: Tensor, stud
         -teacher_probs * F.log_softmax(student_logits.float() / student_temp, dim=-1), dim=-1
     )
     n_masked = masks.sum(dim=1)  # (n_images,)
-    weight = (1.0 / n_masked.clamp(min=1)).repeat_interleave(n_masked)  # (M,): 1 / #masked of its image
+    weight = (1.0 / n_masked.clamp(min=1)).repeat_interleave(  # (M,): 1 / #masked of its image; M given,
+        n_masked,
+        output_size=per_patch.shape[0],  # so the device is not asked for it
+    )
     # mean over the masked patches of each image, summed, divided by *all* images, masked or not (as in the
     # official code): every process divides by the same count, so averaging over processes is exact
     return (per_patch * weight).sum() / masks.shape[0]
