@@ -115,8 +115,11 @@ class WorkerCrops:
         # (size, area range, p blur, p solarize) per crop, in the order of the views
         self.kinds = [(*g, 1.0, 0.0), (*g, 0.1, 0.2)] + [(*lc, 0.5, 0.0)] * cfg.local_crops_number
         self.pending: tuple | None = None  # (original size, boxes) drawn by decode() for the next __call__
-        # per crop: the blur's sigma range, p blur, p solarize
+        # per crop: the blur's sigma range, p blur, p solarize; the jitter's factor ranges and identity
         self.kind_table = torch.tensor([(*blur_sigma(k[0]), k[2], k[3]) for k in self.kinds])
+        self.factor_lo = torch.tensor([0.6, 0.6, 0.8, -cfg.hue])  # brightness, contrast, saturation, hue
+        self.factor_hi = torch.tensor([1.4, 1.4, 1.2, cfg.hue])
+        self.identity = torch.tensor([1.0, 1.0, 1.0, 0.0])
 
     def boxes(self, width: int, height: int) -> list[tuple]:
         return [crop_box(width, height, scale) for _, scale, _, _ in self.kinds]
@@ -152,9 +155,8 @@ class WorkerCrops:
         n = len(self.kinds)
         u = torch.rand(n, 9)  # every uniform number of the table at once
         jitter = u[:, 0] < 0.8
-        lo = torch.tensor([0.6, 0.6, 0.8, -self.cfg.hue])
-        hi = torch.tensor([1.4, 1.4, 1.2, self.cfg.hue])
-        factors = torch.where(jitter[:, None], lo + (hi - lo) * u[:, 1:5], torch.tensor([1.0, 1.0, 1.0, 0.0]))
+        lo, hi = self.factor_lo, self.factor_hi
+        factors = torch.where(jitter[:, None], lo + (hi - lo) * u[:, 1:5], self.identity)
         order = torch.rand(n, 4).argsort(dim=1)  # a uniform random permutation of the four operations
         sigma_lo, sigma_hi, p_blur, p_solarize = self.kind_table.unbind(1)
         sigma = (sigma_lo + (sigma_hi - sigma_lo) * u[:, 6]) * (u[:, 7] < p_blur)  # 0: no blur
@@ -168,8 +170,9 @@ def collate(items: list) -> tuple[dict, Tensor, Tensor]:
     S, S), "local": (nB, 3, s, s)) and their parameter rows ((2B, N_PARAMS), (nB, N_PARAMS))."""
     crops, params = zip(*(x for x, _, _ in items))
     table, batch = torch.stack(params), {}  # (B, 2 + n, N_PARAMS)
+    by_view = list(zip(*crops))  # per view: its B crops
     for name, views in (("global", slice(0, 2)), ("local", slice(2, None))):
-        per_view = list(zip(*crops))[views]  # per view: its B crops
+        per_view = by_view[views]
         if per_view:
             batch[name] = {
                 "crops": torch.stack([c for view in per_view for c in view]),
