@@ -140,7 +140,6 @@ class TeacherCentering(nn.Module):
         cfg = cfg or LossConfig()
         self.student_temp, self.center_momentum = cfg.student_temp, cfg.center_momentum
         self.centering, self.sinkhorn_iters = cfg.centering, cfg.sinkhorn_iters
-        self.fused = cfg.fused_dino_loss
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     @torch.no_grad()
@@ -167,6 +166,10 @@ class TeacherCentering(nn.Module):
 
 class DINOLoss(TeacherCentering):
     """DINO's CLS loss with its centre; `forward(student_logits, teacher_probs)` is Eq. (1)."""
+
+    def __init__(self, out_dim: int, cfg: LossConfig | None = None):
+        super().__init__(out_dim, cfg)
+        self.fused = (cfg or LossConfig()).fused_dino_loss  # the closed form, `dino_loss_fused`
 
     def forward(self, student_logits: list[Tensor], teacher_probs: list[Tensor]) -> Tensor:
         loss = dino_loss_fused if self.fused else dino_loss
