@@ -82,11 +82,6 @@ def main(argv: list[str] | None = None) -> dict:
     if filled:
         print0(f"for {len(train_set)} images: {' '.join(filled)}")
     steps_per_epoch = check_batch(cfg, world_size(), len(train_set))
-    if cfg.data.augment == "batch" and cfg.data.dataset in ("imagefolder", "folder"):
-        print0(
-            f"note: --data.augment=batch first resizes and centre-crops every image to --data.image_size="
-            f"{cfg.data.image_size} px; --data.augment=crops cuts the crops from the original images"
-        )
 
     # 2. student and teacher: same architecture, same initial weights; the teacher gets no gradient and is
     #    an EMA of the student. Distillation (DINOv2 Sec. 5): the teacher is a frozen trained model, and the
@@ -121,16 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 6. the loop
     t.knn_sets = knn_sets(cfg) if cfg.run.knn_every else None
-    # the views (--data.augment): begun per image in the DataLoader workers, finished per batch on `device`
-    views = pipeline(cfg.data, cfg.run.compile)
-    t.train_set.transform = views.per_image
-    first_epoch, end_epoch = t.step // steps_per_epoch, -(-t.last_step // steps_per_epoch)
-    start = (t.step - first_epoch * steps_per_epoch) * cfg.optim.batch_size
-    pin = device.type == "cuda"
-    loader = run_loader(
-        t.train_set, cfg, first_epoch, end_epoch, start, rank(), world_size(), pin, views.collate
-    )
-    batches = iter(loader)  # one set of worker processes for the whole run
+    views, batches, epochs = run_batches(t)
     print0(
         f"training {cfg.model.arch}/{cfg.model.patch_size} with {cfg.method} on {cfg.data.dataset} "
         f"({len(train_set)} images, {steps_per_epoch} steps/epoch, {t.last_step} steps) on {device}"
@@ -138,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tqdm(
         total=t.last_step, initial=t.step, desc="train", dynamic_ncols=True, disable=not is_main()
     ) as bar:
-        for epoch in range(first_epoch, end_epoch):
+        for epoch in epochs:
             train_one_epoch(t, epoch, bar, batches, views)
     skipped = f"; skipped {t.skipped_images} unreadable images" if t.skipped_images else ""
     if t.step > first_step:
@@ -185,6 +171,27 @@ class Training:
     @property
     def last_step(self) -> int:  # where this run stops (--run.max_steps may stop it early)
         return min(self.total_steps, self.cfg.run.max_steps or self.total_steps)
+
+
+def run_batches(t: Training) -> tuple[Pipeline, Iterator, range]:
+    """The views (--data.augment: begun per image in the DataLoader workers, finished per batch on the
+    device), an iterator over the run's batches from `t.step` on (one DataLoader, and one set of worker
+    processes, for the whole run) and the epochs they span."""
+    cfg = t.cfg
+    if cfg.data.augment == "batch" and cfg.data.dataset in ("imagefolder", "folder"):
+        print0(
+            f"note: --data.augment=batch first resizes and centre-crops every image to --data.image_size="
+            f"{cfg.data.image_size} px; --data.augment=crops cuts the crops from the original images"
+        )
+    views = pipeline(cfg.data, cfg.run.compile)
+    t.train_set.transform = views.per_image
+    first_epoch, end_epoch = t.step // t.steps_per_epoch, -(-t.last_step // t.steps_per_epoch)
+    start = (t.step - first_epoch * t.steps_per_epoch) * cfg.optim.batch_size
+    pin = t.device.type == "cuda"
+    loader = run_loader(
+        t.train_set, cfg, first_epoch, end_epoch, start, rank(), world_size(), pin, views.collate
+    )
+    return views, iter(loader), range(first_epoch, end_epoch)
 
 
 def train_one_epoch(t: Training, epoch: int, bar: tqdm, batches: Iterator, views: Pipeline) -> None:
