@@ -33,7 +33,7 @@ from minidino import cli, parallel, seeds
 from minidino.checkpoint import RunFolder, restore_training, restore_weights, starting_point, training_state
 from minidino.config import Config, ConfigError, OptimConfig
 from minidino.crops import Pipeline, pipeline
-from minidino.data import DataError, SeededViews, build_dataset, run_loader
+from minidino.data import DataError, build_dataset
 from minidino.dist import (
     all_reduce_mean,
     cleanup,
@@ -46,6 +46,7 @@ from minidino.dist import (
 )
 from minidino.ema import ema_update
 from minidino.evaluate import knn_against_random_init, knn_eval, knn_sets
+from minidino.loader import SeededViews, run_loader
 from minidino.losses import Losses, build_losses, entropy_stats
 from minidino.masking import StepMasks
 from minidino.meta_arch import build_student_teacher, distillation_teacher

@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader
 
 import minidino.crops
 from minidino import cli, seeds
-from minidino.data import SHAPES, EpochSampler, SeededViews, build_dataset, draw_shape, load_rgb
+from minidino.data import SHAPES, build_dataset, draw_shape, load_rgb
+from minidino.loader import EpochSampler, SeededViews
 
 JPEG_SIZE = (500, 375)  # about the mean ImageNet image
 

@@ -16,7 +16,7 @@ cheapest:
 
 The workers send uint8 crops (a quarter of the float bytes) and a small parameter table; the device half,
 `colour`, only applies what the table says, so every random draw still depends on (seed, epoch, image)
-alone (`data.SeededViews`) and resuming stays exact. The table stays on the host: the rows each operation
+alone (`loader.SeededViews`) and resuming stays exact. The table stays on the host: the rows each operation
 applies to (blurred or not, which order of the jitter) are read from it there, so the device computes no
 operation for a crop that does not get it and the host never waits for the device.
 
@@ -319,7 +319,7 @@ def to_views(batch: dict, device: torch.device, dtype=torch.float32, compiled: b
 
 
 class Pipeline(NamedTuple):
-    per_image: Callable  # applied to each image in the DataLoader workers (data.SeededViews)
+    per_image: Callable  # applied to each image in the DataLoader workers (loader.SeededViews)
     collate: Callable  # the workers' collate function
     on_device: Callable  # (batch, device, generator) -> the 2 + n views, each (B, 3, s, s), on the device
 

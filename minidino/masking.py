@@ -99,7 +99,7 @@ class StepMasks:
 
 def step_masks(cfg, b: int, step: int, rank: int = 0, world: int = 1, n_crops: int = 2) -> StepMasks:
     """The masks of a step of a `Config` for b images per process, on the CPU (`.to(device)`): drawn in
-    the DataLoader workers with the step's batch (data.run_loader).
+    the DataLoader workers with the step's batch (loader.run_loader).
 
     DINO (iBOT weight 0): none. DINOv2: block masks on the global crops, drawn for the global batch from the
     step's stream (seeds.masks, so resuming and the process count change nothing; DINOv2's collate draws them

@@ -2,12 +2,12 @@
 
     stream        depends on                 drawn by
     model init    seed                       the student's initial weights (and the random-init baseline)
-    data order    seed, epoch                the permutation of the training set (data.EpochSampler)
+    data order    seed, epoch                the permutation of the training set (loader.EpochSampler)
     image views   seed, epoch, image index   per-image crops (and with --data.augment=crops their colour
-                                             parameters) in the DataLoader workers (data.SeededViews)
+                                             parameters) in the DataLoader workers (loader.SeededViews)
     batch views   seed, step, process        multi-crop of a whole batch on the device (augment.BatchMultiCrop)
     masks         seed, step                 iBOT block masks for the global batch, in the workers with the
-                                             step's batch (masking.step_masks, data.run_loader)
+                                             step's batch (masking.step_masks, loader.run_loader)
 
 Each stream's seed is a hash of (run seed, stream name, indices), so two streams never start from the same
 seed (with a formula such as `seed * 1_000_003 + step`, the data order of epoch e and the views of step e

@@ -12,7 +12,8 @@ from torchvision.transforms import RandomResizedCrop
 from minidino import crops as C
 from minidino.augment import IMAGENET_MEAN, IMAGENET_STD
 from minidino.config import DataConfig, from_dict
-from minidino.data import SeededViews, build_dataset
+from minidino.data import build_dataset
+from minidino.loader import SeededViews
 
 
 def _ks(a, b) -> float:

@@ -197,7 +197,7 @@ def test_blur_sigma_is_the_official_range_from_96_px_and_scaled_below():
 
 
 def test_run_sampler_chains_the_epochs_in_whole_batches_and_resumes_mid_epoch():
-    from minidino.data import EpochSampler, RunSampler
+    from minidino.loader import EpochSampler, RunSampler
 
     n, batch = 37, 8  # 4 whole batches per epoch, 5 samples dropped
     full = list(RunSampler(n, 0, 0, 3, 0, batch, 0, 1))
@@ -220,7 +220,7 @@ def test_the_run_loader_draws_each_steps_ibot_masks_with_its_batch():
     of seeds.masks), also when the run resumes mid-epoch and with a worker process."""
     from minidino import cli
     from minidino.crops import pipeline
-    from minidino.data import SeededViews, run_loader
+    from minidino.loader import SeededViews, run_loader
     from minidino.masking import step_masks
 
     cfg, _, _ = cli.parse_args(["--method=dinov2", "--data.n_train=40", "--optim.batch_size=8"])

@@ -90,16 +90,16 @@ def test_resume_equals_uninterrupted_with_the_crops_pipeline(tmp_path, data):
 
 def test_one_data_loader_serves_all_epochs(tmp_path, monkeypatch):
     """The DataLoader (and its worker processes) is made once per run, not once per epoch."""
-    import minidino.data
+    import minidino.loader
 
     made = []
 
-    class Counted(minidino.data.DataLoader):
+    class Counted(minidino.loader.DataLoader):
         def __init__(self, *args, **kwargs):
             made.append(1)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(minidino.data, "DataLoader", Counted)
+    monkeypatch.setattr(minidino.loader, "DataLoader", Counted)
     train.main(tiny_run(tmp_path / "a", "--run.eval_at_end=false", "--data.num_workers=1"))
     assert [r["epoch"] for r in _log(tmp_path / "a")] == [0, 0, 1, 1] and len(made) == 1
 
