@@ -36,6 +36,7 @@ from minidino.crops import Pipeline, pipeline
 from minidino.data import DataError, build_dataset
 from minidino.dist import (
     all_reduce_mean,
+    all_true,
     cleanup,
     init_distributed,
     is_main,
@@ -160,6 +161,7 @@ class Training:
     skipped_images: int = 0
     knn_sets: tuple | None = None
     saved_step: int | None = None  # the step of the checkpoint on disk (None: none yet)
+    first_bad: Tensor | int = -1  # optim.fused: the first step with a non-finite loss (-1: none so far)
 
     @property
     def networks(self) -> tuple[nn.Module, nn.Module, nn.Module]:  # train_step's first three arguments
@@ -212,17 +214,23 @@ def train_one_epoch(t: Training, epoch: int, bar: tqdm, batches: Iterator, views
             out = train_step(*t.networks, t.losses, t.optimizer, crops, masks, sched, cfg.optim)
         except NonFiniteLoss as e:
             raise NonFiniteLoss(f"{e} at step {t.step}: stopping; {kept_checkpoint(t)}") from None
+        if cfg.optim.fused:  # the first step whose loss was not finite (-1: none), kept on the device
+            t.first_bad = torch.where(out["finite"] | (t.first_bad >= 0), t.first_bad, t.step)
         t.step += 1
         n_images += crops[0].shape[0] * world
         bar.update(1)
         knn_now = bool(t.knn_sets) and t.step % (cfg.run.knn_every * t.steps_per_epoch) == 0
-        if t.step % cfg.run.log_every == 0 or t.step == t.last_step or knn_now:
+        log_now = t.step % cfg.run.log_every == 0 or t.step == t.last_step or knn_now
+        save_now = t.step % t.steps_per_epoch == 0 or t.step == t.last_step
+        if cfg.optim.fused and (log_now or save_now):
+            check_finite(t)
+        if log_now:
             row = log_row(t, epoch, out, sched, n_images / (time.perf_counter() - clock), knn_now)
             bar.set_postfix(
                 loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", img_s=f"{row['images_per_s']:.0f}"
             )
             clock, n_images = time.perf_counter(), 0
-        if t.step % t.steps_per_epoch == 0 or t.step == t.last_step:
+        if save_now:
             save_checked(t, crops, masks, sched)
         if t.step >= t.last_step:
             return
@@ -239,9 +247,9 @@ def save_checked(t: Training, crops: list[Tensor], masks: StepMasks, sched: dict
         for m in networks:
             m.eval()
         with torch.no_grad(), mixed_precision(crops[0].device):
-            t_out = t.teacher(crops[:2], patch_masks=masks.patches)
+            t_out = t.teacher(crops[:2], patch_index=masks.indices)
             targets = t.losses.teacher_targets(t_out, sched["teacher_temp"])
-            loss = t.losses(t.student(crops, masks.student, masks.patches), targets, masks.patches)["loss"]
+            loss = t.losses(t.student(crops, masks.student, masks.indices), targets, masks)["loss"]
     finally:
         for m, mode in zip(networks, modes):
             m.train(mode)
@@ -256,6 +264,16 @@ def save_checked(t: Training, crops: list[Tensor], masks: StepMasks, sched: dict
         training_state(*state, t.step, epochs_done, t.cfg, t.skipped_images), last=t.step == t.last_step
     )
     t.saved_step = t.step
+
+
+def check_finite(t: Training) -> None:
+    """With optim.fused the loop learns of a non-finite loss here, at log and checkpoint steps (the one
+    read-back of the flag); the steps since were skipped by the optimiser, so no update is kept or saved."""
+    bad = int(t.first_bad)
+    if bad >= 0:
+        raise NonFiniteLoss(
+            f"loss is not finite at step {bad} (updates skipped since): stopping; {kept_checkpoint(t)}"
+        )
 
 
 def kept_checkpoint(t: Training) -> str:
@@ -312,31 +330,46 @@ def train_step(
     optim.accum_steps = a, the student runs on a micro-batches of B / a images in turn and their gradients
     add up, while the targets, the centres and the EMA come from the whole batch: the same step as on the
     whole batch at once, KoLeo's neighbours and BatchNorm's statistics aside (those see a micro-batch).
+
+    A non-finite loss raises NonFiniteLoss at once, which makes the host wait for the device every step to
+    know. With optim.fused the step never waits: the fused AdamW skips its update on the device when the loss
+    is not finite (`found_inf`), the EMA then leaves the teacher as it is, and the returned 'finite' flag is
+    read by the loop at log and checkpoint steps only (`check_finite`).
     """
     with torch.no_grad(), mixed_precision(crops[0].device):  # teacher: global views only, unmasked
-        t_out = teacher(crops[:2], patch_masks=masks.patches)
+        t_out = teacher(crops[:2], patch_index=masks.indices)
         targets = losses.teacher_targets(t_out, sched["teacher_temp"])  # centred and sharpened
     optimizer.zero_grad(set_to_none=True)
     terms: dict[str, Tensor] = {}
+    finite = torch.ones((), dtype=torch.bool, device=crops[0].device)  # every micro-batch's loss finite
     for crops_i, masks_i, targets_i in micro_batches(crops, masks, targets, optim.accum_steps):
         with mixed_precision(crops[0].device):
-            s_out = student(crops_i, masks_i.student, masks_i.patches)  # every view; masked patches -> token
-            micro = losses(s_out, targets_i, masks_i.patches)  # H(P_t(x), P_s(x')), x != x', + iBOT, KoLeo
-        if not torch.isfinite(micro["loss"]):
+            s_out = student(crops_i, masks_i.student, masks_i.indices)  # every view; masked patches -> token
+            micro = losses(s_out, targets_i, masks_i)  # H(P_t(x), P_s(x')), x != x', + iBOT, KoLeo
+        if optim.fused:
+            finite &= torch.isfinite(micro["loss"])  # stays on the device
+        elif not torch.isfinite(micro["loss"]):
             raise NonFiniteLoss(f"loss is {micro['loss'].item()}")
         (micro["loss"] / optim.accum_steps).backward()
         terms = {k: terms.get(k, 0) + v.detach() / optim.accum_steps for k, v in micro.items()}
     clip_gradients(student, optim.clip_grad, optim.clip_mode)
     drop_frozen_gradients(student, sched)  # the prototypes in the first epoch; a loaded backbone at first
+    momentum = sched["momentum"]
+    if optim.fused:  # a non-finite step changes no weight: the optimiser skips it, the EMA keeps the teacher
+        finite = all_true(finite)  # one process's NaN reaches every gradient through the all-reduce
+        optimizer.found_inf = (~finite).float()
+        momentum = torch.where(finite, momentum, 1.0)
     optimizer.step()
-    ema_update(ema_target, student, sched["momentum"])  # theta_t <- m theta_t + (1 - m) theta_s
+    ema_update(ema_target, student, momentum)  # theta_t <- m theta_t + (1 - m) theta_s
     losses.update_centers(t_out)  # c <- m c + (1 - m) mean(g_t), over the whole batch
-    return {**terms, "teacher_probs": torch.cat(targets["cls"])}
+    return {**terms, "teacher_probs": torch.cat(targets["cls"]), "finite": finite}
 
 
 def micro_batches(crops: list[Tensor], masks: StepMasks, targets: dict, n: int):
     """The step's batch cut into n equal micro-batches: (crops, masks, teacher targets) of each. The patch
-    targets (M, K) follow masks.patches.nonzero(), row by row (global crop 1's images, then crop 2's)."""
+    targets (M, K) follow masks.indices, row by row (global crop 1's images, then crop 2's). The host
+    counts each micro-batch's masked patches here (a read-back per step that the whole batch at once
+    does not make)."""
     if n == 1:
         yield crops, masks, targets
         return
@@ -349,10 +382,8 @@ def micro_batches(crops: list[Tensor], masks: StepMasks, targets: dict, n: int):
         patches = None
         if masks.patches is not None:
             mine["patch"], patches = torch.cat([per_row[r] for r in rows]), masks.patches[rows]
-        student = (
-            [m if m is None else m[i * b : (i + 1) * b] for m in masks.student] if masks.student else None
-        )
-        yield [c[i * b : (i + 1) * b] for c in crops], StepMasks(student, patches), mine
+        mask_i = StepMasks.of(patches, student=masks.student is not None, n_crops=len(crops))
+        yield [c[i * b : (i + 1) * b] for c in crops], mask_i, mine
 
 
 # ----------------------------------------------------------------------------------------------------------

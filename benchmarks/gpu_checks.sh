@@ -29,7 +29,7 @@ for s in $sections; do
     overhead)
       timeout 200 python benchmarks/attention_overhead.py 2>&1 | grep '^{' | tee "$out/overhead.jsonl" ;;
     step)
-      for opts in "--model.attn_impl=sdpa" "--model.attn_impl=sdpa --loss.fused_dino_loss=true" "--model.attn_impl=triton" "--model.attn_impl=triton --model.pack_crops=true"; do
+      for opts in "--model.attn_impl=sdpa" "--model.attn_impl=sdpa --loss.fused_dino_loss=true" "--model.attn_impl=sdpa --optim.fused=true" "--model.attn_impl=sdpa --optim.fused=true --loss.fused_dino_loss=true --method=dinov2" "--model.attn_impl=triton" "--model.attn_impl=triton --model.pack_crops=true"; do
         # shellcheck disable=SC2086
         timeout 150 python benchmarks/step.py --preset imagenet --optim.batch_size=64 --steps=10 --profile $opts 2>&1 | grep '^{' | tee -a "$out/step.jsonl"
       done ;;

@@ -87,6 +87,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t / world_size()
 
 
+def all_true(flag: torch.Tensor) -> torch.Tensor:
+    """Whether a 0-d bool tensor is True on every process, as a tensor on its device (the host does not wait)."""
+    if not is_dist():
+        return flag
+    t = flag.to(torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.bool()
+
+
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate equal-shaped tensors from every process along dim 0 (rank order)."""
     if not is_dist():

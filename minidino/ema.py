@@ -8,15 +8,15 @@ it is a running average of past students, "a form of model ensembling" (Sec. 5.2
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .dist import local
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float | Tensor) -> None:
     """theta_t <- m theta_t + (1 - m) theta_s for all parameters: m=0 copies the student, m=1 keeps the
-    teacher.
+    teacher. A 0-d tensor m stays on the device (train.py's step that never waits).
 
     Buffers are not averaged (the ViT has none that train); both modules must have the same parameter names.
     """
@@ -32,4 +32,9 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
             f"teacher has {len(t_params)} parameters, student {len(s_params)}: not the same model"
         )
     # lerp(t, s, w) = t + w (s - t) = (1 - w) t + w s, with w = 1 - m
-    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+    if isinstance(momentum, Tensor):  # lerp would read a tensor weight back to the host: t += w (s - t)
+        steps = torch._foreach_sub(s_params, t_params)
+        torch._foreach_mul_(steps, 1.0 - momentum)
+        torch._foreach_add_(t_params, steps)
+    else:
+        torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)

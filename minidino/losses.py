@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .config import LossConfig
 from .koleo import koleo_loss
+from .masking import StepMasks
 from .sinkhorn import sinkhorn_knopp
 
 
@@ -108,23 +109,21 @@ def entropy_stats(probs: Tensor) -> dict[str, float]:
     return {"teacher_entropy": ent.item(), "teacher_kl_uniform": kl.item(), "ln_K": math.log(probs.shape[-1])}
 
 
-def ibot_loss(student_logits: Tensor, teacher_probs: Tensor, masks: Tensor, student_temp: float) -> Tensor:
+def ibot_loss(
+    student_logits: Tensor, teacher_probs: Tensor, weights: Tensor, n_images: int, student_temp: float
+) -> Tensor:
     """iBOT patch loss.
 
-    student_logits, teacher_probs: (M, K) for the M masked patches, in the order of masks.nonzero().
-    masks: (n_images, N) bool, which patches of each global crop were masked for the student.
+    student_logits, teacher_probs: (M, K) for the M masked patches (`StepMasks.indices` order).
+    weights: (M,) 1 / the number of masked patches of the patch's image (`StepMasks.weights`), so that the
+    cross-entropies are averaged within each image. n_images: the global crops of the batch, masked or not.
     """
     per_patch = torch.sum(
         -teacher_probs * F.log_softmax(student_logits.float() / student_temp, dim=-1), dim=-1
     )
-    n_masked = masks.sum(dim=1)  # (n_images,)
-    weight = (1.0 / n_masked.clamp(min=1)).repeat_interleave(  # (M,): 1 / #masked of its image; M given,
-        n_masked,
-        output_size=per_patch.shape[0],  # so the device is not asked for it
-    )
     # mean over the masked patches of each image, summed, divided by *all* images, masked or not (as in the
     # official code): every process divides by the same count, so averaging over processes is exact
-    return (per_patch * weight).sum() / masks.shape[0]
+    return (per_patch * weights).sum() / n_images
 
 
 CENTERINGS = ("center", "sinkhorn", "none")
@@ -179,8 +178,8 @@ class DINOLoss(TeacherCentering):
 class IBOTLoss(TeacherCentering):
     """iBOT's masked-patch loss with its own centre (patch statistics differ from CLS statistics)."""
 
-    def forward(self, student_logits: Tensor, teacher_probs: Tensor, masks: Tensor) -> Tensor:
-        return ibot_loss(student_logits, teacher_probs, masks, self.student_temp)
+    def forward(self, student_logits: Tensor, teacher_probs: Tensor, masks: StepMasks) -> Tensor:
+        return ibot_loss(student_logits, teacher_probs, masks.weights, len(masks.patches), self.student_temp)
 
 
 class Losses(nn.Module):
@@ -208,12 +207,12 @@ class Losses(nn.Module):
             targets["patch"] = self.ibot.teacher_probs([teacher_out["patch_logits"]], teacher_temp)[0]
         return targets
 
-    def forward(self, student_out: dict, targets: dict, patch_masks: Tensor | None) -> dict[str, Tensor]:
+    def forward(self, student_out: dict, targets: dict, masks: StepMasks) -> dict[str, Tensor]:
         """{'loss_dino', 'loss_ibot', 'loss_koleo' (those that apply), 'loss': their weighted sum}."""
         n_global = len(targets["cls"])
         terms = {"loss_dino": self.dino(student_out["logits"], targets["cls"])}  # H(P_t(x), P_s(x')), x != x'
         if "patch" in targets:
-            terms["loss_ibot"] = self.ibot(student_out["patch_logits"], targets["patch"], patch_masks)
+            terms["loss_ibot"] = self.ibot(student_out["patch_logits"], targets["patch"], masks)
         if self.weights["loss_koleo"]:  # per global crop, summed (DINOv2's ssl_meta_arch), on backbone CLS
             terms["loss_koleo"] = sum(koleo_loss(c) for c in student_out["cls"][:n_global])
         terms["loss"] = sum(self.weights[k] * v for k, v in terms.items())

@@ -83,18 +83,36 @@ def ibot_masks(
 
 @dataclass
 class StepMasks:
-    """The iBOT masks of one training step, ready for `train_step`."""
+    """The iBOT masks of one training step, ready for `train_step`. `indices` and `weights` are what the patch
+    loss reads: computed on the CPU where the masks are drawn, so on the device the masked patches are
+    gathered by index (`index_select`), whose output size the host already knows. A boolean gather
+    (`tokens[masks]`) would make the host wait for the device to count the True entries, every step."""
 
     student: list[Tensor | None] | None  # per crop: patches the student sees as the mask token (None: none)
     patches: Tensor | None  # (2B, N) bool: patches of the two global crops that go into the patch loss
+    indices: Tensor | None = None  # (M,) int64: where those M patches are in patches.flatten(), in order
+    weights: Tensor | None = None  # (M,) 1 / the masked count of its crop: the per-crop mean of the loss
+
+    @classmethod
+    def of(cls, patches: Tensor | None, student: bool = True, n_crops: int = 2) -> StepMasks:
+        """From (2B, N) bool CPU masks; `student`: the student sees them too (not in distillation)."""
+        if patches is None:
+            return cls(None, None)
+        counts = patches.sum(1)  # (2B,)
+        indices = patches.flatten().nonzero().squeeze(1)
+        weights = (1.0 / counts.clamp(min=1)).repeat_interleave(counts, output_size=len(indices))
+        per_crop = list(patches.chunk(2)) + [None] * (n_crops - 2) if student else None
+        return cls(per_crop, patches, indices, weights)
 
     def to(self, device, non_blocking: bool = True) -> StepMasks:
         """On `device` (no stream sync: see attention.packed_offsets)."""
         if self.patches is None:
             return self
-        patches = self.patches.to(device, non_blocking=non_blocking)
+        patches, indices, weights = (
+            t.to(device, non_blocking=non_blocking) for t in (self.patches, self.indices, self.weights)
+        )
         student = None if self.student is None else list(patches.chunk(2)) + [None] * (len(self.student) - 2)
-        return StepMasks(student, patches)
+        return StepMasks(student, patches, indices, weights)
 
 
 def step_masks(cfg, b: int, step: int, rank: int = 0, world: int = 1, n_crops: int = 2) -> StepMasks:
@@ -112,10 +130,10 @@ def step_masks(cfg, b: int, step: int, rank: int = 0, world: int = 1, n_crops: i
         return StepMasks(None, None)
     side = cfg.data.global_crops_size // cfg.model.patch_size
     if cfg.run.distill_from:
-        return StepMasks(None, torch.ones(2 * b, side * side, dtype=torch.bool))
+        return StepMasks.of(torch.ones(2 * b, side * side, dtype=torch.bool), student=False)
     g = seeds.masks(cfg.run.seed, step)
     masks = ibot_masks(2 * b * world, side, side, g, cfg.loss.mask_ratio, cfg.loss.mask_probability)
     if not masks.any():  # decided on the global batch, so every process takes the same branch
         return StepMasks(None, None)
     masks = masks.view(2, world, b, -1)[:, rank].reshape(2 * b, -1)  # (crop, process, image, N) -> ours
-    return StepMasks(list(masks.chunk(2)) + [None] * (n_crops - 2), masks)
+    return StepMasks.of(masks, n_crops=n_crops)

@@ -28,24 +28,25 @@ class SSLModel(nn.Module):
         self,
         crops: list[Tensor],
         masks: list[Tensor | None] | None = None,
-        patch_masks: Tensor | None = None,
+        patch_index: Tensor | None = None,
     ) -> dict[str, list[Tensor]]:
-        """masks: per crop, patches to replace by the mask token (student side of iBOT). patch_masks: (nB, N)
-        bool over the first n crops: their selected patches also go through the head ('patch_logits', iBOT).
-        Inside forward so that DDP sees every parameter the loss uses."""
+        """masks: per crop, patches to replace by the mask token (student side of iBOT). patch_index: (M,)
+        positions in the flattened (2B, N) patch tokens of the two global crops (`StepMasks.indices`): those
+        patches also go through the head ('patch_logits', iBOT). Inside forward so that DDP sees every
+        parameter the loss uses."""
         feats = self.backbone(crops, masks)  # one {'cls', 'patch'} dict per crop
         cls = [f["cls"] for f in feats]  # each (B, C)
         logits = self.head(torch.cat(cls)).split([c.shape[0] for c in cls])  # each (B, K)
         out = {"cls": cls, "patch": [f["patch"] for f in feats], "logits": list(logits)}
-        if patch_masks is not None:
-            n = patch_masks.shape[0] // cls[0].shape[0]
-            out["patch_logits"] = self.patch_logits(torch.cat(out["patch"][:n]), patch_masks)
+        if patch_index is not None:
+            out["patch_logits"] = self.patch_logits(torch.cat(out["patch"][:2]), patch_index)
         return out
 
-    def patch_logits(self, patch_tokens: Tensor, masks: Tensor) -> Tensor:
-        """iBOT: head logits (M, K) of the masked patches; patch_tokens (n, N, C), masks (n, N) bool."""
+    def patch_logits(self, patch_tokens: Tensor, index: Tensor) -> Tensor:
+        """iBOT: head logits (M, K) of the selected patches; patch_tokens (2B, N, C), index (M,) into its
+        first two dimensions flattened."""
         head = self.ibot_head if self.ibot_head is not None else self.head
-        return head(patch_tokens[masks])  # (M, C) in masks.nonzero() order -> (M, K)
+        return head(patch_tokens.flatten(0, 1).index_select(0, index))  # (M, C) -> (M, K)
 
 
 def build_model(cfg: Config, drop_path: float | None = None) -> SSLModel:

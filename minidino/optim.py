@@ -53,7 +53,9 @@ def param_groups(model: nn.Module, layer_decay: float = 1.0, patch_embed_lr_mult
 def build_optimizer(model: nn.Module, optim) -> torch.optim.AdamW:
     """AdamW over `param_groups` of an `OptimConfig`; lr and weight decay are set every step."""
     groups = param_groups(model, optim.layer_decay, optim.patch_embed_lr_mult)
-    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999))
+    # fused: one kernel for all tensors, step counters on the device (no read-back of them), and `found_inf`
+    # to skip a step on the device; the default (foreach) reads each group's step count back
+    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), fused=optim.fused or None)
 
 
 def peak_lr(optim) -> float:

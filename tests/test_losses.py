@@ -72,6 +72,7 @@ def test_entropy_stats_limits():
 
 def test_ibot_loss_hand_computed_per_image_then_over_images():
     from minidino.losses import ibot_loss
+    from minidino.masking import StepMasks
 
     # image 0 has 2 masked patches, image 1 none, image 2 one; student temp 1, logits = log-probabilities
     masks = torch.tensor([[True, False, True], [False, False, False], [False, True, False]])
@@ -80,7 +81,10 @@ def test_ibot_loss_hand_computed_per_image_then_over_images():
     per_patch = [math.log(2), -math.log(0.75), -math.log(0.9)]
     # per-image means, divided by all 3 images (the unmasked one counts, as in the official DINOv2 code)
     expected = ((per_patch[0] + per_patch[1]) / 2 + per_patch[2]) / 3
-    assert abs(ibot_loss(s, t, masks, 1.0).item() - expected) < 1e-6
+    m = StepMasks.of(masks)  # the index buffers the loss reads: positions and per-image weights
+    assert m.indices.tolist() == [0, 2, 7] and m.weights.tolist() == [0.5, 0.5, 1.0]
+    assert torch.equal(masks.flatten()[m.indices], torch.ones(3, dtype=torch.bool))
+    assert abs(ibot_loss(s, t, m.weights, len(masks), 1.0).item() - expected) < 1e-6
 
 
 def test_sinkhorn_centering_in_loss_module():
@@ -168,7 +172,7 @@ def test_dino_forward_and_loss_compile_as_one_graph_equal_to_eager():
     crops = [torch.randn(3, 3, 32, 32) for _ in range(2)] + [torch.randn(3, 3, 16, 16) for _ in range(2)]
 
     def forward_and_loss(crops):
-        targets = losses.teacher_targets(teacher(crops[:2], patch_masks=None), 0.04)
+        targets = losses.teacher_targets(teacher(crops[:2], patch_index=None), 0.04)
         return losses(student(crops, None, None), targets, None)["loss"]
 
     compiled = torch.compile(forward_and_loss, backend="aot_eager", fullgraph=True)

@@ -403,3 +403,84 @@ def test_two_accumulated_micro_batches_of_4_equal_one_batch_of_8(tmp_path, metho
 def test_accumulation_must_divide_the_batch(tmp_path):
     with pytest.raises(ConfigError, match=r"must be divisible by the 1 processes x --optim.accum_steps=3"):
         train.main(tiny_run(tmp_path / "a", "--optim.accum_steps=3"))
+
+
+def test_fused_optimizer_trains_the_same_steps(tmp_path):
+    """--optim.fused (fused AdamW, the non-finite check on the device): 4 DINO steps give the losses and
+    teacher weights of the default AdamW to fp32 rounding."""
+    train.main(tiny_run(tmp_path / "a", "--run.eval_at_end=false"))
+    train.main(tiny_run(tmp_path / "b", "--run.eval_at_end=false", "--optim.fused=true"))
+    a, b = _log(tmp_path / "a"), _log(tmp_path / "b")
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
+    ta, tb = (load_checkpoint(str(tmp_path / d))["teacher"] for d in "ab")
+    assert all(torch.allclose(ta[k], tb[k], atol=1e-5, rtol=1e-4) for k in ta)
+
+
+@pytest.mark.parametrize("method", ["dino", "dinov2"])
+def test_fused_step_never_reads_a_value_back(method):
+    """With --optim.fused a training step asks the device for no value (the sync detector counts 0), the
+    iBOT masks' index buffers included; the default step reads the loss's finiteness and AdamW's counts."""
+    from minidino.losses import build_losses
+    from minidino.masking import step_masks
+    from minidino.meta_arch import build_student_teacher
+    from minidino.optim import build_optimizer
+    from minidino.schedules import schedules
+    from minidino.syncs import HostSyncs
+
+    counts = {}
+    for fused in (False, True):
+        cfg, _, _ = cli.parse_args(tiny_run("unused", f"--method={method}", f"--optim.fused={fused}"))
+        torch.manual_seed(0)
+        student, teacher = build_student_teacher(cfg)
+        losses, opt = build_losses(cfg), build_optimizer(student, cfg.optim)
+        crops = [torch.randn(4, 3, 32, 32) for _ in range(2)] + [torch.randn(4, 3, 16, 16) for _ in range(2)]
+        masks = step_masks(cfg, 4, step=3, n_crops=4)  # drawn in the DataLoader workers in a run
+        assert method == "dino" or masks.indices is not None
+        sched = {**schedules(3, 10, 2, cfg.optim, cfg.loss, 1e-3), "freeze_last_layer": False}
+        with HostSyncs() as syncs:
+            for _ in range(2):
+                out = train.train_step(student, teacher, teacher, losses, opt, crops, masks, sched, cfg.optim)
+        counts[fused] = syncs.count
+        assert torch.isfinite(out["loss"])
+    assert counts[True] == 0 and counts[False] >= 2, counts
+
+
+def test_fused_step_skips_a_non_finite_update_on_the_device():
+    """A NaN loss under --optim.fused: no weight of student or teacher changes, and the step says so."""
+    from minidino.losses import build_losses
+    from minidino.meta_arch import build_student_teacher
+    from minidino.optim import build_optimizer
+    from minidino.schedules import schedules
+
+    cfg, _, _ = cli.parse_args(tiny_run("unused", "--optim.fused=true"))
+    student, teacher = build_student_teacher(cfg)
+    losses, opt = build_losses(cfg), build_optimizer(student, cfg.optim)
+    crops = [torch.randn(4, 3, 32, 32) for _ in range(2)] + [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    sched = {**schedules(3, 10, 2, cfg.optim, cfg.loss, 1e-2), "lr": 1e-2, "freeze_last_layer": False}
+    out = train.train_step(
+        student, teacher, teacher, losses, opt, crops, StepMasks(None, None), sched, cfg.optim
+    )
+    assert bool(out["finite"])
+    before = [p.detach().clone() for p in (*student.parameters(), *teacher.parameters())]
+    crops[3][0, 0, 0, 0] = float("nan")  # one local crop's pixel: the student's loss becomes NaN
+    out = train.train_step(
+        student, teacher, teacher, losses, opt, crops, StepMasks(None, None), sched, cfg.optim
+    )
+    assert not bool(out["finite"])
+    after = [*student.parameters(), *teacher.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_fused_non_finite_loss_stops_at_the_log_step_with_its_step_and_keeps_checkpoint(
+    tmp_path, monkeypatch
+):
+    train.main(tiny_run(tmp_path / "a", "--run.max_steps=2", "--run.eval_at_end=false", "--optim.fused=true"))
+    saved = (tmp_path / "a" / "checkpoint.pt").read_bytes()
+    real = DINOLoss.forward
+    monkeypatch.setattr(DINOLoss, "forward", lambda self, s, t: real(self, s, t) * float("nan"))
+    with pytest.raises(
+        train.NonFiniteLoss,
+        match=r"loss is not finite at step 2 \(updates skipped since\): stopping; the last good checkpoint",
+    ):
+        train.main(["--resume", str(tmp_path / "a"), "--run.max_steps=0", "--run.log_every=2"])
+    assert (tmp_path / "a" / "checkpoint.pt").read_bytes() == saved
