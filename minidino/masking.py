@@ -95,7 +95,8 @@ class StepMasks:
 
     @classmethod
     def of(cls, patches: Tensor | None, student: bool = True, n_crops: int = 2) -> StepMasks:
-        """From (2B, N) bool CPU masks; `student`: the student sees them too (not in distillation)."""
+        """From (2B, N) bool masks; `student`: the student sees them too (not in distillation). Meant for CPU
+        masks (the workers'); on device masks (train.micro_batches) `nonzero` reads the count back."""
         if patches is None:
             return cls(None, None)
         counts = patches.sum(1)  # (2B,)
