@@ -61,9 +61,13 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return (scores.softmax(dim=-1) @ v.to(acc)).to(q.dtype)
 
 
-def attention_varlen_torch(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, impl: str = "sdpa") -> Tensor:
-    """Packed attention without Triton: q, k, v (T, H, D); each run of equal-length sequences as one batch."""
-    lengths = cu_seqlens.diff().tolist()
+def attention_varlen_torch(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, impl: str = "sdpa", lengths: list[int] | None = None
+) -> Tensor:
+    """Packed attention without Triton: q, k, v (T, H, D); each run of equal-length sequences as one batch.
+    `lengths`: the sequence lengths as the host knows them (vit.Packing); without them they are read back
+    from cu_seqlens, which makes the host wait for the device."""
+    lengths = cu_seqlens.diff().tolist() if lengths is None else lengths
     out, start, i = [], 0, 0
     while i < len(lengths):
         j = i
@@ -358,19 +362,30 @@ def attention(q: Tensor, k: Tensor, v: Tensor, impl: str = "auto") -> Tensor:
 
 
 def attention_varlen(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, impl: str = "auto"
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    impl: str = "auto",
+    lengths: list[int] | None = None,
 ) -> Tensor:
     """Packed attention: q, k, v (T, H, D) hold sequences back to back; sequence i is tokens
-    cu_seqlens[i]:cu_seqlens[i+1] (int32, starts with 0, ends with T) and attends only within itself."""
+    cu_seqlens[i]:cu_seqlens[i+1] (int32, starts with 0, ends with T) and attends only within itself.
+    `lengths` (the host's copy of cu_seqlens.diff()) spares the PyTorch path a read-back."""
     if q.shape != k.shape or q.shape != v.shape or q.dim() != 3:
         raise ValueError(f"attention_varlen: q, k, v must share one (T, H, D) shape, got {tuple(q.shape)}")
     if _use_triton(q, impl):
         return _flash(q, k, v, cu_seqlens.to(q.device, torch.int32), int(max_seqlen))
-    return attention_varlen_torch(q, k, v, cu_seqlens, "ref" if impl == "ref" else "sdpa")
+    return attention_varlen_torch(q, k, v, cu_seqlens, "ref" if impl == "ref" else "sdpa", lengths)
 
 
 def attention_qkv(
-    qkv: Tensor, impl: str = "auto", cu_seqlens: Tensor | None = None, max_seqlen: int | None = None
+    qkv: Tensor,
+    impl: str = "auto",
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
+    lengths: list[int] | None = None,
 ) -> Tensor:
     """Attention on the fused output of a qkv projection, token-major in and out, as a ViT block holds it:
     qkv (B, N, 3, H, D) -> (B, N, H, D); packed (cu_seqlens given, as in `attention_varlen`):
@@ -386,7 +401,7 @@ def attention_qkv(
         return out if packed else out.transpose(1, 2)
     q, k, v = host.split_qkv(qkv, packed)
     if packed:
-        return attention_varlen(q, k, v, cu_seqlens, max_seqlen, impl)
+        return attention_varlen(q, k, v, cu_seqlens, max_seqlen, impl, lengths)
     return attention(q, k, v, impl).transpose(1, 2)
 
 

@@ -15,6 +15,7 @@ blocks.{i}.ls1.gamma, blocks.{i}.norm2, blocks.{i}.mlp.fc1/fc2, norm.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -48,15 +49,23 @@ class Packing:
     cu_seqlens: Tensor  # (S + 1,) int32 offsets: sequence i is tokens cu_seqlens[i]:cu_seqlens[i + 1]
     max_seqlen: int
     seq_ids: Tensor  # (T,) which sequence each token belongs to (for per-sample stochastic depth)
+    lengths: list[int]  # the host's copy of the lengths: the PyTorch attention path needs no read-back
 
     @classmethod
     def from_lengths(cls, lengths: list[int], device) -> Packing:
-        cu, longest = packed_offsets(lengths, device)
+        """Built once per crop layout and device (the layout repeats every step): no host-to-device copy per
+        step, and the same device buffers every step (what CUDA graphs want)."""
+        return cls._of(tuple(lengths), torch.device(device))
+
+    @classmethod
+    @functools.lru_cache(maxsize=8)
+    def _of(cls, lengths: tuple[int, ...], device: torch.device) -> Packing:
+        cu, longest = packed_offsets(list(lengths), device)
         # from the offsets already on the device; output_size spares a device-to-host sync for the length
         ids = torch.repeat_interleave(
             torch.arange(len(lengths), device=device), cu.diff(), output_size=sum(lengths)
         )
-        return cls(cu, longest, ids)
+        return cls(cu, longest, ids, list(lengths))
 
 
 class Attention(nn.Module):
@@ -73,7 +82,7 @@ class Attention(nn.Module):
         # gradient comes back whole (no concatenation of three gradients in the backward)
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1))
         if packing is not None:  # x: (T, C), every crop's tokens back to back; each crop attends on its own
-            out = attention_qkv(qkv, self.attn_impl, packing.cu_seqlens, packing.max_seqlen)  # (T, H, D)
+            out = attention_qkv(qkv, self.attn_impl, packing.cu_seqlens, packing.max_seqlen, packing.lengths)
         elif return_attention:  # the (B, H, N, N) attention itself: for maps only, never in training
             q, k, _ = rearrange(qkv, "b n three h d -> three b h n d")
             return ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1)

@@ -407,10 +407,11 @@ def test_accumulation_must_divide_the_batch(tmp_path):
         train.main(tiny_run(tmp_path / "a", "--optim.accum_steps=3"))
 
 
-@pytest.mark.parametrize("method", ["dino", "dinov2"])
+@pytest.mark.parametrize("method", ["dino", "dinov2", "dinov2_packed"])
 def test_fused_step_never_reads_a_value_back(method):
     """With --optim.fused a training step asks the device for no value (the sync detector counts 0), the
-    iBOT masks' index buffers included; the default step reads the loss's finiteness and AdamW's counts."""
+    iBOT masks' index buffers and packed crops (SDPA per run of equal lengths, from the host's lengths)
+    included; the default step reads the loss's finiteness and AdamW's counts."""
     from minidino.losses import build_losses
     from minidino.masking import step_masks
     from minidino.meta_arch import build_student_teacher
@@ -420,13 +421,16 @@ def test_fused_step_never_reads_a_value_back(method):
 
     counts = {}
     for fused in (False, True):
-        cfg, _, _ = cli.parse_args(tiny_run("unused", f"--method={method}", f"--optim.fused={fused}"))
+        packed = [f"--model.pack_crops={method.endswith('packed')}", "--model.attn_impl=sdpa"]
+        args = tiny_run("unused", f"--method={method.split('_')[0]}", f"--optim.fused={fused}", *packed)
+        cfg, _, _ = cli.parse_args(args)
         torch.manual_seed(0)
         student, teacher = build_student_teacher(cfg)
         losses, opt = build_losses(cfg), build_optimizer(student, cfg.optim)
         crops = [torch.randn(4, 3, 32, 32) for _ in range(2)] + [torch.randn(4, 3, 16, 16) for _ in range(2)]
         masks = step_masks(cfg, 4, step=3, n_crops=4)  # drawn in the DataLoader workers in a run
         assert method == "dino" or masks.indices is not None
+        assert student.backbone.pack_crops == method.endswith("packed")
         sched = {**schedules(3, 10, 2, cfg.optim, cfg.loss, 1e-3), "freeze_last_layer": False}
         with HostSyncs() as syncs:
             for _ in range(2):
