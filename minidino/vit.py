@@ -55,17 +55,23 @@ class Packing:
     def from_lengths(cls, lengths: list[int], device) -> Packing:
         """Built once per crop layout and device (the layout repeats every step): no host-to-device copy per
         step, and the same device buffers every step (what CUDA graphs want)."""
-        return cls._of(tuple(lengths), torch.device(device))
+        if torch.compiler.is_compiling():  # traced once into the graph: its buffers become the graph's own
+            return cls._build(tuple(lengths), torch.device(device))
+        return cls._cached(tuple(lengths), torch.device(device))
 
     @classmethod
-    @functools.lru_cache(maxsize=8)
-    def _of(cls, lengths: tuple[int, ...], device: torch.device) -> Packing:
+    def _build(cls, lengths: tuple[int, ...], device: torch.device) -> Packing:
         cu, longest = packed_offsets(list(lengths), device)
         # from the offsets already on the device; output_size spares a device-to-host sync for the length
         ids = torch.repeat_interleave(
             torch.arange(len(lengths), device=device), cu.diff(), output_size=sum(lengths)
         )
         return cls(cu, longest, ids, list(lengths))
+
+    @classmethod
+    @functools.lru_cache(maxsize=8)
+    def _cached(cls, lengths: tuple[int, ...], device: torch.device) -> Packing:
+        return cls._build(lengths, device)
 
 
 class Attention(nn.Module):

@@ -152,31 +152,45 @@ def test_fused_dino_loss_keeps_the_logits_dtype_in_its_gradient():
     assert all(torch.allclose(g.float(), r.float(), atol=1e-3, rtol=1e-2) for g, r in zip(grads, ref))
 
 
-def test_dino_forward_and_loss_compile_as_one_graph_equal_to_eager():
-    """Issue 19's compile check on the CPU: teacher and student forward, targets and the DINO loss under
-    torch.compile(fullgraph=True) with aot_eager equal eager (eval mode: no random stochastic depth). The
-    DINOv2 step does not compile whole yet: its boolean gather of masked patches has a data-dependent
-    size."""
+@pytest.mark.parametrize(
+    "method_args",
+    [
+        [],
+        ["--method=dinov2", "--loss.mask_probability=1.0"],  # iBOT (masks drawn as the workers do), KoLeo
+        ["--method=dinov2", "--loss.centering=sinkhorn", "--model.pack_crops=True"],  # all crops in one pass
+    ],
+    ids=["dino", "dinov2", "dinov2_sinkhorn_packed"],
+)
+def test_the_step_forward_and_loss_compile_as_one_graph_equal_to_eager(method_args):
+    """Issue 19's compile check on the CPU: teacher and student forward, targets and the losses (DINO; DINOv2
+    with iBOT's masked patches gathered by the index buffers of `StepMasks`, KoLeo, Sinkhorn, packed crops)
+    under torch.compile(fullgraph=True) with aot_eager equal eager (eval mode: no random stochastic depth).
+    One graph means no graph break, so nothing in the forward reads a value back from the device."""
     from minidino import cli
     from minidino.losses import build_losses
+    from minidino.masking import step_masks
     from minidino.meta_arch import build_student_teacher
 
     cfg, _, _ = cli.parse_args(
-        ["--model.arch=vit_nano", "--head.out_dim=64", "--head.hidden_dim=64", "--head.bottleneck_dim=32"]
-        + ["--data.local_crops_number=2"]
+        ["--model.arch=vit_nano", "--head.out_dim=67", "--head.hidden_dim=64", "--head.bottleneck_dim=32"]
+        + ["--data.local_crops_number=2", "--data.global_crops_size=32", "--model.patch_size=8"]
+        + ["--model.attn_impl=sdpa"]
+        + method_args
     )
     torch.manual_seed(0)
     student, teacher = build_student_teacher(cfg)
     losses = build_losses(cfg)
     student.eval(), teacher.eval()
     crops = [torch.randn(3, 3, 32, 32) for _ in range(2)] + [torch.randn(3, 3, 16, 16) for _ in range(2)]
+    masks = step_masks(cfg, 3, step=0, n_crops=len(crops))
+    assert (masks.indices is not None) == (cfg.method == "dinov2")
 
-    def forward_and_loss(crops):
-        targets = losses.teacher_targets(teacher(crops[:2], patch_index=None), 0.04)
-        return losses(student(crops, None, None), targets, None)["loss"]
+    def forward_and_loss(crops, masks):
+        targets = losses.teacher_targets(teacher(crops[:2], patch_index=masks.indices), 0.04)
+        return losses(student(crops, masks.student, masks.indices), targets, masks)["loss"]
 
     compiled = torch.compile(forward_and_loss, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(crops), forward_and_loss(crops), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled(crops, masks), forward_and_loss(crops, masks), atol=1e-5, rtol=1e-5)
 
 
 def test_fused_dino_loss_compiles_as_one_graph_with_its_backward():
