@@ -36,7 +36,7 @@ except ImportError:  # triton is Linux-only; the reference still works
 
 def drop_add_ref(x: Tensor, y: Tensor, kept: Tensor, scale: float, gamma: Tensor | None = None) -> Tensor:
     """x (B, N, C), y (B_kept, N, C) for the samples `kept` (B_kept,) -> x with x[kept] += scale*gamma*y."""
-    update = y * gamma if gamma is not None else y
+    update = y * gamma.to(x.dtype) if gamma is not None else y  # a bf16 stream stays bf16 (fp32: unchanged)
     return torch.index_add(x, 0, kept, update.to(x.dtype), alpha=scale)
 
 

@@ -30,6 +30,7 @@ class ModelConfig:
     pos_embed_init: str = "random"  # random (trunc. normal, DINO) or sincos (2-D sin-cos start, small data)
     attn_impl: str = "sdpa"  # sdpa (torch), triton (kernels/attention.py), ref, or auto (triton on CUDA)
     pack_crops: bool = False  # all crop sizes through the blocks as one packed batch (varlen attention)
+    bf16_residual: bool = False  # under bf16 autocast (GPU): tokens, norm outputs, residual adds in bf16
     layerscale: float = 0.0  # LayerScale init (DINOv2: 1e-5); 0 disables LayerScale
     n_registers: int = 0  # register tokens (Darcet et al. 2023, arXiv 2309.16588); DINOv2 uses 4
     ffn: str = "mlp"  # feed-forward type: mlp (GELU) or swiglu (DINOv2's largest models)

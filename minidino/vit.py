@@ -124,14 +124,29 @@ class SwiGLU(nn.Module):
 
 
 class LayerScale(nn.Module):
-    """Per-channel scale of a residual branch, initialised small (Touvron et al. 2021, CaiT; DINOv2: 1e-5)."""
+    """Per-channel scale of a residual branch, initialised small (Touvron et al. 2021, CaiT; DINOv2: 1e-5).
+    keep_dtype: the product in the branch's dtype (bf16 under autocast) instead of promoted to fp32 by gamma."""
 
-    def __init__(self, dim: int, init: float):
+    def __init__(self, dim: int, init: float, keep_dtype: bool = False):
         super().__init__()
         self.gamma = nn.Parameter(torch.full((dim,), init))
+        self.keep_dtype = keep_dtype
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.gamma
+        return x * (self.gamma.to(x.dtype) if self.keep_dtype else self.gamma)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that returns its input's dtype. Autocast runs layer_norm in fp32 and returns fp32, which
+    turns a bf16 residual stream back into fp32; a bf16 input here gives a bf16 output, with the mean and
+    variance still accumulated in fp32 inside the kernel and the fp32 weight and bias. For fp32 inputs (and
+    whenever the dtypes agree) this is nn.LayerNorm itself; the parameters and their names are the same."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == self.weight.dtype:
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 def drop_path(x: Tensor, p: float, training: bool, packing: Packing | None = None) -> Tensor:
@@ -140,10 +155,10 @@ def drop_path(x: Tensor, p: float, training: bool, packing: Packing | None = Non
     if p == 0.0 or not training:
         return x
     if packing is not None:
-        keep = x.new_empty(packing.cu_seqlens.numel() - 1).bernoulli_(1 - p)  # (S,)
-        return x * keep[packing.seq_ids, None] / (1 - p)  # (T, C)
-    keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - p)  # (B, 1, 1)
-    return x * keep / (1 - p)
+        keep = x.new_empty(packing.cu_seqlens.numel() - 1).bernoulli_(1 - p).div_(1 - p)  # (S,)
+        return x * keep[packing.seq_ids, None]  # (T, C): one pass over the branch output
+    keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - p).div_(1 - p)  # (B, 1, 1): 0 or 1 / (1 - p)
+    return x * keep
 
 
 class Block(nn.Module):
@@ -164,14 +179,15 @@ class Block(nn.Module):
         ffn: str = "mlp",
         attn_impl: str = "sdpa",
         drop_path_impl: str = "mask",
+        bf16_residual: bool = False,
     ):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, attn_impl)
-        self.ls1 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.ls1 = LayerScale(dim, layerscale, bf16_residual) if layerscale else nn.Identity()
+        self.norm2 = LayerNorm(dim, eps=1e-6)
         self.mlp = (SwiGLU if ffn == "swiglu" else Mlp)(dim, 4 * dim)
-        self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
+        self.ls2 = LayerScale(dim, layerscale, bf16_residual) if layerscale else nn.Identity()
         self.drop_path, self.drop_path_impl = drop_path, drop_path_impl
 
     def residual(self, x: Tensor, branch: nn.Module, ls: nn.Module, packing: Packing | None = None) -> Tensor:
@@ -213,7 +229,11 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"unknown arch {cfg.arch!r}: expected one of {', '.join(ARCHS)}")
         dim, depth, heads = ARCHS[cfg.arch]
         self.embed_dim, self.num_heads, self.patch_size = dim, heads, cfg.patch_size
-        self.n_registers, self.pack_crops = cfg.n_registers, cfg.pack_crops
+        self.n_registers, self.pack_crops, self.bf16_residual = (
+            cfg.n_registers,
+            cfg.pack_crops,
+            cfg.bf16_residual,
+        )
         self.patch_embed = PatchEmbed(cfg.patch_size, dim)
         n_patches = (cfg.img_size // cfg.patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -225,9 +245,12 @@ class VisionTransformer(nn.Module):
         else:
             rates = [cfg.drop_path] * depth
         self.blocks = nn.ModuleList(
-            Block(dim, heads, r, cfg.layerscale, cfg.ffn, cfg.attn_impl, cfg.drop_path_impl) for r in rates
+            Block(
+                dim, heads, r, cfg.layerscale, cfg.ffn, cfg.attn_impl, cfg.drop_path_impl, cfg.bf16_residual
+            )
+            for r in rates
         )
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = LayerNorm(dim, eps=1e-6)
         self._init_weights(cfg.pos_embed_init)
 
     def _init_weights(self, pos_embed_init: str) -> None:
@@ -270,17 +293,20 @@ class VisionTransformer(nn.Module):
         """Image (B, 3, H, W) -> tokens (B, 1 + R + N, C): [CLS, registers, patches] with positions.
 
         masks: optional bool (B, N); True patches are replaced by the mask token before positions are added.
+        With `bf16_residual`, the tokens keep the patch embedding's dtype (bf16 under autocast): the fp32 CLS
+        token, positions and registers are cast to it instead of promoting the whole stream to fp32.
         """
         B, _, H, W = x.shape
         if H % self.patch_size or W % self.patch_size:  # the patch embedding would drop the remainder
             raise ValueError(f"image size {H} x {W} is not a multiple of the patch size {self.patch_size}")
         x = self.patch_embed(x)  # (B, N, C)
+        dtype = x.dtype if self.bf16_residual else torch.promote_types(x.dtype, self.pos_embed.dtype)
         if masks is not None:
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, C)
-        x = x + self.interpolate_pos_encoding(H // self.patch_size, W // self.patch_size)
+        x = torch.cat([self.cls_token.expand(B, -1, -1).to(dtype), x.to(dtype)], dim=1)  # (B, 1 + N, C)
+        x = x + self.interpolate_pos_encoding(H // self.patch_size, W // self.patch_size).to(dtype)
         if self.register_tokens is not None:  # after the CLS token, with no position (Darcet et al.)
-            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
+            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1).to(dtype), x[:, 1:]], dim=1)
         return x
 
     def forward_features(self, x: Tensor, masks: Tensor | None = None) -> dict[str, Tensor]:

@@ -137,3 +137,89 @@ def test_drop_path_keeps_the_expected_value():
     assert torch.allclose(y[y != 0], torch.tensor(1 / 0.7))  # kept samples scaled by 1 / (1 - p)
     assert abs(y.mean().item() - 1.0) < 0.02
     assert torch.equal(drop_path(x, 0.3, training=False), x) and torch.equal(drop_path(x, 0.0, True), x)
+
+
+class FP32Activations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every operation whose output is an fp32 tensor at least as large as the block's (tokens,
+    channels) input: under bf16 autocast, the activations that still cost fp32 memory and bandwidth."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.found = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() >= self.numel:
+                self.found.append(f"{func} -> {tuple(t.shape)}")
+        return out
+
+
+@pytest.mark.parametrize(
+    "bf16_residual,drop_path_impl,packed",
+    [(False, "mask", False), (True, "mask", False), (True, "subset", False), (True, "mask", True)],
+    ids=["fp32_residual", "bf16", "bf16_subset", "bf16_packed"],
+)
+def test_dtype_audit_no_fp32_token_activation_inside_a_block_under_bf16_autocast(
+    bf16_residual, drop_path_impl, packed
+):
+    """Issue 19's dtype audit: with `bf16_residual`, no operation inside a block (norms, attention, MLP,
+    LayerScale, stochastic depth, residual adds) writes an fp32 tensor of the tokens' size under bf16
+    autocast; the present path (fp32 residual stream, the first case) writes many, so the audit can fail."""
+    from minidino.vit import Packing
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        **dict(arch="vit_nano", patch_size=4, img_size=32, layerscale=1e-5, ffn="swiglu", n_registers=2),
+        **dict(drop_path=0.3, drop_path_schedule="uniform", drop_path_impl=drop_path_impl),
+        bf16_residual=bf16_residual,
+    )
+    vit = VisionTransformer(cfg).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = [
+            vit.prepare_tokens(torch.randn(4, 3, 32, 32)),
+            vit.prepare_tokens(torch.randn(6, 3, 16, 16)),
+        ]
+        assert tokens[0].dtype == (torch.bfloat16 if bf16_residual else torch.float32)
+        if packed:
+            lengths = [t.shape[1] for t in tokens for _ in range(t.shape[0])]
+            inputs = [(torch.cat([t.flatten(0, 1) for t in tokens]), Packing.from_lengths(lengths, "cpu"))]
+        else:
+            inputs = [(t, None) for t in tokens]
+        with FP32Activations(min(t.numel() for t, _ in inputs)) as audit:
+            for x, packing in inputs:
+                for blk in vit.blocks:
+                    x = blk(x, packing)
+                y = vit.norm(x)
+    assert y.dtype == x.dtype == tokens[0].dtype
+    if bf16_residual:
+        assert audit.found == []
+    else:
+        assert len(audit.found) >= 2 * len(vit.blocks)  # at least the two residual adds of every block
+
+
+def test_bf16_residual_changes_nothing_in_fp32_and_stays_close_under_autocast():
+    """The switch is exact where there is no autocast (CPU training: fp32), and under bf16 autocast its
+    features stay within bf16 rounding of the fp32-stream path (same weights, same input)."""
+    base = _vit(layerscale=1e-1, n_registers=1)
+    low = VisionTransformer(
+        ModelConfig(
+            arch="vit_nano",
+            patch_size=4,
+            img_size=32,
+            layerscale=1e-1,
+            n_registers=1,
+            drop_path=0.0,
+            bf16_residual=True,
+        )
+    ).eval()
+    low.load_state_dict(base.state_dict())
+    x = [torch.randn(3, 3, 32, 32), torch.randn(3, 3, 16, 16)]
+    for a, b in zip(base(x), low(x)):
+        assert torch.equal(a["cls"], b["cls"]) and torch.equal(a["patch"], b["patch"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, out = base(x), low(x)
+    for a, b in zip(ref, out):
+        assert b["cls"].dtype == torch.bfloat16 and a["cls"].dtype == torch.float32
+        err = (a["cls"].float() - b["cls"].float()).norm() / a["cls"].float().norm()
+        assert err < 0.03, err
