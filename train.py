@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     student = parallel.wrap(student, no_grad_models, cfg.run, device)  # DDP or FSDP2 under torchrun
 
     # 3. losses, holding the teacher centres: DINO on CLS tokens, iBOT on masked patches (DINOv2)
-    losses = build_losses(cfg).to(device)
+    losses = parallel.compile_losses(build_losses(cfg).to(device), cfg.run)
     if start is not None and "losses" in start:  # a minidino checkpoint: its centres
         losses.load_centers(start["losses"])
     # 4. optimiser: AdamW, lr and weight decay set every step from the schedules

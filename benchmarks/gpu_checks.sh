@@ -4,6 +4,8 @@
 # graphs (the same, quick, with fwd+bwd also replayed from CUDA graphs: wall time without the host's share),
 # overhead (benchmarks/attention_overhead.py: host time against GPU kernel time per attention call),
 # step (full DINO training step, imagenet preset, SDPA vs Triton vs packed Triton, each with its profile line),
+# switches (the step's speed switches against the eager step: fused loss, fused AdamW, bf16 residual stream,
+# compiled step, CUDA graphs, all; DINO and DINOv2 at batch 64 and 128, a markdown table at the end),
 # parallel (the same step plain, DDP and FSDP2 on one GPU), drop_path, data (the crops and PIL pipelines from
 # JPEG files with 14 workers, beside the step on the same preset: which of the two limits a run).
 #
@@ -13,7 +15,7 @@ set -u
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-sections=${*:-tests attention graphs overhead step parallel drop_path data}
+sections=${*:-tests attention graphs overhead step switches parallel drop_path data}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 for s in $sections; do
@@ -29,10 +31,22 @@ for s in $sections; do
     overhead)
       timeout 200 python benchmarks/attention_overhead.py 2>&1 | grep '^{' | tee "$out/overhead.jsonl" ;;
     step)
-      for opts in "--model.attn_impl=sdpa" "--model.attn_impl=sdpa --loss.fused_dino_loss=true" "--model.attn_impl=sdpa --optim.fused=true" "--model.attn_impl=sdpa --optim.fused=true --loss.fused_dino_loss=true --method=dinov2" "--model.attn_impl=triton" "--model.attn_impl=triton --model.pack_crops=true"; do
+      for opts in "--model.attn_impl=sdpa" "--model.attn_impl=triton" "--model.attn_impl=triton --model.pack_crops=true"; do
         # shellcheck disable=SC2086
         timeout 150 python benchmarks/step.py --preset imagenet --optim.batch_size=64 --steps=10 --profile $opts 2>&1 | grep '^{' | tee -a "$out/step.jsonl"
       done ;;
+    switches)
+      # issue 19's table: the present eager step against each switch and all of them, DINO and DINOv2, batch
+      # 64 and 128 (SWITCH_BATCHES), images/s and peak GiB, one process per (method, batch); the compiled
+      # rows compile during their 3 warm-up steps
+      for method in dino dinov2; do
+        for b in ${SWITCH_BATCHES:-64 128}; do
+          # shellcheck disable=SC2086
+          timeout 480 python benchmarks/step.py --preset imagenet --method=$method --optim.batch_size=$b \
+            --model.attn_impl=sdpa --steps=10 --switches=${SWITCHES:-every} ${SWITCH_ARGS:-} 2>&1 | grep '^{' | tee -a "$out/switches.jsonl"
+        done
+      done
+      python benchmarks/table.py "$out/switches.jsonl" | tee "$out/switches.md" ;;
     parallel)
       # one GPU: the plain path, DDP and FSDP2 (each a process group of 1), imagenet preset, synthetic crops
       for mode in none ddp fsdp; do
@@ -52,7 +66,7 @@ for s in $sections; do
       # shellcheck disable=SC2086
       timeout 150 python benchmarks/step.py --preset imagenet ${STEP_ARGS:---optim.batch_size=128 --steps=10} 2>&1 | grep '^{' | tee -a "$out/data.jsonl" ;;
     *)
-      echo "unknown section $s (expected tests, attention, graphs, overhead, step, parallel, drop_path, data)" ;;
+      echo "unknown section $s (expected tests, attention, graphs, overhead, step, switches, parallel, drop_path, data)" ;;
   esac
 done
 echo "== done ($(date +%T))"

@@ -5,6 +5,7 @@
     python benchmarks/step.py --preset imagenet --profile    # and where a step's time goes (second line)
     python benchmarks/step.py --preset imagenet --syncs      # where one step makes the host wait (a line)
     torchrun --nproc_per_node=1 benchmarks/step.py --preset imagenet --run.parallel=fsdp   # or ddp
+    python benchmarks/step.py --preset imagenet --switches=every      # one line per switch of issue 19
 
 One step = teacher forward, student forward/backward, clipping, optimiser step, EMA update and centre
 update, exactly `train.train_step`. Prints one JSON line: images/s and peak memory (CUDA allocator peak on
@@ -13,11 +14,15 @@ GPU kernel time per step against the step's wall time (a GPU busy far less than 
 step waits on the host) and the ten largest kernels and host-side ops by their own time. With --syncs, a
 line of `minidino.syncs.HostSyncs` over one step: how many times and where the host reads a value back from
 the device (on a CPU: where a GPU run would); the drawing of the iBOT masks is counted apart (in a run the
-DataLoader workers draw them). `--optim.fused=true` is the step that reads nothing back.
+DataLoader workers draw them). `--optim.fused=true` is the step that reads nothing back. With
+--switches=a,b (names in SWITCHES, or `every`), one line per setting, each built afresh in this process:
+compare images/s as ratios to the `eager` line of the same call. On a CPU the peak is the process's peak
+RSS so far, so only the first line's is its own.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -28,7 +33,7 @@ import time
 import torch
 
 from minidino import cli, parallel
-from minidino.config import Config
+from minidino.config import Config, ConfigError
 from minidino.dist import cleanup, init_distributed, print0, resolve_device, world_size
 from minidino.losses import build_losses
 from minidino.masking import step_masks
@@ -78,8 +83,24 @@ def profile_steps(run, steps: int, device: torch.device) -> dict:
     return out
 
 
-def main(argv: list[str]) -> dict:
-    steps, warmup, profile, syncs = 10, 3, False, False
+# Issue 19's switches, each against the present path ("eager") in one process: `--switches=eager,all` or
+# `--switches=every` (all rows). cuda_graphs is DINO's only (iBOT's masked-patch count changes every step).
+SWITCHES = {
+    "eager": [],
+    "fused_loss": ["--loss.fused_dino_loss=true"],
+    "fused_optim": ["--optim.fused=true"],
+    "bf16_residual": ["--model.bf16_residual=true"],
+    "compile_step": ["--run.compile_step=true"],
+    "cuda_graphs": ["--run.compile_step=true", "--run.cuda_graphs=true"],
+    "all": ["--loss.fused_dino_loss=true", "--optim.fused=true", "--model.bf16_residual=true"]
+    + ["--run.compile_step=true"],
+    "all_graphs": ["--loss.fused_dino_loss=true", "--optim.fused=true", "--model.bf16_residual=true"]
+    + ["--run.compile_step=true", "--run.cuda_graphs=true"],
+}
+
+
+def main(argv: list[str]) -> list[dict]:
+    steps, warmup, profile, syncs, switches = 10, 3, False, False, [""]
     rest = []
     for a in argv:
         if a == "--profile":
@@ -90,17 +111,47 @@ def main(argv: list[str]) -> dict:
             steps = int(a.split("=", 1)[1])
         elif a.startswith("--warmup="):
             warmup = int(a.split("=", 1)[1])
+        elif a.startswith("--switches="):
+            names = a.split("=", 1)[1]
+            switches = list(SWITCHES) if names == "every" else names.split(",")
+            unknown = [n for n in switches if n not in SWITCHES]
+            if unknown:
+                sys.exit(
+                    f"error: --switches: unknown {', '.join(unknown)} (expected {', '.join(SWITCHES)} or every)"
+                )
         else:
             rest.append(a)
-    cfg, _, _ = cli.parse_args(rest)
+    results = []
+    for name in switches:
+        try:
+            cfg, _, _ = cli.parse_args(rest + SWITCHES.get(name, []))
+        except ConfigError as e:  # a switch that does not apply to this method: a line that says so
+            print0(
+                json.dumps(
+                    {"benchmark": "step", "switch": name, "preset_args": " ".join(rest), "skipped": str(e)}
+                )
+            )
+            continue
+        results.append(measure(cfg, name, " ".join(rest), steps, warmup, profile, syncs))
+        gc.collect()  # the setting's networks and optimiser state are gone before the next is built
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    cleanup()
+    return results
+
+
+def measure(cfg: Config, switch: str, args: str, steps: int, warmup: int, profile: bool, syncs: bool) -> dict:
+    """Build the step of `cfg` from scratch, time `steps` steps after `warmup` (compilation included there),
+    print its JSON line (and the --profile / --syncs lines)."""
     device = resolve_device(cfg.run.device)
     torch.manual_seed(0)
     device = init_distributed(device)  # under torchrun (any process count): a process group, this GPU
+    torch._dynamo.reset()  # no graph of an earlier setting is reused or counted
     student, teacher = build_student_teacher(cfg)
     student.to(device)
     teacher.to(device)
     student = parallel.wrap(student, [teacher], cfg.run, device)
-    losses = build_losses(cfg).to(device)
+    losses = parallel.compile_losses(build_losses(cfg).to(device), cfg.run)
     opt = build_optimizer(parallel.unwrap(student), cfg.optim)
     crops = synthetic_crops(cfg, device)
     masks = step_masks(cfg, len(crops[0]), step=0, n_crops=len(crops)).to(device)  # as in train.py
@@ -123,11 +174,12 @@ def main(argv: list[str]) -> dict:
     peak = (
         torch.cuda.max_memory_allocated()
         if device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak so far
     )
     result = {
         "benchmark": "step",
-        "preset_args": " ".join(rest),
+        "switch": switch or "as given",
+        "preset_args": args,
         "method": cfg.method,
         "arch": cfg.model.arch,
         "patch_size": cfg.model.patch_size,
@@ -141,15 +193,23 @@ def main(argv: list[str]) -> dict:
     }
     print0(json.dumps(result))
     if profile:
-        print0(json.dumps({"benchmark": "step_profile", **profile_steps(run, steps, device)}))
+        print0(
+            json.dumps(
+                {"benchmark": "step_profile", "switch": result["switch"], **profile_steps(run, steps, device)}
+            )
+        )
     if syncs:
         with HostSyncs() as drawing:  # in a run, in the DataLoader workers: not the training process's waits
             step_masks(cfg, len(crops[0]), step=1, n_crops=len(crops)).to(device)
         with HostSyncs() as found:
             run(1)
-        line = {"benchmark": "step_syncs", "count": found.count, "places": dict(found.places)}
+        line = {
+            "benchmark": "step_syncs",
+            "switch": result["switch"],
+            "count": found.count,
+            "places": dict(found.places),
+        }
         print0(json.dumps({**line, "mask_drawing_in_workers": drawing.count}))
-    cleanup()
     return result
 
 

@@ -3,8 +3,10 @@
 The order is fixed and each step wraps the result of the one before:
   1. activation checkpointing, per transformer block (optional): a block's activations are recomputed in
      the backward instead of stored, trading ~30% more compute for memory;
-  2. torch.compile, per block (optional): compiling blocks one by one keeps the graphs small and lets FSDP's
-     per-block hooks stay outside them;
+  2. torch.compile, per block (`--run.compile`): compiling blocks one by one keeps the graphs small and lets
+     FSDP's per-block hooks stay outside them; or each network whole, backbone and heads as one graph, and
+     the losses (`--run.compile_step`, not with FSDP), replayed as CUDA graphs with `--run.cuda_graphs`
+     (torch.compile's reduce-overhead mode: the host launches one graph instead of every kernel);
   3. DDP (a full copy of the model per process; gradients averaged by all-reduce during the backward), or
      FSDP2 (`fully_shard` on every block, the backbone, then the whole model: each process keeps 1/N of every
      parameter, gradient and optimiser state; a block's parameters are all-gathered just before it runs and
@@ -16,6 +18,8 @@ EMA update is a local operation on matching shards (ema.py works on the local te
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -23,6 +27,30 @@ from .dist import is_dist, print0
 from .vit import Block
 
 MODES = ("none", "ddp", "fsdp")
+
+
+# inductor generates the kernels; aot_eager (tests, a quick look on a CPU) traces the same graphs and runs them
+# op by op, and ignores cuda_graphs' mode
+COMPILE_BACKEND = os.environ.get("MINIDINO_COMPILE_BACKEND", "inductor")
+
+
+def compile_options(run) -> dict:
+    """torch.compile's arguments for --run.compile_step / --run.cuda_graphs."""
+    # one cache of graphs per code object: student and teacher share SSLModel.forward, and each keeps a graph
+    # per grad mode, mask layout and evaluation call; past torch's default of 8 it would fall back to eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    options = {"backend": COMPILE_BACKEND}
+    if run.cuda_graphs:
+        options["mode"] = "reduce-overhead"
+    return options
+
+
+def compile_losses(losses: nn.Module, run) -> nn.Module:
+    """The losses' forward (DINO, iBOT, KoLeo on the student's outputs) compiled with --run.compile_step;
+    the teacher targets stay eager (a softmax or three Sinkhorn iterations on a (2B, K) tensor)."""
+    if run.compile_step:
+        losses.compile(**compile_options(run))
+    return losses
 
 
 def wrap(student: nn.Module, no_grad_models: list[nn.Module], run, device: torch.device) -> nn.Module:
@@ -44,7 +72,10 @@ def wrap(student: nn.Module, no_grad_models: list[nn.Module], run, device: torch
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
         apply_activation_checkpointing(student, check_fn=lambda m: isinstance(m, Block))
-    if run.compile:
+    if run.compile_step:
+        for model in (student, *no_grad_models):
+            model.compile(**compile_options(run))
+    elif run.compile:
         for model in (student, *no_grad_models):
             for block in model.backbone.blocks:
                 block.compile()

@@ -114,3 +114,32 @@ def test_gpu_checks_data_section_runs_on_cpu(tmp_path):
     assert rows[0]["made_jpegs"] == 6
     assert [r.get("augment") for r in rows[1:3]] == ["crops", "pil"] and "ratios" in rows[3]
     assert rows[4]["benchmark"] == "step" and rows[4]["images_per_s"] > 0
+
+
+def test_gpu_checks_switches_section_runs_on_cpu_and_makes_its_table(tmp_path):
+    """The `switches` section of benchmarks/gpu_checks.sh at toy sizes: for DINO and DINOv2 one line per
+    switch, each built afresh in one process, the compiled ones with aot_eager (inductor on a CPU takes
+    minutes, and CUDA graphs need a GPU: here only the graphs are traced); cuda_graphs does not apply to DINOv2 (iBOT's masked-patch count changes every step), which its
+    line says instead of a number; the markdown table gives each row as a ratio to its eager row."""
+    small = "--data.global_crops_size=32 --data.local_crops_size=16 --data.local_crops_number=2"
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path / "logs"),
+        "SWITCH_BATCHES": "4",
+        "SWITCHES": "eager,bf16_residual,cuda_graphs",
+        "MINIDINO_COMPILE_BACKEND": "aot_eager",
+        "SWITCH_ARGS": f"{small} --warmup=1 --steps=1 --model.arch=vit_nano --model.patch_size=8 --head.out_dim=64",
+    }
+    res = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_checks.sh"), "switches"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "logs" / "switches.jsonl").read_text().splitlines()]
+    assert [(r["method"] if "method" in r else "?", r["switch"]) for r in rows] == [
+        ("dino", "eager"), ("dino", "bf16_residual"), ("dino", "cuda_graphs"),
+        ("dinov2", "eager"), ("dinov2", "bf16_residual"), ("?", "cuda_graphs"),
+    ]  # fmt: skip
+    assert all(r["images_per_s"] > 0 for r in rows[:5]) and "not with iBOT" in rows[5]["skipped"]
+    table = (tmp_path / "logs" / "switches.md").read_text().splitlines()
+    assert len(table) == 2 + 6 and table[2].startswith("| dino | 4 | eager |") and "| 1.00 |" in table[2]
