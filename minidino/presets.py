@@ -129,6 +129,9 @@ def dinov2(c: Config) -> Config:
         c.optim.lr, c.optim.lr_scaling, c.optim.batch_size = 4e-3, "sqrt", 2048  # [default] base_lr, README
         # [default] OFFICIAL_EPOCH_LENGTH: an epoch of the schedules is 1250 iterations, not a pass
         c.optim.epoch_steps = 1250
+    # [default] the student gets the crops as one list (ssl_meta_arch.py), and layers/block.py's
+    # NestedTensorBlock then runs each branch on the kept samples only (drop_add_residual_stochastic_depth_list)
+    c.model.drop_path_impl = "subset"
     return c
 
 
@@ -140,6 +143,7 @@ def lvd142m() -> Config:
     c = dinov2(imagenet())
     c.model = ModelConfig(arch="vit_large", patch_size=14, img_size=224, layerscale=1e-5)  # vitl14 student
     c.model.drop_path, c.model.drop_path_schedule, c.model.ffn = 0.4, "uniform", "swiglu"  # vitl14 student
+    c.model.drop_path_impl = "subset"  # as in dinov2() (NestedTensorBlock on the crop list)
     c.head = HeadConfig(out_dim=131072, bottleneck_dim=384, norm_last_layer=False)  # vitl14 dino head
     c.head.ibot_separate_head = True  # vitl14 ibot.separate_head (its head: 131072 prototypes, like dino's)
     c.loss.centering = "sinkhorn"  # vitl14 train.centering: sinkhorn_knopp

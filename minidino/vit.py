@@ -16,6 +16,7 @@ blocks.{i}.ls1.gamma, blocks.{i}.norm2, blocks.{i}.mlp.fc1/fc2, norm.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -50,6 +51,7 @@ class Packing:
     max_seqlen: int
     seq_ids: Tensor  # (T,) which sequence each token belongs to (for per-sample stochastic depth)
     lengths: list[int]  # the host's copy of the lengths: the PyTorch attention path needs no read-back
+    runs: list[tuple[int, int, int]]  # (first token, sequences, length) of each run of equal lengths
 
     @classmethod
     def from_lengths(cls, lengths: list[int], device) -> Packing:
@@ -66,7 +68,12 @@ class Packing:
         ids = torch.repeat_interleave(
             torch.arange(len(lengths), device=device), cu.diff(), output_size=sum(lengths)
         )
-        return cls(cu, longest, ids, list(lengths))
+        runs, start = [], 0
+        for n, group in itertools.groupby(lengths):
+            count = len(list(group))
+            runs.append((start, count, n))
+            start += count * n
+        return cls(cu, longest, ids, list(lengths), runs)
 
     @classmethod
     @functools.lru_cache(maxsize=8)
@@ -161,13 +168,30 @@ def drop_path(x: Tensor, p: float, training: bool, packing: Packing | None = Non
     return x * keep
 
 
+def packed_subset(packing: Packing, p: float) -> tuple[Tensor, Tensor, Packing]:
+    """Efficient stochastic depth on packed crops: in each run of equal-length crops (the B global crops,
+    the 10 B local ones) keep int(count * (1 - p)) sequences at random (at least one). Returns the kept tokens' positions
+    (T_kept,), each kept token's scale count / kept of its run (DINOv2's B / B_kept), and the packing of the
+    kept sequences, whose layout is the same every step (its offsets are built once)."""
+    device = packing.seq_ids.device
+    index, scale, lengths = [], [], []
+    for start, count, n in packing.runs:
+        keep = max(1, int(count * (1 - p)))
+        kept = torch.randperm(count, device=device)[:keep]  # (keep,) sequences of this run
+        index.append((start + kept[:, None] * n + torch.arange(n, device=device)).flatten())
+        scale.append(torch.full((keep * n,), count / keep, device=device))
+        lengths += [n] * keep
+    return torch.cat(index), torch.cat(scale), Packing.from_lengths(lengths, device)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + drop(ls1(attn(norm1 x))), then the same with the MLP.
 
     Stochastic depth, `drop_path_impl`: `mask` multiplies the branch output of dropped samples by 0 (classic);
     `subset` runs the branch on the kept samples only and adds it back scaled by B / B_kept (DINOv2's
     efficient version, PyTorch index_add); `subset_triton` does that update with the fused kernel
-    (kernels/drop_path.py). Packed multi-crop batches (rows of different lengths) always use `mask`.
+    (kernels/drop_path.py). On packed crops, `subset` and `subset_triton` keep sequences per crop size
+    (`packed_subset`) and add back with index_add.
     """
 
     def __init__(
@@ -190,21 +214,27 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layerscale, bf16_residual) if layerscale else nn.Identity()
         self.drop_path, self.drop_path_impl = drop_path, drop_path_impl
 
-    def residual(self, x: Tensor, branch: nn.Module, ls: nn.Module, packing: Packing | None = None) -> Tensor:
+    def residual(self, x: Tensor, branch, ls: nn.Module, packing: Packing | None = None) -> Tensor:
+        """x + the scaled branch, with stochastic depth; branch(tokens, packing of those tokens)."""
         if not self.training or self.drop_path == 0.0:
-            return x + ls(branch(x))
-        if self.drop_path_impl == "mask" or packing is not None:
-            return x + drop_path(ls(branch(x)), self.drop_path, True, packing)
+            return x + ls(branch(x, packing))
+        if self.drop_path_impl == "mask":
+            return x + drop_path(ls(branch(x, packing)), self.drop_path, True, packing)
+        if packing is not None:  # (T, C): whole sequences kept per crop size, added back token by token
+            index, scale, kept_packing = packed_subset(packing, self.drop_path)
+            y = ls(branch(x[index], kept_packing))
+            return torch.index_add(x, 0, index, (y * scale[:, None].to(y.dtype)).to(x.dtype))  # += s gamma y
         B = x.shape[0]
-        n_keep = max(1, round((1 - self.drop_path) * B))
+        n_keep = max(1, int(B * (1 - self.drop_path)))  # floored, as DINOv2's layers/block.py
         kept = torch.randperm(B, device=x.device)[:n_keep]
         gamma = ls.gamma if isinstance(ls, LayerScale) else None
         impl = "auto" if self.drop_path_impl == "subset_triton" else "ref"
-        return drop_add(x, branch(x[kept]), kept, B / n_keep, gamma, impl)  # x[kept] += B/B_kept * gamma * y
+        y = branch(x[kept], None)
+        return drop_add(x, y, kept, B / n_keep, gamma, impl)  # x[kept] += B/B_kept * gamma * y
 
     def forward(self, x: Tensor, packing: Packing | None = None) -> Tensor:
-        x = self.residual(x, lambda t: self.attn(self.norm1(t), packing=packing), self.ls1, packing)
-        return self.residual(x, lambda t: self.mlp(self.norm2(t)), self.ls2, packing)
+        x = self.residual(x, lambda t, pk: self.attn(self.norm1(t), packing=pk), self.ls1, packing)
+        return self.residual(x, lambda t, pk: self.mlp(self.norm2(t)), self.ls2, packing)
 
 
 class PatchEmbed(nn.Module):

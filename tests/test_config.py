@@ -70,6 +70,7 @@ DINOV2_DEFAULT = [
     ("model.patch_size", 16, "student.patch_size"),
     ("model.drop_path", 0.3, "student.drop_path_rate"),
     ("model.drop_path_schedule", "uniform", "student.drop_path_uniform: true"),
+    ("model.drop_path_impl", "subset", "layers/block.py: NestedTensorBlock, drop_add_residual_..._list"),
     ("model.layerscale", 1e-5, "student.layerscale"),
     ("model.ffn", "mlp", "student.ffn_layer"),
     ("model.n_registers", 0, "student.num_register_tokens"),
@@ -113,6 +114,7 @@ DINOV2_DEFAULT = [
 DINOV2_VITL14 = [
     ("model.patch_size", 14, "student.patch_size"),
     ("model.drop_path", 0.4, "student.drop_path_rate"),
+    ("model.drop_path_impl", "subset", "layers/block.py: NestedTensorBlock (crop lists, training)"),
     ("model.ffn", "swiglu", "student.ffn_layer: swiglufused"),
     ("head.out_dim", 131072, "dino.head_n_prototypes / ibot.head_n_prototypes"),
     ("head.bottleneck_dim", 384, "dino.head_bottleneck_dim"),

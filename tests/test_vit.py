@@ -139,6 +139,51 @@ def test_drop_path_keeps_the_expected_value():
     assert torch.equal(drop_path(x, 0.3, training=False), x) and torch.equal(drop_path(x, 0.0, True), x)
 
 
+def _packed_block(p: float):
+    from minidino.vit import Block, Packing
+
+    torch.manual_seed(0)
+    blk = Block(16, 2, drop_path=p, layerscale=0.5, drop_path_impl="subset").train()
+    return blk, Packing.from_lengths([5] * 4 + [3] * 6, "cpu")  # 4 crops of 5 tokens, then 6 of 3: T = 38
+
+
+def test_packed_efficient_stochastic_depth_keeps_whole_sequences_per_crop_size_unbiased():
+    """DINOv2's efficient stochastic depth on packed crops: per crop size, int(count * (1 - p)) whole
+    sequences go through the branch (with their own packing) and come back scaled by count / kept; the others
+    are untouched; the expected update is the branch's output (identity branch here: E[out] = 2 x)."""
+    from torch import nn
+
+    blk, packing = _packed_block(0.3)
+    x, seen = torch.randn(38, 16), []
+
+    def branch(t, pk):
+        seen.append((t.shape[0], pk.lengths))
+        return t
+
+    out = blk.residual(x, branch, nn.Identity(), packing)
+    assert seen == [(2 * 5 + 4 * 3, [5, 5, 3, 3, 3, 3])]  # int(4 * 0.7) = 2 and int(6 * 0.7) = 4 kept
+    ratio = (out / x).split([5] * 4 + [3] * 6)
+    factors = [r.mean().item() for r in ratio]
+    assert all(torch.allclose(r, torch.full_like(r, f)) for r, f in zip(ratio, factors))  # whole sequences
+    assert sorted(round(f, 4) for f in factors[:4]) == [1, 1, 3, 3]  # 1 + 4 / 2
+    assert sorted(round(f, 4) for f in factors[4:]) == [1, 1, 2.5, 2.5, 2.5, 2.5]  # 1 + 6 / 4
+    mean = sum(blk.residual(x, lambda t, pk: t, nn.Identity(), packing) for _ in range(3000)) / 3000
+    torch.testing.assert_close(mean, 2 * x, atol=0.1, rtol=0.05)
+
+
+def test_packed_efficient_stochastic_depth_compiles_as_one_graph_with_its_backward():
+    blk, packing = _packed_block(0.4)
+    x = torch.randn(38, 16, requires_grad=True)
+    compiled = torch.compile(lambda t: blk(t, packing), backend="aot_eager", fullgraph=True)
+    torch.manual_seed(1)
+    out = compiled(x)
+    torch.manual_seed(1)
+    ref = blk(x, packing)
+    torch.testing.assert_close(out, ref)  # the same draws in the same order
+    g, g_ref = torch.autograd.grad(out.square().sum(), x), torch.autograd.grad(ref.square().sum(), x)
+    torch.testing.assert_close(g, g_ref)
+
+
 class FP32Activations(torch.utils._python_dispatch.TorchDispatchMode):
     """Records every operation whose output is an fp32 tensor at least as large as the block's (tokens,
     channels) input: under bf16 autocast, the activations that still cost fp32 memory and bandwidth."""
@@ -157,8 +202,9 @@ class FP32Activations(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize(
     "bf16_residual,drop_path_impl,packed",
-    [(False, "mask", False), (True, "mask", False), (True, "subset", False), (True, "mask", True)],
-    ids=["fp32_residual", "bf16", "bf16_subset", "bf16_packed"],
+    [(False, "mask", False), (True, "mask", False), (True, "subset", False), (True, "mask", True)]
+    + [(True, "subset", True)],
+    ids=["fp32_residual", "bf16", "bf16_subset", "bf16_packed", "bf16_packed_subset"],
 )
 def test_dtype_audit_no_fp32_token_activation_inside_a_block_under_bf16_autocast(
     bf16_residual, drop_path_impl, packed
