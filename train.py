@@ -336,6 +336,8 @@ def train_step(
     is not finite (`found_inf`), the EMA then leaves the teacher as it is, and the returned 'finite' flag is
     read by the loop at log and checkpoint steps only (`check_finite`).
     """
+    if crops[0].is_cuda:  # with --run.cuda_graphs: a new step, so the graphs' output memory may be reused
+        torch.compiler.cudagraph_mark_step_begin()
     with torch.no_grad(), mixed_precision(crops[0].device):  # teacher: global views only, unmasked
         t_out = teacher(crops[:2], patch_index=masks.indices)
         targets = losses.teacher_targets(t_out, sched["teacher_temp"])  # centred and sharpened
