@@ -248,7 +248,7 @@ def save_checked(t: Training, crops: list[Tensor], masks: StepMasks, sched: dict
             m.eval()
         with torch.no_grad(), mixed_precision(crops[0].device):
             t_out = t.teacher(crops[:2], patch_index=masks.indices)
-            targets = t.losses.teacher_targets(t_out, sched["teacher_temp"])
+            targets = t.losses.teacher_targets(t_out, sched["teacher_temp"], masks)
             loss = t.losses(t.student(crops, masks.student, masks.indices), targets, masks)["loss"]
     finally:
         for m, mode in zip(networks, modes):
@@ -340,7 +340,7 @@ def train_step(
         torch.compiler.cudagraph_mark_step_begin()
     with torch.no_grad(), mixed_precision(crops[0].device):  # teacher: global views only, unmasked
         t_out = teacher(crops[:2], patch_index=masks.indices)
-        targets = losses.teacher_targets(t_out, sched["teacher_temp"])  # centred and sharpened
+        targets = losses.teacher_targets(t_out, sched["teacher_temp"], masks)  # centred and sharpened
     optimizer.zero_grad(set_to_none=True)
     terms: dict[str, Tensor] = {}
     finite = torch.ones((), dtype=torch.bool, device=crops[0].device)  # every micro-batch's loss finite
@@ -363,7 +363,7 @@ def train_step(
         momentum = torch.where(finite, momentum, 1.0)
     optimizer.step()
     ema_update(ema_target, student, momentum)  # theta_t <- m theta_t + (1 - m) theta_s
-    losses.update_centers(t_out)  # c <- m c + (1 - m) mean(g_t), over the whole batch
+    losses.update_centers(t_out, masks)  # c <- m c + (1 - m) mean(g_t), over the whole batch
     return {**terms, "teacher_probs": torch.cat(targets["cls"]), "finite": finite}
 
 
@@ -377,7 +377,8 @@ def micro_batches(crops: list[Tensor], masks: StepMasks, targets: dict, n: int):
         return
     b = crops[0].shape[0] // n
     if masks.patches is not None:  # each masked row's patch targets, then regrouped by micro-batch
-        per_row = list(targets["patch"].split(masks.patches.sum(1).tolist()))
+        counts = masks.patches.sum(1).tolist()
+        per_row = list(targets["patch"].split([*counts, len(targets["patch"]) - sum(counts)]))  # + padding
     for i in range(n):
         rows = [*range(i * b, (i + 1) * b), *range(n * b + i * b, n * b + (i + 1) * b)]  # both global crops
         mine = {"cls": [t[i * b : (i + 1) * b] for t in targets["cls"]]}

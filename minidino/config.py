@@ -121,7 +121,7 @@ class RunConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in the backward (memory)
     compile: bool = False  # torch.compile each transformer block and the colour jitter of augment=crops
     compile_step: bool = False  # torch.compile student and teacher whole (heads included) and the losses
-    cuda_graphs: bool = False  # with compile_step: replay them as CUDA graphs (DINO; static shapes only)
+    cuda_graphs: bool = False  # with compile_step: replay them as CUDA graphs (iBOT masks padded to a bound)
 
 
 @dataclass

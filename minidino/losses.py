@@ -142,21 +142,28 @@ class TeacherCentering(nn.Module):
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     @torch.no_grad()
-    def teacher_probs(self, teacher_logits: list[Tensor], teacher_temp: float) -> list[Tensor]:
-        """Targets for each teacher crop (or each group of patch logits)."""
+    def teacher_probs(
+        self, teacher_logits: list[Tensor], teacher_temp: float, valid: Tensor | None = None
+    ) -> list[Tensor]:
+        """Targets for each teacher crop (or each group of patch logits). valid: (rows,) bool over all the
+        rows, False for padding (fixed-size mask buffers): Sinkhorn leaves those out."""
         if self.centering == "sinkhorn":  # one equipartition over all crops of the step
-            probs = sinkhorn_knopp(torch.cat(teacher_logits), teacher_temp, self.sinkhorn_iters)
+            probs = sinkhorn_knopp(torch.cat(teacher_logits), teacher_temp, self.sinkhorn_iters, valid)
             return list(probs.split([t.shape[0] for t in teacher_logits]))
         c = self.center if self.centering == "center" else 0.0
         return [F.softmax((t.float() - c) / teacher_temp, dim=-1) for t in teacher_logits]
 
     @torch.no_grad()
-    def update_center(self, teacher_logits: list[Tensor]) -> None:
-        """c <- m c + (1 - m) mean of the step's teacher outputs (over all processes when distributed)."""
+    def update_center(self, teacher_logits: list[Tensor], valid: Tensor | None = None) -> None:
+        """c <- m c + (1 - m) mean of the step's teacher outputs (over all processes when distributed); the
+        rows where `valid` is False (padding) are left out of the mean."""
         if self.centering != "center":
             return
         t = torch.cat(teacher_logits).float()  # (n_global * B, K)
-        batch_sum, count = t.sum(0, keepdim=True), torch.tensor(float(t.shape[0]), device=t.device)
+        if valid is None:
+            batch_sum, count = t.sum(0, keepdim=True), torch.tensor(float(t.shape[0]), device=t.device)
+        else:
+            batch_sum, count = (t * valid[:, None]).sum(0, keepdim=True), valid.sum().float()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_sum)
             dist.all_reduce(count)
@@ -199,12 +206,13 @@ class Losses(nn.Module):
         }
 
     @torch.no_grad()
-    def teacher_targets(self, teacher_out: dict, teacher_temp: float) -> dict:
+    def teacher_targets(self, teacher_out: dict, teacher_temp: float, masks: StepMasks | None = None) -> dict:
         """Centred, sharpened targets: 'cls', one (B, K) per global crop; 'patch', (M, K) for the M patches
-        of the patch loss."""
+        of the patch loss (`masks`: the step's, whose padding, if any, Sinkhorn leaves out)."""
         targets = {"cls": self.dino.teacher_probs(teacher_out["logits"], teacher_temp)}
         if "patch_logits" in teacher_out:
-            targets["patch"] = self.ibot.teacher_probs([teacher_out["patch_logits"]], teacher_temp)[0]
+            valid = masks.valid if masks is not None else None
+            targets["patch"] = self.ibot.teacher_probs([teacher_out["patch_logits"]], teacher_temp, valid)[0]
         return targets
 
     def forward(self, student_out: dict, targets: dict, masks: StepMasks) -> dict[str, Tensor]:
@@ -219,11 +227,12 @@ class Losses(nn.Module):
         return terms
 
     @torch.no_grad()
-    def update_centers(self, teacher_out: dict) -> None:
-        """c <- m c + (1 - m) mean(g_t) for the CLS centre (and the patch centre when there were masks)."""
+    def update_centers(self, teacher_out: dict, masks: StepMasks | None = None) -> None:
+        """c <- m c + (1 - m) mean(g_t) for the CLS centre (and the patch centre when there were masks, over
+        their valid rows)."""
         self.dino.update_center(teacher_out["logits"])
         if "patch_logits" in teacher_out:
-            self.ibot.update_center([teacher_out["patch_logits"]])
+            self.ibot.update_center([teacher_out["patch_logits"]], masks.valid if masks is not None else None)
 
     def centers(self) -> dict[str, dict]:
         """The centres for a checkpoint, {'dino': ..., 'ibot': ...}."""

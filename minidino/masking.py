@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import seeds
@@ -92,18 +93,30 @@ class StepMasks:
     patches: Tensor | None  # (2B, N) bool: patches of the two global crops that go into the patch loss
     indices: Tensor | None = None  # (M,) int64: where those M patches are in patches.flatten(), in order
     weights: Tensor | None = None  # (M,) 1 / the masked count of its crop: the per-crop mean of the loss
+    valid: Tensor | None = None  # padded buffers only: (M,) bool, False for the padding after the M patches
 
     @classmethod
-    def of(cls, patches: Tensor | None, student: bool = True, n_crops: int = 2) -> StepMasks:
+    def of(cls, patches: Tensor | None, student: bool = True, n_crops: int = 2, size: int = 0) -> StepMasks:
         """From (2B, N) bool masks; `student`: the student sees them too (not in distillation). Meant for CPU
-        masks (the workers'); on device masks (train.micro_batches) `nonzero` reads the count back."""
+        masks (the workers'); on device masks (train.micro_batches) `nonzero` reads the count back.
+
+        size: pad `indices` and `weights` to this fixed length (an upper bound of the masked count, see
+        `upper_bound`), as DINOv2's collate does: the padding points at patch 0 with weight 0 and `valid`
+        False, so every step has the same shapes (what CUDA graphs need) and the losses are unchanged."""
         if patches is None:
             return cls(None, None)
         counts = patches.sum(1)  # (2B,)
         indices = patches.flatten().nonzero().squeeze(1)
         weights = (1.0 / counts.clamp(min=1)).repeat_interleave(counts, output_size=len(indices))
         per_crop = list(patches.chunk(2)) + [None] * (n_crops - 2) if student else None
-        return cls(per_crop, patches, indices, weights)
+        if not size:
+            return cls(per_crop, patches, indices, weights)
+        m = len(indices)
+        if m > size:
+            raise ValueError(f"{m} masked patches do not fit the buffer of {size}")
+        pad = size - m
+        valid = torch.arange(size) < m
+        return cls(per_crop, patches, F.pad(indices, (0, pad)), F.pad(weights, (0, pad)), valid)
 
     def to(self, device, non_blocking: bool = True) -> StepMasks:
         """On `device` (no stream sync: see attention.packed_offsets)."""
@@ -112,8 +125,21 @@ class StepMasks:
         patches, indices, weights = (
             t.to(device, non_blocking=non_blocking) for t in (self.patches, self.indices, self.weights)
         )
+        valid = None if self.valid is None else self.valid.to(device, non_blocking=non_blocking)
         student = None if self.student is None else list(patches.chunk(2)) + [None] * (len(self.student) - 2)
-        return StepMasks(student, patches, indices, weights)
+        return StepMasks(student, patches, indices, weights, valid)
+
+
+def upper_bound(
+    n_images: int, n_local: int, n_patches: int, ratio: tuple[float, float], probability: float
+) -> int:
+    """The most patches `ibot_masks` can mask among the n_local of its n_images crops that one process
+    keeps: the k-th masked crop masks at most int(n_patches * the top of the k-th ratio bin), and a process
+    may get the largest of them (DINOv2's collate sums the same per-crop maxima for its upper bound)."""
+    n_masked = int(n_images * probability)
+    edges = torch.linspace(ratio[0], ratio[1], n_masked + 1).tolist()
+    most = sorted((int(n_patches * e) for e in edges[1:]), reverse=True)
+    return sum(most[:n_local])
 
 
 def step_masks(cfg, b: int, step: int, rank: int = 0, world: int = 1, n_crops: int = 2) -> StepMasks:
@@ -133,8 +159,11 @@ def step_masks(cfg, b: int, step: int, rank: int = 0, world: int = 1, n_crops: i
     if cfg.run.distill_from:
         return StepMasks.of(torch.ones(2 * b, side * side, dtype=torch.bool), student=False)
     g = seeds.masks(cfg.run.seed, step)
-    masks = ibot_masks(2 * b * world, side, side, g, cfg.loss.mask_ratio, cfg.loss.mask_probability)
+    ratio, probability = cfg.loss.mask_ratio, cfg.loss.mask_probability
+    masks = ibot_masks(2 * b * world, side, side, g, ratio, probability)
     if not masks.any():  # decided on the global batch, so every process takes the same branch
         return StepMasks(None, None)
     masks = masks.view(2, world, b, -1)[:, rank].reshape(2 * b, -1)  # (crop, process, image, N) -> ours
-    return StepMasks.of(masks, n_crops=n_crops)
+    # --run.cuda_graphs: buffers of one size every step (a graph replays fixed shapes)
+    size = upper_bound(2 * b * world, 2 * b, side * side, ratio, probability) if cfg.run.cuda_graphs else 0
+    return StepMasks.of(masks, n_crops=n_crops, size=size)

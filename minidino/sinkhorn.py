@@ -33,20 +33,31 @@ def _logsumexp(x: Tensor, dim: int | None = None) -> Tensor:
 
 
 @torch.no_grad()
-def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iters: int = 3) -> Tensor:
+def sinkhorn_knopp(
+    teacher_logits: Tensor, teacher_temp: float, n_iters: int = 3, valid: Tensor | None = None
+) -> Tensor:
     """Teacher logits (B, K) -> targets (B, K) whose rows sum to 1 and whose columns are balanced.
 
     Computed on log Q, so that a division becomes a subtraction of a log-sum-exp: no overflow or 0/0 even
     when exp(g_t / tau_t) would overflow (large logits) or underflow (prototypes nobody picks).
+    valid: optional (B,) bool; rows that are False (the padding of fixed-size mask buffers) take no part
+    (log Q = -inf there, B counts the valid rows) and get all-zero targets.
     """
     log_Q = (teacher_logits.float() / teacher_temp).T  # (K, B): log of Q = exp(g_t / tau_t)^T
     K = log_Q.shape[0]
-    B = torch.tensor(float(log_Q.shape[1]), device=log_Q.device)
+    if valid is None:
+        B = torch.tensor(float(log_Q.shape[1]), device=log_Q.device)
+    else:
+        log_Q = log_Q.masked_fill(~valid[None], float("-inf"))
+        B = valid.sum().float()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(B)  # the global batch size
     log_K, log_B = torch.log(torch.tensor(float(K))), torch.log(B)
     log_Q = log_Q - _logsumexp(log_Q)  # Q /= sum(Q)
     for _ in range(n_iters):
         log_Q = log_Q - _logsumexp(log_Q, dim=1) - log_K  # each prototype (row) sums to 1/K
-        log_Q = log_Q - torch.logsumexp(log_Q, dim=0, keepdim=True) - log_B  # each sample (column) to 1/B
+        column = torch.logsumexp(log_Q, dim=0, keepdim=True)  # -inf for a padding column: left at -inf
+        log_Q = (
+            log_Q - column.masked_fill(column == float("-inf"), 0.0) - log_B
+        )  # each sample (column) to 1/B
     return torch.exp(log_Q + log_B).T  # x B: each sample's column sums to 1; (B, K)

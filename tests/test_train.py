@@ -111,13 +111,16 @@ def test_one_data_loader_serves_all_epochs(tmp_path, monkeypatch):
         ["--optim.fused=true"],
         ["--run.compile_step=true"],
         ["--run.compile_step=true", "--method=dinov2", "--model.pack_crops=true", "--model.attn_impl=sdpa"],
+        ["--run.compile_step=true", "--run.cuda_graphs=true", "--method=dinov2", "--loss.centering=sinkhorn"],
     ],
-    ids=["fused_loss", "fused_optim", "compile_step", "compile_step_dinov2_packed"],
+    ids=["fused_loss", "fused_optim", "compile_step", "compile_step_dinov2_packed", "graphs_dinov2_padded"],
 )
 def test_fused_switches_train_the_same_steps(tmp_path, monkeypatch, switch):
     """--loss.fused_dino_loss (the closed form reorders the sums), --optim.fused (fused AdamW, the
-    non-finite check on the device) and --run.compile_step (student, teacher and losses each one graph;
-    aot_eager here, the graphs inductor would generate code for): 4 steps give the losses and teacher
+    non-finite check on the device), --run.compile_step (student, teacher and losses each one graph;
+    aot_eager here, the graphs inductor would generate code for) and --run.cuda_graphs (against the compiled
+    step; on a CPU what changes is the iBOT masks in fixed-size padded buffers, Sinkhorn leaving the padding
+    out): 4 steps give the losses and teacher
     weights of the default path, to fp32 rounding. For DINOv2 the stochastic depth is off, so both runs
     draw the same random numbers whatever order the graphs run their operations in, and the head has no
     BatchNorm: the gradients of the biases before it are 0 in exact arithmetic, rounding noise in fp32, and
@@ -125,7 +128,9 @@ def test_fused_switches_train_the_same_steps(tmp_path, monkeypatch, switch):
     import minidino.parallel
 
     monkeypatch.setattr(minidino.parallel, "COMPILE_BACKEND", "aot_eager")
-    base = [a for a in switch if not a.startswith("--run.compile_step")]
+    # cuda_graphs against compile_step alone: what it changes on a CPU, the padded mask buffers
+    new = "--run.cuda_graphs" if "--run.cuda_graphs=true" in switch else "--run.compile_step"
+    base = [a for a in switch if not a.startswith(new)]
     if "--method=dinov2" in switch:
         base += ["--model.drop_path=0", "--head.use_bn=false"]
     train.main(tiny_run(tmp_path / "a", "--run.eval_at_end=false", *base))
@@ -134,6 +139,8 @@ def test_fused_switches_train_the_same_steps(tmp_path, monkeypatch, switch):
     train.main(tiny_run(tmp_path / "b", "--run.eval_at_end=false", *base, *switch))
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs >= 3 if "--run.compile_step=true" in switch else graphs == 0  # student, teacher, losses
+    if "--run.cuda_graphs=true" in switch:  # the same losses, bit for bit: the padding changes nothing
+        assert [r["loss"] for r in _log(tmp_path / "a")] == [r["loss"] for r in _log(tmp_path / "b")]
     a, b = _log(tmp_path / "a"), _log(tmp_path / "b")
     rel = 1e-4 if "--method=dinov2" in switch else 1e-5  # AdamW's normalisation of tiny LayerScale grads
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=rel)
