@@ -149,9 +149,10 @@ def step_masks(cfg, b: int, step: int, rank: int = 0, world: int = 1, n_crops: i
     DINO (iBOT weight 0): none. DINOv2: block masks on the global crops, drawn for the global batch from the
     step's stream (seeds.masks, so resuming and the process count change nothing; DINOv2's collate draws them
     per GPU, so there exactly half of each process's crops are masked, here half of the global batch's);
-    this process keeps its images' rows; the student sees them, and the masked patches go into the patch loss. None if no crop of
-    the global batch got masked. Distillation (DINOv2 Sec. 5): the student's input is not masked and every
-    patch of the global crops goes into the patch loss.
+    this process keeps its images' rows; the student sees them, and the masked patches go into the patch
+    loss. None if no crop of the global batch got masked. With --run.cuda_graphs the index buffers are padded
+    to `upper_bound`. Distillation (DINOv2 Sec. 5): the student's input is not masked and every patch of the
+    global crops goes into the patch loss.
     """
     if not cfg.loss.ibot_weight:
         return StepMasks(None, None)

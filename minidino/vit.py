@@ -170,9 +170,9 @@ def drop_path(x: Tensor, p: float, training: bool, packing: Packing | None = Non
 
 def packed_subset(packing: Packing, p: float) -> tuple[Tensor, Tensor, Packing]:
     """Efficient stochastic depth on packed crops: in each run of equal-length crops (the B global crops,
-    the 10 B local ones) keep int(count * (1 - p)) sequences at random (at least one). Returns the kept tokens' positions
-    (T_kept,), each kept token's scale count / kept of its run (DINOv2's B / B_kept), and the packing of the
-    kept sequences, whose layout is the same every step (its offsets are built once)."""
+    the 10 B local ones) keep int(count * (1 - p)) sequences at random (at least one). Returns the kept
+    tokens' positions (T_kept,), each kept token's scale count / kept of its run (DINOv2's B / B_kept), and
+    the packing of the kept sequences, whose layout is the same every step (its offsets are built once)."""
     device = packing.seq_ids.device
     index, scale, lengths = [], [], []
     for start, count, n in packing.runs:
