@@ -91,26 +91,28 @@ def test_data_benchmark_makes_jpegs_and_times_each_pipelines_stages(tmp_path):
     assert ratio["images_per_s"] > 0 and ratio["worker_part"] > 0
 
 
+SMALL_CROPS = "--data.global_crops_size=32 --data.local_crops_size=16 --data.local_crops_number=2"
+
+
+def gpu_checks(tmp_path, section: str, **env: str) -> list[dict]:
+    """Run one section of benchmarks/gpu_checks.sh (logs in tmp_path/logs) and return its JSON log."""
+    res = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_checks.sh"), section],
+        cwd=ROOT, env={**os.environ, "OUT": str(tmp_path / "logs"), **env}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    return [json.loads(line) for line in (tmp_path / "logs" / f"{section}.jsonl").read_text().splitlines()]
+
+
 def test_gpu_checks_data_section_runs_on_cpu(tmp_path):
     """The `data` section of benchmarks/gpu_checks.sh, at toy sizes: JPEGs made, both pipelines measured,
     the step benchmark beside them, all in the section's log (what a GPU machine runs at full size)."""
-    small = "--data.global_crops_size=32 --data.local_crops_size=16 --data.local_crops_number=2"
-    env = {
-        **os.environ,
-        "OUT": str(tmp_path / "logs"),
-        "JPEGS": str(tmp_path / "jpegs"),
-        "DATA_JPEGS": "6",
-        "DATA_BATCH": "2",
-        "DATA_WORKERS": "0",
-        "DATA_ARGS": small,
-        "STEP_ARGS": f"{small} --optim.batch_size=2 --steps=1 --warmup=1 --model.arch=vit_nano --head.out_dim=64",
-    }
-    res = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_checks.sh"), "data"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    rows = gpu_checks(
+        tmp_path, "data", JPEGS=str(tmp_path / "jpegs"), DATA_JPEGS="6", DATA_BATCH="2", DATA_WORKERS="0",
+        DATA_ARGS=SMALL_CROPS,
+        STEP_ARGS=f"{SMALL_CROPS} --optim.batch_size=2 --steps=1 --warmup=1 --model.arch=vit_nano --head.out_dim=64",
     )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
-    rows = [json.loads(line) for line in (tmp_path / "logs" / "data.jsonl").read_text().splitlines()]
     assert rows[0]["made_jpegs"] == 6
     assert [r.get("augment") for r in rows[1:3]] == ["crops", "pil"] and "ratios" in rows[3]
     assert rows[4]["benchmark"] == "step" and rows[4]["images_per_s"] > 0
@@ -121,21 +123,11 @@ def test_gpu_checks_switches_section_runs_on_cpu_and_makes_its_table(tmp_path):
     switch, each built afresh in one process, the compiled ones with aot_eager (inductor on a CPU takes
     minutes, and CUDA graphs need a GPU: here only the graphs are traced, DINOv2's with padded mask buffers);
     the markdown table gives each row as a ratio to its eager row."""
-    small = "--data.global_crops_size=32 --data.local_crops_size=16 --data.local_crops_number=2"
-    env = {
-        **os.environ,
-        "OUT": str(tmp_path / "logs"),
-        "SWITCH_BATCHES": "4",
-        "SWITCHES": "eager,bf16_residual,cuda_graphs",
-        "MINIDINO_COMPILE_BACKEND": "aot_eager",
-        "SWITCH_ARGS": f"{small} --warmup=1 --steps=1 --model.arch=vit_nano --model.patch_size=8 --head.out_dim=64",
-    }
-    res = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_checks.sh"), "switches"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    rows = gpu_checks(
+        tmp_path, "switches", SWITCH_BATCHES="4", SWITCHES="eager,bf16_residual,cuda_graphs",
+        MINIDINO_COMPILE_BACKEND="aot_eager",
+        SWITCH_ARGS=f"{SMALL_CROPS} --warmup=1 --steps=1 --model.arch=vit_nano --model.patch_size=8 --head.out_dim=64",
     )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
-    rows = [json.loads(line) for line in (tmp_path / "logs" / "switches.jsonl").read_text().splitlines()]
     assert [(r["method"], r["switch"]) for r in rows] == [
         (method, switch)
         for method in ("dino", "dinov2")
