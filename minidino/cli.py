@@ -258,6 +258,9 @@ def validate(cfg: Config) -> None:
             )
     if cfg.run.compile_step and cfg.run.parallel == "fsdp":
         raise ConfigError("--run.compile_step: not with --run.parallel=fsdp (use --run.compile, per block)")
+    if cfg.run.cuda_graphs and cfg.loss.ibot_weight and cfg.head.use_bn:
+        raise ConfigError("--run.cuda_graphs with iBOT: set --head.use_bn=false (the padding of the fixed-size "
+                          "mask buffers would enter BatchNorm's batch statistics)")  # fmt: skip
     if cfg.run.cuda_graphs and not cfg.run.compile_step:
         raise ConfigError(
             "--run.cuda_graphs needs --run.compile_step=true (the graphs are the compiled step's)"

@@ -120,19 +120,15 @@ def test_gpu_checks_data_section_runs_on_cpu(tmp_path):
 
 def test_gpu_checks_switches_section_runs_on_cpu_and_makes_its_table(tmp_path):
     """The `switches` section of benchmarks/gpu_checks.sh at toy sizes: for DINO and DINOv2 one line per
-    switch, each built afresh in one process, the compiled ones with aot_eager (inductor on a CPU takes
-    minutes, and CUDA graphs need a GPU: here only the graphs are traced, DINOv2's with padded mask buffers);
-    the markdown table gives each row as a ratio to its eager row."""
+    switch, each built afresh in one process (the compiled ones are left to tests/test_train.py: inductor on a
+    CPU takes minutes); the markdown table gives each row as a ratio to its eager row."""
     rows = gpu_checks(
-        tmp_path, "switches", SWITCH_BATCHES="4", SWITCHES="eager,bf16_residual,cuda_graphs",
-        MINIDINO_COMPILE_BACKEND="aot_eager",
+        tmp_path, "switches", SWITCH_BATCHES="4", SWITCHES="eager,bf16_residual",
         SWITCH_ARGS=f"{SMALL_CROPS} --warmup=1 --steps=1 --model.arch=vit_nano --model.patch_size=8 --head.out_dim=64",
     )  # fmt: skip
     assert [(r["method"], r["switch"]) for r in rows] == [
-        (method, switch)
-        for method in ("dino", "dinov2")
-        for switch in ("eager", "bf16_residual", "cuda_graphs")
+        (method, switch) for method in ("dino", "dinov2") for switch in ("eager", "bf16_residual")
     ]
     assert all(r["images_per_s"] > 0 for r in rows)
     table = (tmp_path / "logs" / "switches.md").read_text().splitlines()
-    assert len(table) == 2 + 6 and table[2].startswith("| dino | 4 | eager |") and "| 1.00 |" in table[2]
+    assert len(table) == 2 + 4 and table[2].startswith("| dino | 4 | eager |") and "| 1.00 |" in table[2]

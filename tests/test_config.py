@@ -260,9 +260,15 @@ def test_every_numeric_option_has_a_range_and_the_presets_are_in_range():
     [
         (["--run.cuda_graphs=true"], r"--run.cuda_graphs needs --run.compile_step=true"),
         (["--run.compile_step=true", "--run.parallel=fsdp"], r"not with --run.parallel=fsdp"),
+        (
+            ["--run.compile_step=true", "--run.cuda_graphs=true", "--method=dinov2", "--head.use_bn=true"],
+            r"set --head.use_bn=false",
+        ),  # fmt: skip
     ],
 )
 def test_compile_switches_that_cannot_work_together_are_refused(args, message):
     with pytest.raises(ConfigError, match=message):
         cli.parse_args(args)
-    cli.parse_args(["--run.compile_step=true", "--run.cuda_graphs=true", "--method=dinov2"])  # allowed
+    cli.parse_args(
+        ["--run.compile_step=true", "--run.cuda_graphs=true", "--method=dinov2", "--head.use_bn=false"]
+    )
