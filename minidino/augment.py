@@ -122,8 +122,11 @@ def linear_train_transform(size: int) -> v2.Transform:
 # CIFAR), where per-image PIL work in DataLoader workers costs more than the model on a small machine.
 
 
-def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=g)
+def _uniform_table(ranges: list[tuple[float, float]], n: int, g: torch.Generator) -> torch.Tensor:
+    """(len(ranges), n) on the CPU: row i uniform in ranges[i], the rows drawn from g in order (the same
+    numbers as one torch.rand(n) per row)."""
+    u = torch.rand(len(ranges), n, generator=g)
+    return torch.stack([lo + (hi - lo) * u[i] for i, (lo, hi) in enumerate(ranges)])
 
 
 def gray(x: torch.Tensor) -> torch.Tensor:
@@ -191,16 +194,22 @@ class BatchMultiCrop:
         g: torch.Generator,
     ) -> torch.Tensor:
         B, dev = x.shape[0], x.device
-
-        def draw(lo, hi):  # B uniform numbers, drawn on the CPU generator, used on x's device
-            return _uniform(B, lo, hi, g).to(dev)
+        # every random number of the view in one (draws, B) table from the CPU generator, in the order the
+        # operations below use them, then one copy to x's device (not one small blocking copy per draw)
+        ranges = {
+            "area": scale, "log_ratio": (math.log(3 / 4), math.log(4 / 3)), "cx": (0, 1), "cy": (0, 1),
+            "flip": (0, 1), "jitter": (0, 1), "brightness": (0.6, 1.4), "contrast": (0.6, 1.4),
+            "saturation": (0.8, 1.2), "hue": (-self.cfg.hue, self.cfg.hue), "gray": (0, 1),
+            "sigma": blur_sigma(size), "blur": (0, 1), **({"solarize": (0, 1)} if p_solarize else {}),
+        }  # fmt: skip
+        d = dict(zip(ranges, _uniform_table(list(ranges.values()), B, g).to(dev, non_blocking=True)))
 
         # random resized crop + flip: one affine map per image from the output grid to the input
-        area, log_ratio = draw(*scale), draw(math.log(3 / 4), math.log(4 / 3))
+        area, log_ratio = d["area"], d["log_ratio"]
         w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # crop width and height as image fractions
         h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
-        cx, cy = (draw(0, 1) * (1 - w) + w / 2) * 2 - 1, (draw(0, 1) * (1 - h) + h / 2) * 2 - 1
-        flip = torch.where(draw(0, 1) < 0.5, -1.0, 1.0)
+        cx, cy = (d["cx"] * (1 - w) + w / 2) * 2 - 1, (d["cy"] * (1 - h) + h / 2) * 2 - 1
+        flip = torch.where(d["flip"] < 0.5, -1.0, 1.0)
         theta = torch.zeros(B, 2, 3, device=dev)
         theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
         grid = torch.nn.functional.affine_grid(theta, [B, 3, size, size], align_corners=False)
@@ -209,23 +218,21 @@ class BatchMultiCrop:
         ).clamp(0, 1)  # (B, 3, size, size)
 
         # colour jitter with probability 0.8: brightness 0.4, contrast 0.4, saturation 0.2, hue
-        jitter = (draw(0, 1) < 0.8)[:, None, None, None]
-        y = x * draw(0.6, 1.4)[:, None, None, None]
+        jitter = (d["jitter"] < 0.8)[:, None, None, None]
+        y = x * d["brightness"][:, None, None, None]
         mean = gray(y).mean(dim=(1, 2, 3), keepdim=True)
-        y = ((y - mean) * draw(0.6, 1.4)[:, None, None, None] + mean).clamp(0, 1)
+        y = ((y - mean) * d["contrast"][:, None, None, None] + mean).clamp(0, 1)
         luma = gray(y)
-        y = ((y - luma) * draw(0.8, 1.2)[:, None, None, None] + luma).clamp(0, 1)
-        y = _rotate_hue(y, draw(-self.cfg.hue, self.cfg.hue)).clamp(0, 1)
+        y = ((y - luma) * d["saturation"][:, None, None, None] + luma).clamp(0, 1)
+        y = _rotate_hue(y, d["hue"]).clamp(0, 1)
         x = torch.where(jitter, y, x)
-        x = torch.where((draw(0, 1) < 0.2)[:, None, None, None], gray(x).expand_as(x), x)  # grayscale
+        x = torch.where((d["gray"] < 0.2)[:, None, None, None], gray(x).expand_as(x), x)  # grayscale
 
-        sigma = draw(*blur_sigma(size))  # Gaussian blur
-        x = torch.where(
-            (draw(0, 1) < p_blur)[:, None, None, None], gaussian_blur(x, sigma, blur_kernel(size)), x
-        )
+        blurred = gaussian_blur(x, d["sigma"], blur_kernel(size))  # Gaussian blur
+        x = torch.where((d["blur"] < p_blur)[:, None, None, None], blurred, x)
 
         if p_solarize:
-            x = torch.where((draw(0, 1) < p_solarize)[:, None, None, None] & (x >= 0.5), 1 - x, x)
+            x = torch.where((d["solarize"] < p_solarize)[:, None, None, None] & (x >= 0.5), 1 - x, x)
         mean, std = x.new_tensor(IMAGENET_MEAN)[:, None, None], x.new_tensor(IMAGENET_STD)[:, None, None]
         return (x - mean) / std
 

@@ -179,7 +179,10 @@ def test_batch_crop_of_whole_image_without_jitter_is_identity(monkeypatch):
 
     # Pin every random draw: ranges that include 0 give 0 (aspect ratio 1), others their upper end; so the
     # crop is the whole image, centred, unflipped, and no jitter, grayscale or blur is applied.
-    monkeypatch.setattr(A, "_uniform", lambda n, lo, hi, g: torch.full((n,), 0.0 if lo < 0 else float(hi)))
+    def pinned(ranges, n, g):
+        return torch.stack([torch.full((n,), 0.0 if lo < 0 else float(hi)) for lo, hi in ranges])
+
+    monkeypatch.setattr(A, "_uniform_table", pinned)
     x = torch.rand(4, 3, 16, 16)
     v = A.BatchMultiCrop().view(x, 16, (1.0, 1.0), 0.0, 0.0, torch.Generator())
     mean, std = torch.tensor(A.IMAGENET_MEAN)[:, None, None], torch.tensor(A.IMAGENET_STD)[:, None, None]
