@@ -13,9 +13,9 @@ TUTORIALS = os.path.join(ROOT, "tutorials")
 NOTEBOOKS = sorted(f for f in os.listdir(TUTORIALS) if f.endswith(".ipynb"))
 
 
-def test_there_are_six_tutorials_stored_without_outputs():
+def test_there_are_seven_tutorials_stored_without_outputs():
     nbformat = pytest.importorskip("nbformat")
-    assert len(NOTEBOOKS) == 6
+    assert len(NOTEBOOKS) == 7
     for name in NOTEBOOKS:
         nb = nbformat.read(os.path.join(TUTORIALS, name), as_version=4)
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), name
