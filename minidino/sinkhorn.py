@@ -57,7 +57,6 @@ def sinkhorn_knopp(
     for _ in range(n_iters):
         log_Q = log_Q - _logsumexp(log_Q, dim=1) - log_K  # each prototype (row) sums to 1/K
         column = torch.logsumexp(log_Q, dim=0, keepdim=True)  # -inf for a padding column: left at -inf
-        log_Q = (
-            log_Q - column.masked_fill(column == float("-inf"), 0.0) - log_B
-        )  # each sample (column) to 1/B
+        column = column.masked_fill(column == float("-inf"), 0.0)
+        log_Q = log_Q - column - log_B  # each sample (column) sums to 1/B
     return torch.exp(log_Q + log_B).T  # x B: each sample's column sums to 1; (B, K)

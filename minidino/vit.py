@@ -168,15 +168,21 @@ def drop_path(x: Tensor, p: float, training: bool, packing: Packing | None = Non
     return x * keep
 
 
+def kept_count(n: int, p: float) -> int:
+    """How many of n samples efficient stochastic depth keeps at drop rate p: floored, at least one (as
+    DINOv2's layers/block.py)."""
+    return max(1, int(n * (1 - p)))
+
+
 def packed_subset(packing: Packing, p: float) -> tuple[Tensor, Tensor, Packing]:
     """Efficient stochastic depth on packed crops: in each run of equal-length crops (the B global crops,
-    the 10 B local ones) keep int(count * (1 - p)) sequences at random (at least one). Returns the kept
-    tokens' positions (T_kept,), each kept token's scale count / kept of its run (DINOv2's B / B_kept), and
-    the packing of the kept sequences, whose layout is the same every step (its offsets are built once)."""
+    the 10 B local ones) keep `kept_count(count, p)` sequences at random. Returns the kept tokens' positions
+    (T_kept,), each kept token's scale count / kept of its run (DINOv2's B / B_kept), and the packing of the
+    kept sequences, whose layout is the same every step (its offsets are built once)."""
     device = packing.seq_ids.device
     index, scale, lengths = [], [], []
     for start, count, n in packing.runs:
-        keep = max(1, int(count * (1 - p)))
+        keep = kept_count(count, p)
         kept = torch.randperm(count, device=device)[:keep]  # (keep,) sequences of this run
         index.append((start + kept[:, None] * n + torch.arange(n, device=device)).flatten())
         scale.append(torch.full((keep * n,), count / keep, device=device))
@@ -225,7 +231,7 @@ class Block(nn.Module):
             y = ls(branch(x[index], kept_packing))
             return torch.index_add(x, 0, index, (y * scale[:, None].to(y.dtype)).to(x.dtype))  # += s gamma y
         B = x.shape[0]
-        n_keep = max(1, int(B * (1 - self.drop_path)))  # floored, as DINOv2's layers/block.py
+        n_keep = kept_count(B, self.drop_path)
         kept = torch.randperm(B, device=x.device)[:n_keep]
         gamma = ls.gamma if isinstance(ls, LayerScale) else None
         impl = "auto" if self.drop_path_impl == "subset_triton" else "ref"
@@ -259,11 +265,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"unknown arch {cfg.arch!r}: expected one of {', '.join(ARCHS)}")
         dim, depth, heads = ARCHS[cfg.arch]
         self.embed_dim, self.num_heads, self.patch_size = dim, heads, cfg.patch_size
-        self.n_registers, self.pack_crops, self.bf16_residual = (
-            cfg.n_registers,
-            cfg.pack_crops,
-            cfg.bf16_residual,
-        )
+        self.n_registers, self.pack_crops = cfg.n_registers, cfg.pack_crops
+        self.bf16_residual = cfg.bf16_residual
         self.patch_embed = PatchEmbed(cfg.patch_size, dim)
         n_patches = (cfg.img_size // cfg.patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
