@@ -55,6 +55,7 @@ from minidino.optim import (
     apply_schedule,
     build_optimizer,
     clip_gradients,
+    decay_weights,
     drop_frozen_gradients,
     peak_lr,
     small_batch_advice,
@@ -162,6 +163,7 @@ class Training:
     knn_sets: tuple | None = None
     saved_step: int | None = None  # the step of the checkpoint on disk (None: none yet)
     first_bad: Tensor | int = -1  # optim.fused: the first step with a non-finite loss (-1: none so far)
+    device_scalars: dict = dataclasses.field(default_factory=dict)  # optim.fused: see `on_device`
 
     @property
     def networks(self) -> tuple[nn.Module, nn.Module, nn.Module]:  # train_step's first three arguments
@@ -210,8 +212,9 @@ def train_one_epoch(t: Training, epoch: int, bar: tqdm, batches: Iterator, views
         sched = schedules(t.step, t.total_steps, t.steps_per_epoch, cfg.optim, cfg.loss, peak_lr(cfg.optim))
         apply_schedule(t.optimizer, sched["lr"], sched["wd"])
         masks = masks.to(t.device)  # the step's iBOT masks, drawn with its batch in the workers
+        step_sched = on_device(sched, t.device_scalars, t.device) if cfg.optim.fused else sched
         try:
-            out = train_step(*t.networks, t.losses, t.optimizer, crops, masks, sched, cfg.optim)
+            out = train_step(*t.networks, t.losses, t.optimizer, crops, masks, step_sched, cfg.optim)
         except NonFiniteLoss as e:
             raise NonFiniteLoss(f"{e} at step {t.step}: stopping; {kept_checkpoint(t)}") from None
         if cfg.optim.fused:  # the first step whose loss was not finite (-1: none), kept on the device
@@ -234,6 +237,15 @@ def train_one_epoch(t: Training, epoch: int, bar: tqdm, batches: Iterator, views
             save_checked(t, crops, masks, sched)
         if t.step >= t.last_step:
             return
+
+
+def on_device(sched: dict, held: dict, device: torch.device) -> dict:
+    """`sched` with the teacher momentum and temperature as 0-d tensors on `device`, kept in `held` and
+    rewritten in place every step (--optim.fused, with the optimiser's lr and weight decay: `apply_schedule`):
+    the step then takes no number from the host, and a recorded CUDA graph reads each step's values."""
+    for key in ("momentum", "teacher_temp"):
+        held.setdefault(key, torch.zeros((), device=device)).fill_(sched[key])
+    return {**sched, **held}
 
 
 def save_checked(t: Training, crops: list[Tensor], masks: StepMasks, sched: dict) -> None:
@@ -332,9 +344,11 @@ def train_step(
     whole batch at once, KoLeo's neighbours and BatchNorm's statistics aside (those see a micro-batch).
 
     A non-finite loss raises NonFiniteLoss at once, which makes the host wait for the device every step to
-    know. With optim.fused the step never waits: the fused AdamW skips its update on the device when the loss
-    is not finite (`found_inf`), the EMA then leaves the teacher as it is, and the returned 'finite' flag is
-    read by the loop at log and checkpoint steps only (`check_finite`).
+    know. With optim.fused the step never waits: the fused AdamW skips its update (and `decay_weights` its
+    weight decay) on the device when the loss is not finite (`found_inf`), the EMA then leaves the teacher as
+    it is, and the returned 'finite' flag is read by the loop at log and checkpoint steps only
+    (`check_finite`); lr, weight decay, momentum and teacher temperature are then 0-d device tensors
+    (`apply_schedule`, `on_device`).
     """
     if crops[0].is_cuda:  # with --run.cuda_graphs: a new step, so the graphs' output memory may be reused
         torch.compiler.cudagraph_mark_step_begin()
@@ -361,6 +375,7 @@ def train_step(
         finite = all_true(finite)  # one process's NaN reaches every gradient through the all-reduce
         optimizer.found_inf = (~finite).float()
         momentum = torch.where(finite, momentum, 1.0)
+        decay_weights(optimizer, finite)  # theta <- (1 - lr wd) theta, as AdamW would before its update
     optimizer.step()
     ema_update(ema_target, student, momentum)  # theta_t <- m theta_t + (1 - m) theta_s
     losses.update_centers(t_out, masks)  # c <- m c + (1 - m) mean(g_t), over the whole batch

@@ -38,7 +38,7 @@ from minidino.dist import cleanup, init_distributed, print0, resolve_device, wor
 from minidino.losses import build_losses
 from minidino.masking import step_masks
 from minidino.meta_arch import build_student_teacher
-from minidino.optim import build_optimizer
+from minidino.optim import apply_schedule, build_optimizer
 from minidino.schedules import schedules
 from minidino.syncs import HostSyncs
 
@@ -155,8 +155,9 @@ def measure(cfg: Config, switch: str, args: str, steps: int, warmup: int, profil
     crops = synthetic_crops(cfg, device)
     masks = step_masks(cfg, len(crops[0]), step=0, n_crops=len(crops)).to(device)  # as in train.py
     sched = {**schedules(0, 100, 10, cfg.optim, cfg.loss, 1e-4), "lr": 1e-4, "freeze_last_layer": False}
-    for group in opt.param_groups:
-        group["lr"] = 1e-4
+    apply_schedule(opt, sched["lr"], sched["wd"])
+    if cfg.optim.fused:  # as train.py's loop: the schedules' floats as device tensors
+        sched = train.on_device(sched, {}, device)
 
     def run(n: int) -> None:
         for _ in range(n):

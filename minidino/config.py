@@ -99,7 +99,7 @@ class OptimConfig:
     layer_decay: float = 1.0  # layer-wise lr decay: block i of L gets lr x decay^(L + 1 - i) (DINOv2: 0.9)
     patch_embed_lr_mult: float = 1.0  # extra lr factor of the patch embedding (DINOv2: 0.2)
     clip_grad: float = 3.0  # max gradient norm (0 disables)
-    fused: bool = False  # fused AdamW; a NaN loss skips its update on the device, seen at the next log
+    fused: bool = False  # fused AdamW, lr etc. on the device; a NaN loss skips the update, seen when logged
     clip_mode: str = "tensor"  # tensor: each tensor's norm apart (DINO); part: backbone, heads (DINOv2)
     freeze_last_layer: int = 1  # epochs during which the prototype layer gets no update
     freeze_backbone_epochs: int = 1  # with --run.init_from a backbone file: epochs the new heads train alone

@@ -10,13 +10,13 @@ frozen prototype layer (DINO, arXiv 2104.14294, App. B; DINOv2, arXiv 2304.07193
                 norm per part (backbone, DINO head, iBOT head)
     freezing    the prototypes (the head's last layer) get no update in the first epoch
 The values of lr and weight decay change every step (`schedules.py`); `apply_schedule` writes them into
-the groups, each scaled by its lr multiplier.
+the groups, each scaled by its lr multiplier (on the device for the fused AdamW of `--optim.fused`).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import parallel
 from .dist import local
@@ -53,9 +53,29 @@ def param_groups(model: nn.Module, layer_decay: float = 1.0, patch_embed_lr_mult
 def build_optimizer(model: nn.Module, optim) -> torch.optim.AdamW:
     """AdamW over `param_groups` of an `OptimConfig`; lr and weight decay are set every step."""
     groups = param_groups(model, optim.layer_decay, optim.patch_embed_lr_mult)
-    # fused: one kernel for all tensors, step counters on the device (no read-back of them), and `found_inf`
-    # to skip a step on the device; the default (foreach) reads each group's step count back
-    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), fused=optim.fused or None)
+    if not optim.fused:  # foreach: reads each group's step count back to the host
+        return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999))
+    # fused: one kernel for all tensors, step counters on the device, `found_inf` to skip a step there, and
+    # (capturable) every value it reads on the device, so the update can be recorded in a CUDA graph
+    opt = torch.optim.AdamW(
+        groups, lr=torch.zeros(()), betas=(0.9, 0.999), weight_decay=0.0, fused=True, capturable=True
+    )
+    hyperparameters_on_device(opt)
+    return opt
+
+
+def hyperparameters_on_device(optimizer: torch.optim.Optimizer) -> None:
+    """A fused optimiser's per-group lr, and `keep` = 1 - lr x weight decay, as 0-d tensors on its weights'
+    device, which `apply_schedule` rewrites in place (a float would be a new value from the host each step,
+    and a recorded graph would keep the first one). Fused AdamW takes weight decay as a Python number, so it
+    runs with 0 and `decay_weights` applies the decay. Called when the optimiser is built and after a state
+    dict is loaded into it (which brings the saved values, on the CPU)."""
+    if not optimizer.defaults.get("fused"):
+        return
+    for group in optimizer.param_groups:
+        device = group["params"][0].device
+        group["lr"], group["keep"] = torch.zeros((), device=device), torch.ones((), device=device)
+        group["weight_decay"] = 0.0
 
 
 def peak_lr(optim) -> float:
@@ -77,9 +97,26 @@ def small_batch_advice(optim) -> str | None:
 
 
 def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    """This step's lr and weight decay into every group, the lr scaled by the group's multiplier; written in
+    place on the device for a fused optimiser (`hyperparameters_on_device`)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_mult"]
-        group["weight_decay"] = weight_decay if group["apply_wd"] else 0.0
+        group_lr, group_wd = lr * group["lr_mult"], (weight_decay if group["apply_wd"] else 0.0)
+        if "keep" in group:
+            group["lr"].fill_(group_lr)  # a kernel with the value as its argument: nothing waits
+            group["keep"].fill_(1.0 - group_lr * group_wd)
+        else:
+            group["lr"], group["weight_decay"] = group_lr, group_wd
+
+
+@torch.no_grad()
+def decay_weights(optimizer: torch.optim.Optimizer, finite: Tensor) -> None:
+    """AdamW's decoupled weight decay for a fused optimiser, before its update as AdamW does it:
+    theta <- (1 - lr x wd) theta on the weights that get an update this step (those with a gradient), none
+    when `finite` is False (the update is skipped too)."""
+    for group in optimizer.param_groups:
+        params = [local(p) for p in group["params"] if p.grad is not None]
+        if "keep" in group and group["apply_wd"] and params:
+            torch._foreach_mul_(params, torch.where(finite, group["keep"], 1.0))
 
 
 CLIP_MODES = ("tensor", "part")

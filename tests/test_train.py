@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 
@@ -13,7 +14,8 @@ from minidino.checkpoint import load_checkpoint
 from minidino.config import ConfigError, LossConfig, OptimConfig
 from minidino.losses import DINOLoss, Losses
 from minidino.masking import StepMasks
-from minidino.optim import param_groups
+from minidino.meta_arch import build_student_teacher
+from minidino.optim import apply_schedule, build_optimizer, decay_weights, param_groups
 
 
 def _log(run_dir):
@@ -134,7 +136,9 @@ def test_fused_switches_train_the_same_steps(tmp_path, monkeypatch, switch):
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs >= 3 if "--run.compile_step=true" in switch else graphs == 0  # student, teacher, losses
     a, b = _log(tmp_path / "a"), _log(tmp_path / "b")
-    rel = 1e-4 if "--method=dinov2" in switch else 1e-5  # AdamW's normalisation of tiny LayerScale grads
+    # AdamW's normalisation of tiny LayerScale gradients turns fp32 rounding into full-size updates: by the
+    # 4th DINOv2 step the compiled path's loss is 4e-4 away on some CPUs (1e-5 on others)
+    rel = 1e-3 if "--method=dinov2" in switch else 1e-5
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=rel)
     ta, tb = (load_checkpoint(str(tmp_path / d))["teacher"] for d in "ab")
     assert all(torch.allclose(ta[k], tb[k], atol=1e-5, rtol=1e-4) for k in ta)
@@ -516,6 +520,7 @@ def test_fused_step_skips_a_non_finite_update_on_the_device():
     losses, opt = build_losses(cfg), build_optimizer(student, cfg.optim)
     crops = [torch.randn(4, 3, 32, 32) for _ in range(2)] + [torch.randn(4, 3, 16, 16) for _ in range(2)]
     sched = {**schedules(3, 10, 2, cfg.optim, cfg.loss, 1e-2), "lr": 1e-2, "freeze_last_layer": False}
+    apply_schedule(opt, sched["lr"], 0.04)  # an update and a weight decay that would both change weights
     out = train.train_step(
         student, teacher, teacher, losses, opt, crops, StepMasks(None, None), sched, cfg.optim
     )
@@ -528,6 +533,38 @@ def test_fused_step_skips_a_non_finite_update_on_the_device():
     assert not bool(out["finite"])
     after = [*student.parameters(), *teacher.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_fused_adamw_with_its_values_on_the_device_updates_as_adamw():
+    """--optim.fused's optimiser (fused AdamW reading lr from 0-d tensors rewritten in place, the weight decay
+    applied by `decay_weights`) against plain AdamW with float lr and weight decay: the same weights over
+    steps of changing lr and weight decay, with DINOv2's layer-wise lr decay (groups of different lr), a
+    parameter without gradient (left alone by both) and, at the end, a non-finite step (skipped whole)."""
+    cfg, _, _ = cli.parse_args(tiny_run("unused", "--method=dinov2"))
+    models = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        student, _ = build_student_teacher(cfg)
+        models.append((student, build_optimizer(student, dataclasses.replace(cfg.optim, fused=fused))))
+    assert len(models[1][1].param_groups) > 2 and all(
+        torch.is_tensor(g["lr"]) for g in models[1][1].param_groups
+    )
+    gen = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(p.shape, generator=gen) for p in models[0][0].parameters()] for _ in range(4)]
+    for step, (lr, wd) in enumerate([(1e-2, 0.04), (5e-3, 0.2), (2e-3, 0.4), (1e-3, 0.4)]):
+        for (student, opt), fused in zip(models, (False, True)):
+            for p, g in zip(student.parameters(), grads[step]):
+                p.grad = g.clone()
+            student.backbone.cls_token.grad = None  # no gradient: no update and no decay this step
+            apply_schedule(opt, lr, wd)
+            finite = torch.tensor(step < 3)  # the last step is a non-finite one
+            if fused:
+                opt.found_inf = (~finite).float()
+                decay_weights(opt, finite)
+            if fused or step < 3:  # the plain path raises NonFiniteLoss before its update
+                opt.step()
+        a, b = (dict(m.named_parameters()) for m, _ in models)
+        assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a), step
 
 
 def test_fused_non_finite_loss_stops_at_the_log_step_with_its_step_and_keeps_checkpoint(
