@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
+
+def _subplots(rows: int, cols: int, figsize: tuple, **kwargs):
+    """A figure of its own, outside pyplot: it draws to a file on any machine (no display, no backend to
+    choose), and a notebook that imports minidino keeps its inline figures."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, **kwargs)
 
 
 def read_log(path: str) -> list[dict]:
@@ -25,7 +29,7 @@ def plot_training_curves(log_path: str, out_path: str) -> str:
     rows = read_log(log_path)
     steps = [r["step"] for r in rows]
     knn = [(r["step"], r["knn_top1"]) for r in rows if "knn_top1" in r]
-    fig, axes = plt.subplots(1, 4 if knn else 3, figsize=(20 if knn else 15, 4))
+    fig, axes = _subplots(1, 4 if knn else 3, figsize=(20 if knn else 15, 4))
     for key in sorted({k for r in rows for k in r if k.startswith("loss")}):
         axes[0].plot(*zip(*[(r["step"], r[key]) for r in rows if key in r]), label=key)
     axes[0].set(title="loss", xlabel="step")
@@ -47,7 +51,6 @@ def plot_training_curves(log_path: str, out_path: str) -> str:
         axes[3].set(title="k-NN top-1 of the teacher (%)", xlabel="step")
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
-    plt.close(fig)
     return out_path
 
 
@@ -69,7 +72,7 @@ def plot_attention_maps(images, attn, masks, out_path: str, jaccard=None) -> str
     """DINO Fig. 3 style: per image, the image, each head's last-block CLS attention, and the mask keeping
     60% of the mean-of-heads attention mass. images (B, 3, H, W); attn (B, heads, h, w); masks (B, h, w)."""
     B, H = attn.shape[:2]
-    fig, axes = plt.subplots(B, H + 2, figsize=(1.6 * (H + 2), 1.6 * B), squeeze=False)
+    fig, axes = _subplots(B, H + 2, figsize=(1.6 * (H + 2), 1.6 * B), squeeze=False)
     for i in range(B):
         _show_image(axes[i, 0], images[i])
         for j in range(H):
@@ -85,7 +88,6 @@ def plot_attention_maps(images, attn, masks, out_path: str, jaccard=None) -> str
     axes[0, -1].set_title("60% mass\n(mean of heads)", fontsize=8)
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
-    plt.close(fig)
     return out_path
 
 
@@ -94,7 +96,7 @@ def plot_pca(images, foreground, rgb, out_path: str) -> str:
     three components of a second PCA over the foreground patches as RGB.
     foreground (B, h, w) bool, rgb (B, h, w, 3)."""
     B = len(images)
-    fig, axes = plt.subplots(3, B, figsize=(1.6 * B, 5), squeeze=False)
+    fig, axes = _subplots(3, B, figsize=(1.6 * B, 5), squeeze=False)
     for i in range(B):
         _show_image(axes[0, i], images[i])
         axes[1, i].imshow(foreground[i].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
@@ -106,7 +108,6 @@ def plot_pca(images, foreground, rgb, out_path: str) -> str:
     axes[2, 0].set_title("PCA of foreground patches", fontsize=8, loc="left")
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
-    plt.close(fig)
     return out_path
 
 
@@ -118,7 +119,7 @@ def plot_image_rows(
     from PIL import Image
 
     cols = max((len(r) for r in rows), default=1)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.2 * cols + 1, 1.3 * len(rows)), squeeze=False)
+    fig, axes = _subplots(len(rows), cols, figsize=(1.2 * cols + 1, 1.3 * len(rows)), squeeze=False)
     for i, row in enumerate(rows):
         for j in range(cols):
             ax = axes[i, j]
@@ -132,7 +133,6 @@ def plot_image_rows(
         )
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
-    plt.close(fig)
     return out_path
 
 
@@ -142,12 +142,11 @@ def plot_cluster_sizes(before, after, out_path: str, xlabel: str = "top-level cl
 
     order = np.argsort(-np.asarray(before), kind="stable")
     x = np.arange(len(order))
-    fig, ax = plt.subplots(figsize=(max(5, 0.25 * len(order) + 2), 3.2))
+    fig, ax = _subplots(1, 1, figsize=(max(5, 0.25 * len(order) + 2), 3.2))
     ax.bar(x - 0.2, np.asarray(before)[order], width=0.4, label="pool")
     ax.bar(x + 0.2, np.asarray(after)[order], width=0.4, label="balanced sample")
     ax.set(xlabel=f"{xlabel} (largest first)", ylabel="images", title="cluster sizes")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
-    plt.close(fig)
     return out_path

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,6 +109,21 @@ def test_attention_and_pca_figures_are_written(tmp_path):
     fg, rgb = pca_foreground(vit.forward_features(images)["patch"].detach(), (8, 8))
     b = Image.open(plot_pca(images, fg, rgb, str(tmp_path / "pca.png")))
     assert a.size == (6 * 160, 3 * 160) and b.size == (3 * 160, 500)  # 1.6-inch panels at 100 dpi
+
+
+def test_the_figures_leave_pyplot_alone(tmp_path):
+    """minidino draws its figures outside pyplot, so a notebook keeps its inline backend and its figures:
+    importing minidino.visualize and drawing picks no backend and leaves no pyplot figure open (checked in a
+    child process that starts on the svg backend, as a notebook starts on its inline one)."""
+    code = f"""
+import matplotlib, matplotlib.pyplot as plt, torch
+from minidino.visualize import plot_attention_maps
+plot_attention_maps(torch.randn(2, 3, 32, 32), torch.rand(2, 3, 4, 4), torch.rand(2, 4, 4) > 0.5, {str(tmp_path / "a.png")!r})
+print(matplotlib.get_backend(), len(plt.get_fignums()))
+"""
+    env = {**os.environ, "MPLBACKEND": "svg"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["svg", "0"] and (tmp_path / "a.png").exists()
 
 
 def test_timm_vit_converts_both_ways_with_identical_features():

@@ -91,9 +91,18 @@ def store(nb, name: str, seconds: float) -> int:
     import nbformat
 
     for cell in nb.cells:
+        merged = []  # a progress bar arrives as one output per update: one output per stream run instead
         for out in cell.get("outputs", []):
+            last = merged[-1] if merged else {}
+            if out.get("output_type") == "stream" == last.get("output_type") and out["name"] == last["name"]:
+                last["text"] += out["text"]
+            else:
+                merged.append(out)
+        for out in merged:
             if out.get("output_type") == "stream":
                 out["text"] = settle(out["text"])
+        if cell.cell_type == "code":
+            cell.outputs = merged
 
     nb.metadata["minidino"] = {
         "code_sha256": code_hash(nb),
