@@ -68,14 +68,13 @@ def hyperparameters_on_device(optimizer: torch.optim.Optimizer) -> None:
     """A fused optimiser's per-group lr, and `keep` = 1 - lr x weight decay, as 0-d tensors on its weights'
     device, which `apply_schedule` rewrites in place (a float would be a new value from the host each step,
     and a recorded graph would keep the first one). Fused AdamW takes weight decay as a Python number, so it
-    runs with 0 and `decay_weights` applies the decay. Called when the optimiser is built and after a state
-    dict is loaded into it (which brings the saved values, on the CPU)."""
+    runs with 0 (the optimiser's default) and `decay_weights` applies the decay. A resumed run keeps these
+    tensors: `parallel.load_optimizer_state` loads the saved state into this optimiser's own groups."""
     if not optimizer.defaults.get("fused"):
         return
     for group in optimizer.param_groups:
         device = group["params"][0].device
         group["lr"], group["keep"] = torch.zeros((), device=device), torch.ones((), device=device)
-        group["weight_decay"] = 0.0
 
 
 def peak_lr(optim) -> float:
@@ -114,8 +113,10 @@ def decay_weights(optimizer: torch.optim.Optimizer, finite: Tensor) -> None:
     theta <- (1 - lr x wd) theta on the weights that get an update this step (those with a gradient), none
     when `finite` is False (the update is skipped too)."""
     for group in optimizer.param_groups:
+        if "keep" not in group or not group["apply_wd"]:
+            continue
         params = [local(p) for p in group["params"] if p.grad is not None]
-        if "keep" in group and group["apply_wd"] and params:
+        if params:
             torch._foreach_mul_(params, torch.where(finite, group["keep"], 1.0))
 
 
