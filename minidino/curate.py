@@ -12,13 +12,16 @@ The steps, as the papers describe them:
    a minidino run or an official file): the CLS tokens of the image and of its mirror image, summed (so a
    mirrored copy is an exact match), minus the pool's mean feature (what all images share: without it a weakly
    trained backbone puts every pair near cosine 1), L2-normalised, so a dot product is a cosine similarity.
+   These features serve retrieval and balancing (steps 4-5).
 2. Deduplicate: pairs of pool images with cosine similarity >= threshold are joined, the connected components
    are the duplicate groups, and one image per group is kept (the one with most pixels; the first listed on
-   a tie). DINOv2 uses a copy-detection network (SSCD, Pizzi et al. 2022) for this; minidino uses the same
-   backbone for every step, and its threshold was chosen on held-out injected duplicates (DEFAULT_THRESHOLD;
-   what it finds and misses is measured there: a copy-detection model is the better tool for crops).
-3. Decontaminate: a pool image whose nearest evaluation image is at >= threshold is removed, so the
-   evaluation sets stay unseen during pre-training.
+   a tie). The similarity is that of a copy descriptor, as DINOv2 uses a copy-detection network (SSCD, Pizzi
+   et al. 2022) here rather than its semantic features: minidino/copy_detection.py fine-tunes the same
+   backbone on edited pairs of the pool's own images for `--copy-steps` steps (`--copy-steps 0` compares the
+   CLS features instead, which find exact, mirrored and recoloured copies but miss crops and shifts). The
+   threshold was chosen on held-out injected duplicates (DEFAULT_THRESHOLD).
+3. Decontaminate: a pool image whose nearest evaluation image is at >= threshold (same descriptor) is
+   removed, so the evaluation sets stay unseen during pre-training.
 4. Retrieve (DINOv2 App. A): sample-based, the k nearest pool images of each curated image; or cluster-based,
    k-means of the pool, and the clusters that are the nearest cluster of some curated image are kept.
 5. Balance (Vo et al. 2024, arXiv 2405.15613): k-means of the pool, k-means of those centroids, and so on
@@ -35,6 +38,7 @@ and ~10^6 on a GPU; beyond, an approximate index (faiss IVF/HNSW) is the right t
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -51,6 +55,7 @@ from .augment import eval_transform
 from .checkpoint import backbone_and_config
 from .cli import error_line
 from .config import ConfigError
+from .copy_detection import CopyDescriptor, descriptor_size, train_descriptor
 from .data import UNREADABLE, DataError, file_list, flat_folder, load_rgb
 from .dist import DEVICES, resolve_device
 from .evaluate import cached
@@ -59,10 +64,13 @@ from .visualize import plot_cluster_sizes, plot_image_rows
 
 # Cosine similarity at and above which two images count as copies, chosen on held-out injected duplicates of
 # shapes images (`benchmarks/curation.py duplicates --seed 5`, the default run's backbone): the lowest threshold
-# with pair precision >= 0.95. Checked on another pool (--seed 6): precision 0.97; recall 1.0 for exact copies,
+# with pair precision >= 0.95, checked on another pool (--seed 6). For the copy descriptor (the default):
+# TODO. For the CLS of the backbone itself (--copy-steps 0): precision 0.97; recall 1.0 for exact copies,
 # mirror images and colour shifts, 0.6 for JPEG re-encodes, ~0 for 1-2 px shifts and 90 % crops, which move
 # the CLS token of this 4 x 4-patch ViT more than the step from one image to another does (README, Curation).
-DEFAULT_THRESHOLD = 0.92
+DEFAULT_THRESHOLD = 0.9
+CLS_THRESHOLD = 0.92
+COPY_STEPS = 300  # copy descriptor training steps of 128 pairs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -104,7 +112,7 @@ def _files_key(paths: list[str]) -> str:
 
 @torch.no_grad()
 def embed(
-    backbone,
+    describe,
     paths: list[str],
     size: int,
     crop_ratio: float,
@@ -113,40 +121,76 @@ def embed(
     num_workers=0,
     desc="embed",
 ) -> dict:
-    """{'features': (N, C), 'readable': (N,) bool, 'pixels': (N,) int64}. A feature is the sum of the CLS tokens
-    of the image and of its mirror image, L2-normalised: a mirrored copy has exactly the same feature."""
+    """{'features': (N, C), 'readable': (N,) bool, 'pixels': (N,) int64}. A feature is describe(image) +
+    describe(mirror image), L2-normalised, so a mirrored copy has exactly the same feature; `describe`: a
+    backbone (its CLS token is taken) or any module mapping (B, 3, size, size) to (B, C), such as a
+    copy_detection.CopyDescriptor."""
+    if not isinstance(describe, CopyDescriptor):
+        backbone = describe
+        describe = lambda x: backbone(x)[0]["cls"]  # noqa: E731
     loader = DataLoader(_Files(paths, size, crop_ratio), batch_size, num_workers=num_workers)
     feats, readable, pixels = [], [], []
     for images, ok, px in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
         x = images.to(device)
-        cls = backbone(x)[0]["cls"].float() + backbone(x.flip(-1))[0]["cls"].float()  # mirror-invariant
-        feats.append(F.normalize(cls, dim=-1).cpu())
+        both = describe(x).float() + describe(x.flip(-1)).float()  # mirror-invariant
+        feats.append(F.normalize(both, dim=-1).cpu())
         readable.append(ok)
         pixels.append(px)
     return {"features": torch.cat(feats), "readable": torch.cat(readable), "pixels": torch.cat(pixels)}
 
 
-def cached_embedding(backbone, backbone_path: str, paths: list[str], cfg, cache: str, device, args) -> dict:
-    """`embed`, stored under `cache` with a key of (backbone file and its mtime, the files and their sizes and
-    mtimes, the image size): a second curation of the same pool with the same backbone does not embed again."""
+def checkpoint_key(backbone_path: str) -> dict:
     ckpt = os.path.join(backbone_path, "checkpoint.pt") if os.path.isdir(backbone_path) else backbone_path
-    size, ratio = cfg.data.eval_size, cfg.data.eval_crop_ratio
-    key = {
-        "backbone": os.path.abspath(ckpt),
-        "mtime": os.path.getmtime(ckpt),
-        "files": _files_key(paths),
-        "size": size,
-        "crop_ratio": ratio,
-        "feature": "cls + mirrored cls",
-    }
+    return {"backbone": os.path.abspath(ckpt), "mtime": os.path.getmtime(ckpt)}
+
+
+def cached_embedding(
+    describe, key: dict, paths: list[str], size: int, ratio: float, cache: str, device, args
+):
+    """`embed`, stored under `cache` with a key of (`key`: what describes the images, the files and their
+    sizes and mtimes, the image size): a second curation of the same pool with the same backbone does not
+    embed again."""
+    key = {**key, "files": _files_key(paths), "size": size, "crop_ratio": ratio}
     name = os.path.basename(cache).removesuffix(".pt")
     return cached(
         cache,
         key,
         lambda: embed(
-            backbone, paths, size, ratio, device, args.batch_size, args.num_workers, f"embedding {name}"
+            describe, paths, size, ratio, device, args.batch_size, args.num_workers, f"embedding {name}"
         ),
     )
+
+
+def cached_descriptor(backbone, paths: list[str], cfg, device, args) -> tuple[CopyDescriptor, dict, int]:
+    """copy_detection.train_descriptor on the readable pool `paths`, stored as <out>/cache/copy_descriptor.pt
+    with a key of the backbone file, the pool's files and the training settings. Returns the descriptor, that
+    key (for the caches of what it embeds) and the image size it reads."""
+    size = descriptor_size(cfg.data.eval_size, cfg.model.patch_size)
+    key = {
+        **checkpoint_key(args.backbone),
+        "files": _files_key(paths),
+        "size": size,
+        "steps": args.copy_steps,
+        "batch_size": args.copy_batch_size,
+        "seed": args.seed,
+    }
+
+    def train() -> dict:
+        return train_descriptor(
+            backbone,
+            paths,
+            size,
+            args.copy_steps,
+            args.copy_batch_size,
+            seed=args.seed,
+            device=device,
+            num_workers=args.num_workers,
+        ).state_dict()
+
+    state = cached(os.path.join(args.out, "cache", "copy_descriptor.pt"), key, train)
+    model = CopyDescriptor(copy.deepcopy(backbone))
+    model.load_state_dict(state)
+    return model.to(device).eval(), {"feature": "copy descriptor", **key}, size
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -212,21 +256,24 @@ def select(
     balance: int = 0,
     levels: tuple[int, ...] = (),
     seed: int = 0,
+    copy_features: Tensor | None = None,
 ) -> dict:
-    """Steps 2-5 on the pool's features (N, C) (and those of the evaluation / curated sets, same space):
-    returns {'kept': (N,) bool, 'stages': [(name, images left)], 'groups': duplicate groups (pool indices,
-    kept image first), 'contaminated': pool indices, 'levels': cluster labels per level of the images left
-    before balancing, 'candidates': their pool indices}."""
+    """Steps 2-5 on the pool's features (N, C) (and those of the curated sets, same space). Duplicates and
+    contamination are found on `copy_features` (N, D) when given (a copy descriptor's; `evaluation` is then in
+    that space too), else on `features`. Returns {'kept': (N,) bool, 'stages': [(name, images left)],
+    'groups': duplicate groups (pool indices, kept image first), 'contaminated': pool indices, 'levels':
+    cluster labels per level of the images left before balancing, 'candidates': their pool indices}."""
+    copies = features if copy_features is None else copy_features
     keep = readable.clone()
     stages = [("pool", len(keep)), ("readable", int(keep.sum()))]
     idx = keep.nonzero()[:, 0]
-    groups = [idx[g].tolist() for g in duplicate_groups(features[idx], pixels[idx], threshold)]
+    groups = [idx[g].tolist() for g in duplicate_groups(copies[idx], pixels[idx], threshold)]
     for g in groups:
         keep[g[1:]] = False
     stages.append(("deduplicated", int(keep.sum())))
     bad = torch.zeros_like(keep)
     if evaluation is not None and len(evaluation):
-        bad = contaminated(features, evaluation, threshold) & keep
+        bad = contaminated(copies, evaluation, threshold) & keep
         keep &= ~bad
         stages.append(("decontaminated", int(keep.sum())))
     if curated is not None and len(curated):
@@ -269,10 +316,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--out", required=True, help="output folder: files.txt, report.md / report.json, PNGs, cache/"
     )
     p.add_argument(
+        "--copy-steps",
+        type=int,
+        default=COPY_STEPS,
+        help=f"training steps of the copy descriptor (default {COPY_STEPS}; 0: compare the backbone's CLS)",
+    )
+    p.add_argument("--copy-batch-size", type=int, default=128, help="pairs per copy descriptor step")
+    p.add_argument(
         "--threshold",
         type=float,
-        default=DEFAULT_THRESHOLD,
-        help=f"cosine similarity of copies (default {DEFAULT_THRESHOLD}, chosen on shapes: README)",
+        default=None,
+        help=f"cosine similarity of copies (default {DEFAULT_THRESHOLD} for the copy descriptor, "
+        f"{CLS_THRESHOLD} for the CLS: chosen on shapes, README)",
     )
     p.add_argument("--eval-sets", nargs="*", default=[], help="evaluation images to keep out of the pool")
     p.add_argument(
@@ -289,10 +344,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto", choices=DEVICES)
     args = p.parse_args(argv)
+    if args.threshold is None:
+        args.threshold = DEFAULT_THRESHOLD if args.copy_steps else CLS_THRESHOLD
     if not 0 < args.threshold <= 1:
         raise ConfigError(f"--threshold: expected a cosine similarity in (0, 1], got {args.threshold}")
-    for name in ("retrieve_k", "retrieve_clusters", "balance", "batch_size", "num_workers"):
-        lowest = 1 if name in ("retrieve_k", "batch_size") else 0
+    for name in (
+        "copy_steps",
+        "copy_batch_size",
+        "retrieve_k",
+        "retrieve_clusters",
+        "balance",
+        "batch_size",
+        "num_workers",
+    ):
+        lowest = 1 if name in ("copy_batch_size", "retrieve_k", "batch_size") else 0
         if getattr(args, name) < lowest:
             raise ConfigError(
                 f"--{name.replace('_', '-')}: expected at least {lowest}, got {getattr(args, name)}"
@@ -306,14 +371,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def embed_sources(sources: list[str], what: str, backbone, cfg, device, args) -> tuple[list[str], dict]:
+def embed_sources(sources: list[str], what: str, describe, key: dict, size: int, ratio: float, device, args):
     """Paths and embeddings of several folders / file lists, each cached under <out>/cache/."""
     paths, parts = [], []
     for src in sources:
         src_paths = image_paths(src)
         tag = hashlib.sha1(os.path.abspath(src).encode()).hexdigest()[:8]
         cache = os.path.join(args.out, "cache", f"{what}_{os.path.basename(os.path.normpath(src))}_{tag}.pt")
-        parts.append(cached_embedding(backbone, args.backbone, src_paths, cfg, cache, device, args))
+        parts.append(cached_embedding(describe, key, src_paths, size, ratio, cache, device, args))
         paths += src_paths
     emb = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     if not emb["readable"].any():
@@ -327,31 +392,42 @@ def main(argv: list[str] | None = None) -> dict:
     backbone, cfg = backbone_and_config(args.backbone)
     backbone.to(device)
     os.makedirs(os.path.join(args.out, "cache"), exist_ok=True)
-    paths, pool = embed_sources(args.pool, "pool", backbone, cfg, device, args)
+    size, ratio = cfg.data.eval_size, cfg.data.eval_crop_ratio
+    key = {**checkpoint_key(args.backbone), "feature": "cls + mirrored cls"}
+    paths, pool = embed_sources(args.pool, "pool", backbone, key, size, ratio, device, args)
     mean = pool["features"][pool["readable"]].mean(0)  # what every image shares: removed before comparing
-
-    def centred(emb: dict) -> Tensor:
-        return F.normalize(emb["features"][emb["readable"]] - mean, dim=-1)
-
     feats = F.normalize(pool["features"] - mean, dim=-1)
-    others = {}
-    for what, sources in (("eval", args.eval_sets), ("curated", args.curated)):
-        others[what] = (
-            centred(embed_sources(sources, what, backbone, cfg, device, args)[1]) if sources else None
-        )
+    curated = None
+    if args.curated:
+        emb = embed_sources(args.curated, "curated", backbone, key, size, ratio, device, args)[1]
+        curated = F.normalize(emb["features"][emb["readable"]] - mean, dim=-1)
+    # duplicates and contamination: on a copy descriptor trained on this pool, or on the CLS features
+    copies, evaluation = None, None
+    if args.copy_steps:
+        readable = [p for p, ok in zip(paths, pool["readable"].tolist()) if ok]
+        describe, dkey, dsize = cached_descriptor(backbone, readable, cfg, device, args)
+        copies = embed_sources(args.pool, "pool_copies", describe, dkey, dsize, 1.0, device, args)[1]
+        copies = copies["features"]
+    if args.eval_sets and args.copy_steps:
+        emb = embed_sources(args.eval_sets, "eval_copies", describe, dkey, dsize, 1.0, device, args)[1]
+        evaluation = emb["features"][emb["readable"]]
+    elif args.eval_sets:
+        emb = embed_sources(args.eval_sets, "eval", backbone, key, size, ratio, device, args)[1]
+        evaluation = F.normalize(emb["features"][emb["readable"]] - mean, dim=-1)
     result = select(
         feats,
         pool["pixels"],
         pool["readable"],
         args.threshold,
-        others["eval"],
-        others["curated"],
+        evaluation,
+        curated,
         args.retrieve,
         args.retrieve_k,
         args.retrieve_clusters,
         args.balance,
         args.levels,
         args.seed,
+        copies,
     )
     kept = [p for p, k in zip(paths, result["kept"].tolist()) if k]
     with open(os.path.join(args.out, "files.txt.tmp"), "w") as fh:
@@ -387,6 +463,7 @@ def write_report(paths: list[str], pool: dict, result: dict, args) -> dict:
         "stages": dict(result["stages"]),
         "unreadable": [p for p, ok in zip(paths, pool["readable"].tolist()) if not ok],
         "duplicate_groups": len(result["groups"]),
+        "duplicate_feature": f"copy descriptor ({args.copy_steps} steps)" if args.copy_steps else "cls",
         "contaminated": [paths[i] for i in result["contaminated"]],
         "threshold": args.threshold,
         "levels": [int(lab.max()) + 1 for lab in result["levels"]],

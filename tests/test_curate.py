@@ -137,7 +137,7 @@ def test_command_line_on_a_shapes_pool(tmp_path, backbone_run, capsys):
     gt, pool, held = _pool(tmp_path)
     out = tmp_path / "out"
     args = [str(pool), "--backbone", str(backbone_run), "--out", str(out), "--eval-sets", str(held)]
-    report = curate.main(args + ["--threshold", "0.9999", "--links", "--levels", "4,2"])
+    report = curate.main(args + ["--copy-steps", "0", "--threshold", "0.9999", "--links", "--levels", "4,2"])
     files = (out / "files.txt").read_text().split()
     names = {os.path.basename(f) for f in files}
     assert report["stages"] == {"pool": 26, "readable": 25, "deduplicated": 22, "decontaminated": 20}
@@ -149,7 +149,7 @@ def test_command_line_on_a_shapes_pool(tmp_path, backbone_run, capsys):
     assert json.loads((out / "report.json").read_text())["duplicate_groups"] == 3
     # the same call again reads the cached embeddings, and gives the same list
     mtimes = {f: os.path.getmtime(out / "cache" / f) for f in os.listdir(out / "cache")}
-    curate.main(args + ["--threshold", "0.9999", "--levels", "4,2"])
+    curate.main(args + ["--copy-steps", "0", "--threshold", "0.9999", "--levels", "4,2"])
     assert (out / "files.txt").read_text().split() == files
     assert mtimes == {f: os.path.getmtime(out / "cache" / f) for f in os.listdir(out / "cache")}
     # train.py reads the list as it is
@@ -218,3 +218,87 @@ def test_all_pairs_metric_helper_is_consistent():
     pairs = {tuple(sorted(p)) for g in truth for p in itertools.combinations(g, 2)}
     assert similarity.pair_scores(truth, truth) == (1.0, 1.0) and len(pairs) == 4
     assert similarity.pair_scores([[0, 3, 4]], truth) == (1 / 3, 1 / 4)
+
+
+def test_sscd_loss_equals_a_loop_over_views():
+    from minidino.copy_detection import sscd_loss
+
+    g = torch.Generator().manual_seed(0)
+    z = F.normalize(torch.randn(38, 13, generator=g, dtype=torch.float64), dim=-1)  # B = 19 pairs
+    z[19:] = F.normalize(z[:19] + 0.3 * torch.randn(19, 13, generator=g, dtype=torch.float64), dim=-1)
+    got = sscd_loss(z, temperature=0.07, entropy_weight=2.5)
+    infonce, entropy = 0.0, 0.0
+    for i in range(38):
+        partner = (i + 19) % 38
+        others = [j for j in range(38) if j != i]
+        sims = {j: float(z[i] @ z[j]) for j in others}
+        infonce -= math.log(math.exp(sims[partner] / 0.07) / sum(math.exp(s / 0.07) for s in sims.values()))
+        nearest_negative = max(s for j, s in sims.items() if j != partner)
+        entropy -= math.log(math.sqrt(2 - 2 * nearest_negative))  # distance of unit vectors
+    assert float(got["infonce"]) == pytest.approx(infonce / 38, rel=1e-9)
+    assert float(got["entropy"]) == pytest.approx(entropy / 38, rel=1e-6)
+    assert float(got["loss"]) == pytest.approx((infonce + 2.5 * entropy) / 38, rel=1e-6)
+    # views that match their partner exactly and are far from the rest: InfoNCE near 0
+    apart = torch.eye(16, dtype=torch.float64)[:8]
+    assert float(sscd_loss(torch.cat([apart, apart]))["infonce"]) < 1e-6
+
+
+def test_random_edits_keep_the_size_and_change_the_image():
+    from minidino.copy_detection import descriptor_size, random_edit
+
+    img = draw_shape(5, 32, 0)[0]
+    rng = np.random.default_rng(0)
+    edited = [np.asarray(random_edit(img, rng), dtype=np.float32) for _ in range(20)]
+    a = np.asarray(img, dtype=np.float32)
+    assert all(e.shape == a.shape for e in edited)
+    assert sum(np.abs(e - a).mean() > 0 for e in edited) >= 15  # 1/32 of the draws edit nothing
+    assert (
+        descriptor_size(32, 8) == 64 and descriptor_size(224, 16) == 224 and descriptor_size(224, 14) == 224
+    )
+
+
+def test_command_line_deduplicates_with_a_copy_descriptor_trained_once(tmp_path, backbone_run):
+    gt, pool, held = _pool(tmp_path)
+    out = tmp_path / "out"
+    args = [str(pool), "--backbone", str(backbone_run), "--out", str(out), "--eval-sets", str(held)]
+    args += ["--copy-steps", "3", "--copy-batch-size", "8", "--threshold", "0.9999", "--levels", "4,2"]
+    report = curate.main(args)
+    # exact copies have the same descriptor: the three copies and the two held-out images' copies go
+    assert report["stages"] == {"pool": 26, "readable": 25, "deduplicated": 22, "decontaminated": 20}
+    assert report["duplicate_feature"] == "copy descriptor (3 steps)"
+    trained = os.path.getmtime(out / "cache" / "copy_descriptor.pt")
+    curate.main(args)  # the second call reads the descriptor back instead of training it again
+    assert os.path.getmtime(out / "cache" / "copy_descriptor.pt") == trained
+    state = torch.load(out / "cache" / "copy_descriptor.pt", weights_only=True)
+    assert state["proj.weight"].shape[0] == 128 and "backbone.pos_embed" in state
+
+
+def test_training_the_copy_descriptor_pulls_copies_in_and_pushes_other_images_away(tmp_path, backbone_run):
+    from minidino.checkpoint import backbone_and_config
+    from minidino.copy_detection import CopyDescriptor, descriptor_size, train_descriptor
+
+    # 40 images and a crop or shift copy (the edits the CLS features miss) of every fourth
+    gt = pools.write_shapes_pool(
+        str(tmp_path), 40, seed=13, copies={i: 1 for i in range(0, 40, 4)}, kinds=("crop", "shift")
+    )
+    backbone, cfg = backbone_and_config(str(backbone_run))
+    size = descriptor_size(cfg.data.eval_size, cfg.model.patch_size)
+    copy_of = {
+        i: gt["paths"].index(os.path.join(str(tmp_path), f"{s:06d}.png"))
+        for i, (s, k) in enumerate(zip(gt["source"], gt["kind"]))
+        if k
+    }
+
+    def margin(model) -> float:  # copy-to-original similarity minus that to the nearest other image
+        f = curate.embed(model, gt["paths"], size, 1.0, "cpu")["features"]
+        sims = (f @ f.T).fill_diagonal_(-1)
+        m = [
+            sims[c, o] - sims[c].clone().index_fill_(0, torch.tensor([o]), -1).max()
+            for c, o in copy_of.items()
+        ]
+        return float(torch.stack(m).mean())
+
+    torch.manual_seed(0)
+    before = margin(CopyDescriptor(backbone).eval())
+    after = margin(train_descriptor(backbone, gt["paths"], size, steps=20, batch_size=16))
+    assert after > before + 0.05, (before, after)
