@@ -26,6 +26,7 @@ so a mirrored copy matches exactly.
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -144,8 +145,6 @@ def train_descriptor(
     """Fine-tune `backbone` (a copy is made) into a CopyDescriptor on edited pairs of `paths` (readable
     images): AdamW, lr for the backbone and 2 lr for the new projection, weight decay 1e-4, constant lr after a
     warm-up of steps / 10. Returns it in eval mode."""
-    import copy
-
     torch.manual_seed(seed)
     model = CopyDescriptor(copy.deepcopy(backbone), dim).to(device).train()
     opt = torch.optim.AdamW(

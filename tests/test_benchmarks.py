@@ -57,8 +57,22 @@ def test_curation_benchmark_runs_on_cpu(tmp_path):
 
     run = tmp_path / "run"
     train.main(tiny_run(run, "--run.eval_at_end=false"))
-    rows = json_lines("curation.py", "duplicates", "--backbone", str(run), "--n", "40", "--copies", "12")
-    assert {r["backbone"] for r in rows} == {"trained", "random_init"} and len(rows) == 18
+    rows = json_lines(
+        "curation.py",
+        "duplicates",
+        "--backbone",
+        str(run),
+        "--n",
+        "40",
+        "--copies",
+        "12",
+        "--copy-steps",
+        "2",
+    )
+    assert {(r["feature"], r["backbone"]) for r in rows} == {
+        (f, b) for f in ("copy", "cls") for b in ("trained", "random_init")
+    }
+    assert len(rows) == 4 * 12  # 12 thresholds each
     for r in rows:
         assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["copies"] == 12 and r["images"] == 52
         assert r["recall_exact"] in (None, 1.0), r  # an exact copy is found at any threshold below 1
