@@ -1,5 +1,6 @@
-"""Data curation (minidino/curate.py): the search and grouping against brute force, k-means and balanced
-sampling on data with known structure, and the command line on a small shapes pool written here."""
+"""Data curation (minidino/curate.py, minidino/copy_detection.py): the search and grouping against brute force,
+k-means and balanced sampling on data with known structure, the copy descriptor's loss against a loop and its
+training against its start, and the command line on a small shapes pool written here."""
 
 import itertools
 import json
