@@ -13,7 +13,7 @@ close, any two different images apart, however alike their content. SSCD gets th
             nearest negative) (SSCD's regulariser, the KoLeo estimator of minidino/koleo.py on negatives only)
 
 Here the network is the self-supervised backbone itself (fine-tuned: it starts from what DINO learnt) with a
-linear projection of [CLS, mean patch token] to `dim` features. Differences from SSCD, with their reasons:
+linear projection of [CLS, patch tokens averaged per quarter] to `dim` features. Differences from SSCD, with their reasons:
 a ViT and AdamW instead of a ResNet-50 and LARS (AdamW is how every ViT in this project is trained);
 lambda = 3, not 30 (SSCD's authors say 30 is unstable outside their exact setting and suggest 10 for new
 ones; with minidino's ViT-nano 3 was the value measured, benchmarks/README.md); a few hundred steps on the pool
@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from .augment import eval_transform
 from .data import load_rgb
+from .schedules import linear_warmup
 
 TEMPERATURE = 0.05  # SSCD's InfoNCE temperature
 ENTROPY_WEIGHT = 3.0  # SSCD: 30 (10 suggested for new set-ups); see the module docstring
@@ -101,7 +102,7 @@ class CopyDescriptor(nn.Module):
 
     def __init__(self, backbone: nn.Module, dim: int = 128):
         super().__init__()
-        self.backbone, self.dim = backbone, dim
+        self.backbone = backbone
         self.proj = nn.Linear(5 * backbone.embed_dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -169,7 +170,7 @@ def train_descriptor(
     bar = tqdm(loader, total=steps, desc="copy descriptor", leave=False, dynamic_ncols=True)
     for step, (a, b) in enumerate(bar):
         for g, lr0 in zip(opt.param_groups, base):
-            g["lr"] = lr0 * min(1.0, (step + 1) / warmup)
+            g["lr"] = linear_warmup(step + 1, warmup, 0.0, lr0)
         out = sscd_loss(model(torch.cat([a, b]).to(device)), entropy_weight=entropy_weight)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()

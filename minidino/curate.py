@@ -407,9 +407,9 @@ def main(argv: list[str] | None = None) -> dict:
         describe, dkey, dsize = cached_descriptor(backbone, readable, cfg, device, args)
         copies = embed_sources(args.pool, "pool_copies", describe, dkey, dsize, 1.0, device, args)[1]
         copies = copies["features"]
-    if args.eval_sets and args.copy_steps:
-        emb = embed_sources(args.eval_sets, "eval_copies", describe, dkey, dsize, 1.0, device, args)[1]
-        evaluation = emb["features"][emb["readable"]]
+        if args.eval_sets:
+            emb = embed_sources(args.eval_sets, "eval_copies", describe, dkey, dsize, 1.0, device, args)[1]
+            evaluation = emb["features"][emb["readable"]]
     elif args.eval_sets:
         emb = embed_sources(args.eval_sets, "eval", backbone, key, size, ratio, device, args)[1]
         evaluation = F.normalize(emb["features"][emb["readable"]] - mean, dim=-1)
