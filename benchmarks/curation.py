@@ -30,7 +30,7 @@ from minidino import copy_detection, curate, pools, similarity
 from minidino.checkpoint import backbone_and_config
 from minidino.data import draw_shape
 
-THRESHOLDS = (0.8, 0.85, 0.88, 0.9, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.98, 0.99)
+THRESHOLDS = (0.8, 0.85, 0.88, 0.9, 0.905, 0.91, 0.915, 0.92, 0.925, 0.93, 0.94, 0.95, 0.96, 0.98, 0.99)
 
 
 def centred_features(backbone_path: str, paths: list[str], random_init: bool) -> dict:

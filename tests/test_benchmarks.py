@@ -72,7 +72,10 @@ def test_curation_benchmark_runs_on_cpu(tmp_path):
     assert {(r["feature"], r["backbone"]) for r in rows} == {
         (f, b) for f in ("copy", "cls") for b in ("trained", "random_init")
     }
-    assert len(rows) == 4 * 12  # 12 thresholds each
+    from minidino.curate import CLS_THRESHOLD, DEFAULT_THRESHOLD
+
+    thresholds = {r["threshold"] for r in rows}  # the same grid for each, the defaults in it
+    assert len(rows) == 4 * len(thresholds) and {DEFAULT_THRESHOLD, CLS_THRESHOLD} <= thresholds
     for r in rows:
         assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["copies"] == 12 and r["images"] == 52
         assert r["recall_exact"] in (None, 1.0), r  # an exact copy is found at any threshold below 1

@@ -258,6 +258,21 @@ def test_random_edits_keep_the_size_and_change_the_image():
     )
 
 
+def test_search_views_give_a_mirror_image_exactly_the_descriptor_of_its_original(backbone_run):
+    from minidino.checkpoint import backbone_and_config
+    from minidino.copy_detection import CopyDescriptor
+
+    torch.manual_seed(0)
+    model = CopyDescriptor(backbone_and_config(str(backbone_run))[0]).eval()
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        single, single_mirrored = model(x), model(x.flip(-1))
+    assert (single - single_mirrored).abs().max() > 1e-3  # one view alone is not mirror-invariant
+    views, views_mirrored = model.search(x), model.search(x.flip(-1))
+    torch.testing.assert_close(views, views_mirrored, atol=1e-5, rtol=0)
+    assert torch.allclose(views.norm(dim=-1), torch.ones(3)) and (views[0] - views[1]).abs().max() > 1e-3
+
+
 def test_command_line_deduplicates_with_a_copy_descriptor_trained_once(tmp_path, backbone_run):
     gt, pool, held = _pool(tmp_path)
     out = tmp_path / "out"
