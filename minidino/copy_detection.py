@@ -56,30 +56,44 @@ def descriptor_size(eval_size: int, patch_size: int) -> int:
     return max(eval_size, 8 * patch_size)
 
 
+def crop_resized(img: Image.Image, rng: np.random.Generator, low: float, high: float) -> Image.Image:
+    """A random crop of `low`-`high` of each side (one fraction for both), resized back to the image's size."""
+    w, h = img.size
+    side = rng.uniform(low, high)
+    cw, ch = max(1, round(w * side)), max(1, round(h * side))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    return img.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC)
+
+
+def rolled(img: Image.Image, dy: int, dx: int) -> Image.Image:
+    """The image shifted circularly by dy rows and dx columns (what leaves the right edge re-enters on the left)."""
+    return Image.fromarray(np.roll(np.asarray(img), (dy, dx), axis=(0, 1)))
+
+
+def jpeg_reencoded(img: Image.Image, quality: int) -> Image.Image:
+    """The image saved as JPEG at `quality` and read back."""
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
 def random_edit(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """One random copy edit of a PIL image: each of crop-and-resize (75-100 % of the side), a circular shift of
     up to 1/10 of the side, mirror, colour (brightness, contrast, saturation +-25 %) and JPEG re-encoding
     (quality 40-95) is applied with probability 1/2, in that order. Wider than the edits the benchmark's pools
     inject (minidino/pools.py), so those are inside what was trained."""
-    w, h = img.size
     if rng.random() < 0.5:
-        side = rng.uniform(0.75, 1.0)
-        cw, ch = max(1, round(w * side)), max(1, round(h * side))
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        img = img.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC)
+        img = crop_resized(img, rng, 0.75, 1.0)
     if rng.random() < 0.5:
-        most = max(1, round(0.1 * min(w, h)))
-        dy, dx = (int(rng.integers(-most, most + 1)) for _ in range(2))
-        img = Image.fromarray(np.roll(np.asarray(img), (dy, dx), axis=(0, 1)))
+        most = max(1, round(0.1 * min(img.size)))
+        img = rolled(img, *(int(rng.integers(-most, most + 1)) for _ in range(2)))
     if rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     if rng.random() < 0.5:
         for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
             img = enhance(img).enhance(rng.uniform(0.75, 1.25))
     if rng.random() < 0.5:
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=int(rng.integers(40, 96)))
-        img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+        img = jpeg_reencoded(img, int(rng.integers(40, 96)))
     return img
 
 

@@ -3,12 +3,12 @@ plus near-duplicates of the kinds a web pool holds, with the ground truth of whi
 
 from __future__ import annotations
 
-import io
 import os
 
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from .copy_detection import crop_resized, jpeg_reencoded, rolled
 from .data import draw_shape
 
 NEAR_DUPLICATES = ("jpeg", "crop", "shift", "flip", "colour", "exact")
@@ -17,19 +17,12 @@ NEAR_DUPLICATES = ("jpeg", "crop", "shift", "flip", "colour", "exact")
 def near_duplicate(img, kind: str, rng):
     """A copy of a PIL image as a web pool would hold it: re-encoded as JPEG, slightly cropped and resized
     back, shifted by 1-2 px, mirrored, colour-shifted, or an exact copy. `rng`: a numpy Generator."""
-    w, h = img.size
     if kind == "jpeg":
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=int(rng.integers(60, 91)))
-        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+        return jpeg_reencoded(img, int(rng.integers(60, 91)))
     if kind == "crop":
-        side = rng.uniform(0.88, 0.95)
-        cw, ch = round(w * side), round(h * side)
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        return img.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC)
+        return crop_resized(img, rng, 0.88, 0.95)
     if kind == "shift":
-        dy, dx = (int(rng.choice([-2, -1, 1, 2])) for _ in range(2))
-        return Image.fromarray(np.roll(np.asarray(img), (dy, dx), axis=(0, 1)))
+        return rolled(img, *(int(rng.choice([-2, -1, 1, 2])) for _ in range(2)))
     if kind == "flip":
         return img.transpose(Image.FLIP_LEFT_RIGHT)
     if kind == "colour":
