@@ -10,7 +10,8 @@ drawn from pools.NEAR_DUPLICATES), described by the copy descriptor (`--features
 for --copy-steps, as `python -m minidino.curate` does) and by the centred CLS (`cls`), each from the backbone
 and from the same architecture at random init; for each threshold, the precision and recall of the pairs
 found in the same duplicate group, over all copies and per kind of copy (recall only: a kind has no false
-pairs of its own). The default thresholds were chosen on --seed 5 and checked on --seed 6.
+pairs of its own), and the share of the removed images joined to their group's kept image only through
+others (curate.weakly_linked). The default thresholds were chosen on --seed 5 and checked on --seed 6.
 balance: a pool in which one class has 10x the images of each other class, balanced to --sample images by
 curate.select; the entropy of the class histogram (nats; ln 8 = 2.079 is even) before and after.
 """
@@ -67,6 +68,8 @@ def duplicates(args, folder: str) -> None:
             for t in THRESHOLDS:
                 found = curate.duplicate_groups(emb["features"], emb["pixels"], t)
                 precision, recall = similarity.pair_scores(found, truth)
+                removed = sum(len(g) - 1 for g in found)
+                weak = curate.weakly_linked(emb["features"], found, t) / removed if removed else 0.0
                 row = {
                     "feature": feature,
                     "backbone": which,
@@ -74,6 +77,7 @@ def duplicates(args, folder: str) -> None:
                     "threshold": t,
                     "precision": round(precision, 3),
                     "recall": round(recall, 3),
+                    "weak_share": round(weak, 3),  # what curate's chaining warning reads (over 0.25 warns)
                     "copies": len(truth),
                     "images": len(gt["paths"]),
                     "seconds": round(seconds, 1),

@@ -20,7 +20,10 @@ The steps, as the papers describe them:
    backbone on edited pairs of the pool's own images for `--copy-steps` steps and describes each image by
    ten views of it, mirrored and shifted by 1/32 of the side (`--copy-steps 0` compares the CLS features
    instead, which find exact, mirrored and recoloured copies but miss crops and shifts). The threshold was
-   chosen on held-out injected duplicates (DEFAULT_THRESHOLD).
+   chosen on held-out injected duplicates (DEFAULT_THRESHOLD). A threshold too low for a pool chains images
+   that are not copies into large components; the sign is a large share of removed images less similar than
+   the threshold to the image kept for them (`weakly_linked`), which report.md gives for thresholds around
+   the one used (with threshold.png) and which prints a warning above CHAIN_WARNING.
 3. Decontaminate: a pool image whose nearest evaluation image is at >= threshold (same descriptor) is
    removed, so the evaluation sets stay unseen during pre-training.
 4. Retrieve (DINOv2 App. A): sample-based, the k nearest pool images of each curated image; or cluster-based,
@@ -55,7 +58,7 @@ from .checkpoint import backbone_and_config
 from .cli import error_line
 from .config import ConfigError
 from .copy_detection import CopyDescriptor, descriptor_size, train_descriptor
-from .curation_report import write_links, write_report
+from .curation_report import CHAIN_WARNING, write_links, write_report
 from .data import UNREADABLE, DataError, file_list, flat_folder, load_rgb
 from .dist import DEVICES, resolve_device
 from .evaluate import cached
@@ -197,13 +200,16 @@ def cached_descriptor(backbone, paths: list[str], cfg, device, args) -> tuple[Co
 # 2.-4. Duplicates, contamination, retrieval (on the search and k-means of minidino/similarity.py)
 
 
-def duplicate_groups(features: Tensor, pixels: Tensor, threshold: float, k: int = 32) -> list[list[int]]:
+def duplicate_groups(
+    features: Tensor, pixels: Tensor, threshold: float, k: int = 32, neighbours=None
+) -> list[list[int]]:
     """Groups (of >= 2 images) whose members are joined by similarities >= threshold, each listed with the
     image to keep first (most pixels, then the lowest index). Each image links to its k most similar others;
-    larger groups are still found whole, through chains of links."""
+    larger groups are still found whole, through chains of links. `neighbours`: what `nearest` gives for
+    (features, features, k) without self-matches, when it is already computed."""
     if len(features) < 2:
         return []
-    sims, ids = nearest(features, features, k, exclude_self=True)
+    sims, ids = neighbours or nearest(features, features, k, exclude_self=True)
     linked = sims >= threshold
     rows = torch.arange(len(features))[:, None].expand_as(ids)
     root = components(len(features), torch.stack([rows[linked], ids[linked]], 1))
@@ -211,6 +217,58 @@ def duplicate_groups(features: Tensor, pixels: Tensor, threshold: float, k: int 
     for i, r in enumerate(root.tolist()):
         groups.setdefault(r, []).append(i)
     return [sorted(g, key=lambda i: (-int(pixels[i]), i)) for g in groups.values() if len(g) > 1]
+
+
+def weakly_linked(features: Tensor, groups: list[list[int]], threshold: float) -> int:
+    """How many removed images of `groups` (kept image first) are less similar than `threshold` to the image
+    kept for their group: joined to it only through a chain of other images. Some are normal where an image
+    has several copies (two edits of one original can match each other better than the original); when they
+    are a large share of the removed images, the components chain images that are not copies of each other."""
+    return sum(int((features[g[1:]] @ features[g[0]] < threshold).sum()) for g in groups)
+
+
+def pool_neighbours(features: Tensor, k: int = 32):
+    """The k nearest other images of each image (`nearest`), as `duplicate_groups` takes them; None for < 2."""
+    return nearest(features, features, k, exclude_self=True) if len(features) > 1 else None
+
+
+def threshold_sweep(features: Tensor, pixels: Tensor, thresholds, neighbours=None) -> list[dict]:
+    """Deduplication at each threshold, from one neighbour search: per threshold the images removed, the
+    groups, the largest group and the share of the removed images that are weakly linked (`weakly_linked`)."""
+    neighbours = neighbours or pool_neighbours(features)
+    rows = []
+    for t in thresholds:
+        groups = duplicate_groups(features, pixels, t, neighbours=neighbours)
+        removed = sum(len(g) - 1 for g in groups)
+        weak = weakly_linked(features, groups, t)
+        largest = max(map(len, groups), default=0)
+        rows.append({"threshold": t, "removed": removed, "groups": len(groups), "largest": largest,
+                     "weakly_linked": weak, "weak_share": weak / removed if removed else 0.0})  # fmt: skip
+    return rows
+
+
+def chaining_warning(sweep: list[dict], threshold: float) -> str | None:
+    """A one-line warning when, at `threshold` (a row of the sweep), over CHAIN_WARNING of the removed images
+    are weakly linked, with that share at the sweep's higher thresholds; else None."""
+    (row,) = [r for r in sweep if r["threshold"] == threshold]
+    if row["removed"] < 20 or row["weak_share"] <= CHAIN_WARNING:
+        return None
+    shares = ", ".join(
+        f"{r['weak_share']:.0%} at {r['threshold']:g}" for r in sweep if r["threshold"] >= threshold
+    )
+    return (
+        f"warning: {row['weakly_linked']} of the {row['removed']} images removed as duplicates at --threshold "
+        f"{threshold:g} are less similar than that to the image kept for their group (joined only through "
+        f"chains; the largest group has {row['largest']} images): the threshold is probably too low for this "
+        f"pool. That share is {shares}; a few to ~10% is usual where images have several copies. See report.md "
+        "and duplicates.png, and run again with a higher --threshold (the embeddings are cached)"
+    )
+
+
+def sweep_thresholds(threshold: float) -> list[float]:
+    """The chosen threshold with three below and four above it in steps of 0.01, those in (0, 1)."""
+    around = [round(threshold + 0.01 * i, 4) for i in (-3, -2, -1, 1, 2, 3, 4)]
+    return sorted({threshold, *(t for t in around if 0 < t < 1)})
 
 
 def contaminated(pool: Tensor, evaluation: Tensor, threshold: float) -> Tensor:
@@ -261,13 +319,17 @@ def select(
     """Steps 2-5 on the pool's features (N, C) (and those of the curated sets, same space). Duplicates and
     contamination are found on `copy_features` (N, D) when given (a copy descriptor's; `evaluation` is then in
     that space too), else on `features`. Returns {'kept': (N,) bool, 'stages': [(name, images left)],
-    'groups': duplicate groups (pool indices, kept image first), 'contaminated': pool indices, 'levels':
+    'groups': duplicate groups (pool indices, kept image first), 'sweep': `threshold_sweep` around
+    `threshold` (`sweep_thresholds`), 'contaminated': pool indices, 'levels':
     cluster labels per level of the images left before balancing, 'candidates': their pool indices}."""
     copies = features if copy_features is None else copy_features
     keep = readable.clone()
     stages = [("pool", len(keep)), ("readable", int(keep.sum()))]
     idx = keep.nonzero()[:, 0]
-    groups = [idx[g].tolist() for g in duplicate_groups(copies[idx], pixels[idx], threshold)]
+    neighbours = pool_neighbours(copies[idx])  # one search for the groups and the sweep
+    sweep = threshold_sweep(copies[idx], pixels[idx], sweep_thresholds(threshold), neighbours)
+    found = duplicate_groups(copies[idx], pixels[idx], threshold, neighbours=neighbours)
+    groups = [idx[g].tolist() for g in found]
     for g in groups:
         keep[g[1:]] = False
     stages.append(("deduplicated", int(keep.sum())))
@@ -298,6 +360,7 @@ def select(
         "kept": keep,
         "stages": stages,
         "groups": groups,
+        "sweep": sweep,
         "contaminated": bad.nonzero()[:, 0].tolist(),
         "levels": labels,
         "candidates": candidates,
@@ -438,6 +501,9 @@ def main(argv: list[str] | None = None) -> dict:
     report = write_report(paths, pool, result, args)
     for name, n in result["stages"]:
         print(f"{name:>24}: {n} images")
+    warning = chaining_warning(result["sweep"], args.threshold)
+    if warning:
+        print(warning)
     print(
         f"wrote {os.path.join(args.out, 'files.txt')}: train with --data.dataset=folder --data.root=<that file>"
     )

@@ -1,5 +1,5 @@
 """Pictures: training curves from a run's log.jsonl (loss, schedules and DINO's collapse signals), attention
-maps, PCA of patch features, and the curation report's image grids and cluster sizes."""
+maps, PCA of patch features, and the curation report's image grids, cluster sizes and threshold sweep."""
 
 from __future__ import annotations
 
@@ -147,6 +147,27 @@ def plot_cluster_sizes(before, after, out_path: str, xlabel: str = "top-level cl
     ax.bar(x + 0.2, np.asarray(after)[order], width=0.4, label="balanced sample")
     ax.set(xlabel=f"{xlabel} (largest first)", ylabel="images", title="cluster sizes")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    return out_path
+
+
+def plot_threshold_sweep(sweep: list[dict], used: float, warn_share: float, out_path: str) -> str:
+    """Deduplication against the threshold (rows of curate.threshold_sweep): images removed, and the share
+    of them joined to their group's kept image only through chains, with the threshold used and the share
+    that warns."""
+    t = [r["threshold"] for r in sweep]
+    fig, (left, right) = _subplots(1, 2, figsize=(8, 3))
+    left.plot(t, [r["removed"] for r in sweep], marker="o")
+    left.set(xlabel="threshold (cosine)", ylabel="images", title="removed as duplicates")
+    right.plot(t, [100 * r["weak_share"] for r in sweep], marker="o")
+    right.axhline(100 * warn_share, color="grey", linestyle="--", label="warning above")
+    right.set(
+        xlabel="threshold (cosine)", ylabel="% of removed", title="linked to the kept image only via others"
+    )
+    for ax in (left, right):
+        ax.axvline(used, color="tab:red", linewidth=0.8, label="the threshold used")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     return out_path

@@ -47,6 +47,53 @@ def test_groups_are_connected_components_and_keep_the_largest_image():
     assert similarity.components(6, torch.tensor([[0, 1], [1, 2], [3, 4]])).tolist() == [0, 0, 0, 3, 3, 5]
 
 
+def _chain_and_star(n_chain=13, n_star=8, n_alone=15):
+    """37 unit vectors in 64 dims: a chain along an arc, 5 degrees a step (dims 0-1); a star, a centre with
+    most pixels and copies at 3 degrees from it in orthogonal directions (dims 2-10, the copies 4.2 degrees
+    from each other); and random images far from all of them (dims 11-63)."""
+    g = torch.Generator().manual_seed(0)
+    feats = torch.zeros(n_chain + 1 + n_star + n_alone, 64)
+    step = math.radians(5)
+    for i in range(n_chain):
+        feats[i, 0], feats[i, 1] = math.cos(i * step), math.sin(i * step)
+    centre = n_chain
+    feats[centre, 2] = 1
+    for j in range(n_star):
+        feats[centre + 1 + j, 2] = 1
+        feats[centre + 1 + j, 3 + j] = math.tan(math.radians(3))
+    feats[centre + 1 + n_star :, 11:] = torch.randn(n_alone, 53, generator=g)
+    pixels = torch.full((len(feats),), 100)
+    pixels[centre] = 200
+    return F.normalize(feats, dim=-1), pixels, centre
+
+
+def test_images_joined_only_through_a_chain_are_counted_and_warned_about():
+    feats, pixels, centre = _chain_and_star()
+    t = math.cos(math.radians(6))  # joins the chain's neighbours and the star, not the chain's ends
+    groups = curate.duplicate_groups(feats, pixels, t)
+    assert sorted(groups) == [list(range(13)), list(range(centre, centre + 9))]
+    # the chain's image 0 is kept; images 2..12 are more than 6 degrees from it, image 1 is 5 degrees away.
+    # The star's copies are all 3 degrees from its centre: none is weakly linked
+    assert curate.weakly_linked(feats, groups, t) == sum(
+        math.cos(math.radians(5 * i)) < t for i in range(1, 13)
+    )
+    assert curate.weakly_linked(feats, groups, t) == 11
+    # at cos(4 degrees) the chain falls apart and the star stays whole, joined through its centre
+    sweep = curate.threshold_sweep(feats, pixels, [t, math.cos(math.radians(4))])
+    assert [(r["removed"], r["groups"], r["largest"], r["weakly_linked"]) for r in sweep] == [
+        (12 + 8, 2, 13, 11),
+        (8, 1, 9, 0),
+    ]
+    assert sweep[0]["weak_share"] == pytest.approx(11 / 20) and sweep[1]["weak_share"] == 0
+    warning = curate.chaining_warning(sweep, t)
+    assert "11 of the 20 images" in warning and "largest group has 13" in warning and "55% at" in warning
+    assert curate.chaining_warning(sweep, sweep[1]["threshold"]) is None  # 0 %
+    few = curate.threshold_sweep(feats[:6], pixels[:6], [t])  # 4 of 5 weakly linked, but too few to warn
+    assert few[0]["weak_share"] == 0.8 and curate.chaining_warning(few, t) is None
+    assert curate.sweep_thresholds(0.915) == [0.885, 0.895, 0.905, 0.915, 0.925, 0.935, 0.945, 0.955]
+    assert curate.sweep_thresholds(0.97123) == [0.9412, 0.9512, 0.9612, 0.97123, 0.9812, 0.9912]  # below 1
+
+
 def test_split_evenly_water_fills():
     assert similarity.split_evenly(20, [1, 10, 10]) == [1, 9, 10]
     assert similarity.split_evenly(100, [3, 4]) == [3, 4]  # asks for more than there is: everything
@@ -145,9 +192,14 @@ def test_command_line_on_a_shapes_pool(tmp_path, backbone_run, capsys):
     assert not {f"{i:06d}_dup0.png" for i in (1, 2, 3)} & names  # copies go, their originals stay
     assert {f"{i:06d}.png" for i in range(20)} <= names and not any("heldout" in n for n in names)
     assert report["unreadable"] == [str(pool / "broken.png")] and len(os.listdir(out / "images")) == 20
-    for fig in ("duplicates.png", "clusters.png", "cluster_sizes.png", "report.md"):
+    for fig in ("duplicates.png", "threshold.png", "clusters.png", "cluster_sizes.png", "report.md"):
         assert (out / fig).stat().st_size > 0
-    assert json.loads((out / "report.json").read_text())["duplicate_groups"] == 3
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["duplicate_groups"] == 3 and len(saved["threshold_sweep"]) == 4  # 0.9999, 3 below
+    assert (
+        saved["threshold_sweep"][-1]["removed"] == 3
+        and "| 0.9999 (used) | 3 | 3 |" in (out / "report.md").read_text()
+    )
     # the same call again reads the cached embeddings, and gives the same list
     mtimes = {f: os.path.getmtime(out / "cache" / f) for f in os.listdir(out / "cache")}
     curate.main(args + ["--copy-steps", "0", "--threshold", "0.9999", "--levels", "4,2"])
