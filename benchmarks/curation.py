@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from minidino import copy_detection, curate, pools, similarity
+from minidino import copy_detection, curate, pool_embedding, pools, similarity
 from minidino.checkpoint import backbone_and_config
 from minidino.data import draw_shape
 
@@ -36,7 +36,7 @@ THRESHOLDS = (0.8, 0.85, 0.88, 0.9, 0.905, 0.91, 0.915, 0.92, 0.925, 0.93, 0.94,
 
 def centred_features(backbone_path: str, paths: list[str], random_init: bool) -> dict:
     backbone, cfg = backbone_and_config(backbone_path, random_init)
-    emb = curate.embed(backbone, paths, cfg.data.eval_size, cfg.data.eval_crop_ratio, "cpu")
+    emb = pool_embedding.embed(backbone, paths, cfg.data.eval_size, cfg.data.eval_crop_ratio, "cpu")
     emb["features"] = F.normalize(emb["features"] - emb["features"].mean(0), dim=-1)  # as curate.main
     return emb
 
@@ -46,7 +46,7 @@ def copy_features(backbone_path: str, paths: list[str], random_init: bool, steps
     backbone, cfg = backbone_and_config(backbone_path, random_init)
     size = copy_detection.descriptor_size(cfg.data.eval_size, cfg.model.patch_size)
     model = copy_detection.train_descriptor(backbone, paths, size, steps)
-    return curate.embed(model, paths, size, 1.0, "cpu")
+    return pool_embedding.embed(model, paths, size, 1.0, "cpu")
 
 
 def duplicates(args, folder: str) -> None:

@@ -15,7 +15,7 @@ from PIL import Image
 
 import train
 from conftest import tiny_run
-from minidino import curate, pools, similarity
+from minidino import curate, pool_embedding, pools, similarity
 from minidino.config import ConfigError
 from minidino.data import DataError, draw_shape
 
@@ -358,7 +358,7 @@ def test_training_the_copy_descriptor_pulls_copies_in_and_pushes_other_images_aw
     }
 
     def margin(model) -> float:  # copy-to-original similarity minus that to the nearest other image
-        f = curate.embed(model, gt["paths"], size, 1.0, "cpu")["features"]
+        f = pool_embedding.embed(model, gt["paths"], size, 1.0, "cpu")["features"]
         sims = (f @ f.T).fill_diagonal_(-1)
         m = [
             sims[c, o] - sims[c].clone().index_fill_(0, torch.tensor([o]), -1).max()
