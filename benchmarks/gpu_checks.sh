@@ -14,7 +14,8 @@
 set -u
 out=${OUT:-gpu_logs}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1  # with grep --line-buffered: each line reaches its log when it is printed, so a
+# command cut off by a time limit keeps every row measured until then
 sections=${*:-tests attention graphs overhead step switches parallel drop_path data}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
@@ -29,11 +30,11 @@ for s in $sections; do
     graphs)
       timeout 300 python benchmarks/attention.py --quick --graphs 2>&1 | tee "$out/graphs.jsonl" ;;
     overhead)
-      timeout 200 python benchmarks/attention_overhead.py 2>&1 | grep '^{' | tee "$out/overhead.jsonl" ;;
+      timeout 200 python benchmarks/attention_overhead.py 2>&1 | grep --line-buffered '^{' | tee "$out/overhead.jsonl" ;;
     step)
       for opts in "--model.attn_impl=sdpa" "--model.attn_impl=triton" "--model.attn_impl=triton --model.pack_crops=true"; do
         # shellcheck disable=SC2086
-        timeout 150 python benchmarks/step.py --preset imagenet --optim.batch_size=64 --steps=10 --profile $opts 2>&1 | grep '^{' | tee -a "$out/step.jsonl"
+        timeout 150 python benchmarks/step.py --preset imagenet --optim.batch_size=64 --steps=10 --profile $opts 2>&1 | grep --line-buffered '^{' | tee -a "$out/step.jsonl"
       done ;;
     switches)
       # issue 19's table: the present eager step against each switch and all of them, DINO and DINOv2, batch
@@ -43,7 +44,7 @@ for s in $sections; do
         for b in ${SWITCH_BATCHES:-64 128}; do
           # shellcheck disable=SC2086
           timeout 480 python benchmarks/step.py --preset imagenet --method=$method --optim.batch_size=$b \
-            --model.attn_impl=sdpa --steps=10 --switches=${SWITCHES:-every} ${SWITCH_ARGS:-} 2>&1 | grep '^{' | tee -a "$out/switches.jsonl"
+            --model.attn_impl=sdpa --steps=10 --switches=${SWITCHES:-every} ${SWITCH_ARGS:-} 2>&1 | grep --line-buffered '^{' | tee -a "$out/switches.jsonl"
         done
       done
       python benchmarks/table.py "$out/switches.jsonl" | tee "$out/switches.md" ;;
@@ -62,9 +63,9 @@ for s in $sections; do
       [ -d "$jpegs" ] || timeout 300 python benchmarks/data.py --make-jpegs "$jpegs" "${DATA_JPEGS:-3000}" | tee -a "$out/data.jsonl"
       # shellcheck disable=SC2086
       timeout 300 python benchmarks/data.py --preset imagenet --data.root="$jpegs" --optim.batch_size=${DATA_BATCH:-128} \
-        --workers=${DATA_WORKERS:-14} --pipelines=crops,pil --batches=8 ${DATA_ARGS:-} 2>&1 | grep '^{' | tee -a "$out/data.jsonl"
+        --workers=${DATA_WORKERS:-14} --pipelines=crops,pil --batches=8 ${DATA_ARGS:-} 2>&1 | grep --line-buffered '^{' | tee -a "$out/data.jsonl"
       # shellcheck disable=SC2086
-      timeout 150 python benchmarks/step.py --preset imagenet ${STEP_ARGS:---optim.batch_size=128 --steps=10} 2>&1 | grep '^{' | tee -a "$out/data.jsonl" ;;
+      timeout 150 python benchmarks/step.py --preset imagenet ${STEP_ARGS:---optim.batch_size=128 --steps=10} 2>&1 | grep --line-buffered '^{' | tee -a "$out/data.jsonl" ;;
     *)
       echo "unknown section $s (expected tests, attention, graphs, overhead, step, switches, parallel, drop_path, data)" ;;
   esac
