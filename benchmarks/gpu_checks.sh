@@ -38,10 +38,11 @@ for s in $sections; do
       done ;;
     switches)
       # issue 19's table: the present eager step against each switch and all of them, DINO and DINOv2, batch
-      # 64 and 128 (SWITCH_BATCHES), images/s and peak GiB, one process per (method, batch); the compiled
+      # 128 and 64 (SWITCH_BATCHES), images/s and peak GiB, one process per (batch, method), batch 128 first
+      # and in each process eager and all first (the issue's goal), so a cut-off run has those; the compiled
       # rows compile during their 3 warm-up steps
-      for method in dino dinov2; do
-        for b in ${SWITCH_BATCHES:-64 128}; do
+      for b in ${SWITCH_BATCHES:-128 64}; do
+        for method in dino dinov2; do
           # shellcheck disable=SC2086
           timeout 480 python benchmarks/step.py --preset imagenet --method=$method --optim.batch_size=$b \
             --model.attn_impl=sdpa --steps=10 --switches=${SWITCHES:-every} ${SWITCH_ARGS:-} 2>&1 | grep --line-buffered '^{' | tee -a "$out/switches.jsonl"
