@@ -38,6 +38,7 @@ from minidino.dist import (
     all_reduce_mean,
     all_true,
     cleanup,
+    exit_worker,
     init_distributed,
     is_main,
     print0,
@@ -441,3 +442,4 @@ if __name__ == "__main__":
         main()
     except (ConfigError, DataError, NonFiniteLoss, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {cli.error_line(e)}")
+    exit_worker()  # under torchrun: leave without the interpreter's shutdown (see minidino/dist.py)

@@ -34,7 +34,7 @@ import torch
 
 from minidino import cli, parallel
 from minidino.config import Config, ConfigError
-from minidino.dist import cleanup, init_distributed, print0, resolve_device, world_size
+from minidino.dist import cleanup, exit_worker, init_distributed, print0, resolve_device, world_size
 from minidino.losses import build_losses
 from minidino.masking import step_masks
 from minidino.meta_arch import build_student_teacher
@@ -228,3 +228,4 @@ def measure(cfg: Config, switch: str, args: str, steps: int, warmup: int, profil
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    exit_worker()  # under torchrun: leave without the interpreter's shutdown (see minidino/dist.py)

@@ -86,3 +86,23 @@ def test_fsdp_checkpoint_resumes_in_one_process_and_back(tmp_path):
     )
     three = _losses(tmp_path / "three")
     torch.testing.assert_close(torch.tensor(three), torch.tensor(one), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("under_torchrun", [True, False])
+def test_a_torchrun_worker_leaves_without_the_interpreter_shutdown(under_torchrun):
+    # the shutdown is where Gloo's threads can abort a finished FSDP2 run (minidino/dist.py): under torchrun
+    # exit_worker() skips it (an atexit handler does not run) after flushing what was printed, and exits 0
+    code = (
+        "import atexit, sys\n"
+        "from minidino.dist import exit_worker\n"
+        "atexit.register(lambda: print('shutdown ran'))\n"
+        "print('trained', end='')\n"
+        "exit_worker()\n"
+        "print(' and returned')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    if under_torchrun:
+        env.update(RANK="0", WORLD_SIZE="1")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == ("trained" if under_torchrun else "trained and returned\nshutdown ran\n")
