@@ -83,11 +83,11 @@ def exit_worker() -> None:
     """End a torchrun worker at once, after `cleanup()`, without the interpreter's shutdown.
 
     Under FSDP2, the device mesh (still referenced, from DTensor's caches among others) keeps the destroyed
-    process group and its Gloo worker threads alive until the interpreter shuts down. A worker thread that then drops the last reference to a finished collective's
-    tensors needs the GIL, is ended by the shutdown inside C++ code, and aborts the process ("terminate called
-    without an active exception", SIGABRT: twice in about 150 CPU runs of the FSDP test in
-    tests/test_parallel.py), which torchrun reports as a failed job. Everything is saved and the group
-    destroyed by then: nothing is left to run.
+    process group and its Gloo worker threads alive until the interpreter shuts down. A worker thread that
+    then drops the last reference to a finished collective's tensors needs the GIL, is ended by the shutdown
+    inside C++ code, and aborts the process ("terminate called without an active exception", SIGABRT: twice
+    in about 150 CPU runs of the FSDP test in tests/test_parallel.py), which torchrun reports as a failed
+    job. Everything is saved and the group destroyed by then: nothing is left to run.
     """
     if launched_by_torchrun():
         sys.stdout.flush()
