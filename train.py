@@ -214,6 +214,7 @@ def train_one_epoch(t: Training, epoch: int, bar: tqdm, batches: Iterator, views
         apply_schedule(t.optimizer, sched["lr"], sched["wd"])
         masks = masks.to(t.device)  # the step's iBOT masks, drawn with its batch in the workers
         step_sched = on_device(sched, t.device_scalars, t.device) if cfg.optim.fused else sched
+        seeds.step_draws(cfg.run.seed, t.step, rank())  # stochastic depth's stream for this step
         try:
             out = train_step(*t.networks, t.losses, t.optimizer, crops, masks, step_sched, cfg.optim)
         except NonFiniteLoss as e:

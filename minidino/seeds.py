@@ -8,6 +8,8 @@
     batch views   seed, step, process        multi-crop of a whole batch on the device (augment.BatchMultiCrop)
     masks         seed, step                 iBOT block masks for the global batch, in the workers with the
                                              step's batch (masking.step_masks, loader.run_loader)
+    step draws    seed, step, process        what the step itself draws from torch's global generators:
+                                             stochastic depth's masks and kept subsets (vit.Block)
 
 Each stream's seed is a hash of (run seed, stream name, indices), so two streams never start from the same
 seed (with a formula such as `seed * 1_000_003 + step`, the data order of epoch e and the views of step e
@@ -58,8 +60,17 @@ def masks(seed: int, step: int) -> torch.Generator:
     return generator(stream_seed(seed, "masks", step))
 
 
+def step_draws(seed: int, step: int, rank: int) -> None:
+    """Seed torch's global generators (CPU and every GPU) for one training step. Stochastic depth draws its
+    masks and kept subsets inside the backbone, on the device, from the global generator; seeded here per
+    (step, process), those draws do not depend on what ran before the step (a DataLoader started on resume,
+    an evaluation, a forward that drew nothing), so a resumed run draws exactly what the uninterrupted one
+    drew. The micro-batches of a step draw one after the other from the step's stream."""
+    torch.manual_seed(stream_seed(seed, "step draws", step, rank))
+
+
 # ----------------------------------------------------------------------------------------------------------
-# The global RNG state, saved in checkpoints (stochastic depth and dropout draw from it)
+# The global RNG state, saved in checkpoints (whatever draws from it outside the step)
 
 
 def rng_state() -> dict:

@@ -64,6 +64,58 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+def _killed_after_checkpoint(monkeypatch, step: int):
+    """Make the run die right after writing its checkpoint of `step`, as a SIGKILL there would: nothing of
+    the process outlives it but the run folder."""
+    from minidino.checkpoint import RunFolder
+
+    class Killed(BaseException):
+        pass
+
+    save = RunFolder.save
+
+    def save_then_die(self, state, last=False):
+        save(self, state, last)
+        if state["step"] == step:
+            raise Killed
+
+    monkeypatch.setattr(RunFolder, "save", save_then_die)
+    return Killed
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param(["--model.drop_path=0.3"], id="dino-mask"),
+        pytest.param(["--model.drop_path=0.3", "--model.drop_path_impl=subset"], id="dino-subset"),
+        pytest.param(
+            ["--method=dinov2", "--model.drop_path=0.3", "--data.augment=pil", "--data.num_workers=2"],
+            id="dinov2-workers",
+        ),
+        pytest.param(["--model.drop_path=0.3", "--optim.accum_steps=2"], id="dino-accumulation"),
+    ],
+)
+def test_killed_and_resumed_with_stochastic_depth_equals_uninterrupted(tmp_path, monkeypatch, extra):
+    """Stochastic depth draws on the device inside the step; its stream is seeded per (step, process)
+    (`seeds.step_draws`), so a run killed after a checkpoint and resumed draws what the uninterrupted run
+    drew: bit-identical losses and weights, with workers and with accumulation."""
+    args = [*extra, "--optim.epochs=3", "--run.eval_at_end=false"]
+    train.main(tiny_run(tmp_path / "a", *args))
+    killed = _killed_after_checkpoint(monkeypatch, step=2)
+    with pytest.raises(killed):
+        train.main(tiny_run(tmp_path / "b", *args))
+    monkeypatch.undo()
+    train.main(["--resume", str(tmp_path / "b")])
+    a, b = _log(tmp_path / "a"), _log(tmp_path / "b")
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bit-identical losses
+    ca, cb = (load_checkpoint(str(tmp_path / d)) for d in "ab")
+    for part in ("student", "teacher"):
+        assert all(torch.equal(ca[part][k], cb[part][k]) for k in ca[part]), part
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
+
+
 def _jpeg_folder(root, n=32):
     rng = np.random.default_rng(0)
     root.mkdir()
