@@ -37,7 +37,7 @@ import torch
 
 from minidino import cli
 from minidino.augment import eval_transform, linear_train_transform
-from minidino.checkpoint import backbone_and_config, export_backbone, load_checkpoint
+from minidino.checkpoint import backbone_and_config
 from minidino.config import Config, ConfigError, DataConfig
 from minidino.data import DataError, ShapesDataset, build_dataset
 from minidino.dist import DEVICES, resolve_device
@@ -53,6 +53,7 @@ from minidino.evaluate import (
 )
 from minidino.linear_eval import dino_linear_eval, fast_linear_probe
 from minidino.visualize import plot_attention_maps, plot_pca, plot_training_curves
+from minidino.weights import SOURCES, export_backbone, load_checkpoint
 
 TASKS = ("knn", "linear", "linear_fast", "attention", "pca", "seg")
 
@@ -91,6 +92,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--avgpool", action="store_true", help="--linear also reads the mean patch token (DINO ViT-B)"
     )
+    p.add_argument(
+        "--source",
+        choices=SOURCES,
+        help="where a backbone file comes from, when its keys do not tell it (a timm ViT without registers,\n"
+        "LayerScale or head reads as DINO's): sets how positions are resized at other sizes",
+    )
     p.add_argument("--out", help="report folder (default: <run>/eval or <run>/eval_random_init)")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--export", help="write the teacher backbone to this file instead (a plain state dict)")
@@ -124,10 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError(f"--ks: expected comma-separated integers, got {args.ks!r}") from None
     device = resolve_device(args.device)
     if args.export:  # the teacher backbone as a plain file, then nothing else
-        export_backbone(load_checkpoint(args.checkpoint), args.export, args.layout)
-        print(f"wrote {args.export} ({args.layout} layout)")
+        note = export_backbone(load_checkpoint(args.checkpoint), args.export, args.layout)
+        print(f"wrote {args.export} ({args.layout} layout)" + (f"\n{note}" if note else ""))
         return {"export": args.export}
-    backbone, cfg = backbone_and_config(args.checkpoint, args.random_init)
+    backbone, cfg = backbone_and_config(args.checkpoint, args.random_init, args.source)
     if args.data is None and not cfg.data.dataset:
         raise ConfigError(f"--data: {args.checkpoint} is a backbone file without a run config: name the data")
     backbone.to(device)

@@ -34,6 +34,8 @@ class ModelConfig:
     layerscale: float = 0.0  # LayerScale init (DINOv2: 1e-5); 0 disables LayerScale
     n_registers: int = 0  # register tokens (Darcet et al. 2023, arXiv 2309.16588); DINOv2 uses 4
     ffn: str = "mlp"  # feed-forward type: mlp (GELU) or swiglu (DINOv2's largest models)
+    interpolate_offset: float = 0.1  # position table to h x w: scale (h + offset) / n (DINO); 0: size (h, w)
+    interpolate_antialias: bool = False  # antialiased bicubic resize (DINOv2 register models, timm)
 
 
 @dataclass

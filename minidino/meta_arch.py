@@ -13,10 +13,10 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import load_checkpoint, load_model_state, run_config
 from .config import Config, ConfigError
 from .heads import DINOHead
 from .vit import VisionTransformer
+from .weights import load_checkpoint, load_model_state, run_config
 
 
 class SSLModel(nn.Module):

@@ -173,13 +173,17 @@ def highres_phase(c: Config, run_dir: str, steps: int = 10_000) -> Config:
     whole patches), the phase's lr 10x below the run's, its schedules the run's shape over 10 epochs of
     steps / 10 steps (lr warm-up 1 epoch, teacher temperature warm-up 3, so 10% and 30% as in the papers'
     100 epochs), teacher momentum restarted at its first value, prototypes never frozen (the head is
-    trained). `--optim.epoch_steps=N` makes the phase 10 N steps."""
+    trained). The position table is rebuilt at the new global crop size. `--optim.epoch_steps=N` makes the
+    phase 10 N steps."""
     patch, scale = c.model.patch_size, 518 / 224
     c.data.global_crops_size = (
         518 if patch == 14 else max(patch, round(c.data.global_crops_size * scale / patch) * patch)
     )
     c.data.local_crops_size = max(patch, round(c.data.local_crops_size * scale / patch) * patch)
     c.data.image_size = max(c.data.image_size, c.data.global_crops_size)  # batched views resize to this first
+    # the model is built at the new size, as DINOv2's released models are (518 px: a 37 x 37 table at /14):
+    # the run's table is resized once, by the run's own rule (checkpoint.restore_weights), and then learnt
+    c.model.img_size = c.data.global_crops_size
     c.optim.epochs, c.optim.epoch_steps, c.optim.lr = 10, steps // 10, c.optim.lr / 10
     c.optim.warmup_epochs, c.loss.warmup_teacher_temp_epochs, c.optim.freeze_last_layer = 1, 3, 0
     c.run.init_from, c.run.out_dir, c.run.max_steps = run_dir, f"{run_dir.rstrip('/')}_highres", 0

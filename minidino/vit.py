@@ -267,6 +267,10 @@ class VisionTransformer(nn.Module):
         self.embed_dim, self.num_heads, self.patch_size = dim, heads, cfg.patch_size
         self.n_registers, self.pack_crops = cfg.n_registers, cfg.pack_crops
         self.bf16_residual = cfg.bf16_residual
+        self.interpolate_offset, self.interpolate_antialias = (
+            cfg.interpolate_offset,
+            cfg.interpolate_antialias,
+        )
         self.patch_embed = PatchEmbed(cfg.patch_size, dim)
         n_patches = (cfg.img_size // cfg.patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -307,20 +311,20 @@ class VisionTransformer(nn.Module):
             blk.attn.attn_impl = impl
 
     def interpolate_pos_encoding(self, h: int, w: int) -> Tensor:
-        """Position embeddings for an h x w patch grid: the stored n x n grid resized as the official DINO and
-        DINOv2 code resizes it (so that their weights give their features at any size): bicubic, without
-        antialiasing, by the scale factors (h + 0.1) / n and (w + 0.1) / n (the 0.1 keeps floor() of the
-        output size from falling one short), in fp32."""
-        pos_cls, pos_patch = self.pos_embed[:, :1], self.pos_embed[:, 1:]  # (1, 1, C), (1, n*n, C)
-        n = int(math.sqrt(pos_patch.shape[1]))
+        """Position embeddings for an h x w patch grid: the stored n x n grid resized as the code the weights
+        come from resizes it (`resize_pos_embed`, with this model's offset and antialias), in fp32."""
+        n = math.isqrt(self.pos_embed.shape[1] - 1)
         if (h, w) == (n, n):
             return self.pos_embed
-        grid = rearrange(pos_patch, "1 (h w) c -> 1 c h w", h=n).float()
-        grid = F.interpolate(
-            grid, scale_factor=((h + 0.1) / n, (w + 0.1) / n), mode="bicubic", align_corners=False
-        )
-        grid = rearrange(grid.to(pos_patch.dtype), "1 c h w -> 1 (h w) c")
-        return torch.cat([pos_cls, grid], dim=1)  # (1, 1 + h*w, C)
+        return resize_pos_embed(self.pos_embed, h, w, self.interpolate_offset, self.interpolate_antialias)
+
+    def fit_pos_embed(self, pos_embed: Tensor) -> Tensor:
+        """A position table (1, 1 + m*m, C) of another grid resized once to this model's own grid, by this
+        model's rule: the model then computes at its size what the other did by resizing on every forward."""
+        n = math.isqrt(self.pos_embed.shape[1] - 1)
+        if pos_embed.shape == self.pos_embed.shape:
+            return pos_embed
+        return resize_pos_embed(pos_embed, n, n, self.interpolate_offset, self.interpolate_antialias)
 
     def prepare_tokens(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
         """Image (B, 3, H, W) -> tokens (B, 1 + R + N, C): [CLS, registers, patches] with positions.
@@ -426,6 +430,23 @@ class VisionTransformer(nn.Module):
         for blk in self.blocks[:-1]:
             x = blk(x)
         return self.blocks[-1].attn(self.blocks[-1].norm1(x), return_attention=True)
+
+
+def resize_pos_embed(
+    pos_embed: Tensor, h: int, w: int, offset: float = 0.1, antialias: bool = False
+) -> Tensor:
+    """(1, 1 + n*n, C) -> (1, 1 + h*w, C): the class position kept, the n x n grid resized bicubically in
+    fp32. offset > 0: by the scale factors (h + offset) / n and (w + offset) / n, as DINO and DINOv2 do (the
+    0.1 keeps floor() of the output size from falling one short); offset 0: to the size (h, w), as DINOv2's
+    register models and timm do. antialias: PyTorch's antialiased bicubic (a blur before shrinking; the
+    same as plain bicubic when enlarging)."""
+    pos_cls, pos_patch = pos_embed[:, :1], pos_embed[:, 1:]  # (1, 1, C), (1, n*n, C)
+    n = math.isqrt(pos_patch.shape[1])
+    grid = rearrange(pos_patch, "1 (h w) c -> 1 c h w", h=n).float()
+    size = {"scale_factor": ((h + offset) / n, (w + offset) / n)} if offset else {"size": (h, w)}
+    grid = F.interpolate(grid, mode="bicubic", align_corners=False, antialias=antialias, **size)
+    grid = rearrange(grid.to(pos_patch.dtype), "1 c h w -> 1 (h w) c")
+    return torch.cat([pos_cls, grid], dim=1)  # (1, 1 + h*w, C)
 
 
 def sincos_2d(n: int, dim: int) -> Tensor:

@@ -128,7 +128,7 @@ print(matplotlib.get_backend(), len(plt.get_fignums()))
 
 def test_timm_vit_converts_both_ways_with_identical_features():
     timm = pytest.importorskip("timm")
-    from minidino.checkpoint import from_timm, load_model_state, to_timm
+    from minidino.weights import from_timm, load_model_state, to_timm
 
     torch.manual_seed(0)
     ref = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).eval()  # random weights
@@ -183,7 +183,7 @@ def test_eval_refuses_files_it_cannot_use_in_one_line_and_recomputes_a_broken_ca
     import eval as evaluate_cli
     import train
     from conftest import tiny_run
-    from minidino.checkpoint import CheckpointError
+    from minidino.weights import CheckpointError
 
     class Evil:  # unpickling this would run a shell command
         def __reduce__(self):

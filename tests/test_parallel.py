@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train
-from minidino.checkpoint import load_checkpoint
+from minidino.weights import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.distributed

@@ -269,3 +269,36 @@ def test_bf16_residual_changes_nothing_in_fp32_and_stays_close_under_autocast():
         assert b["cls"].dtype == torch.bfloat16 and a["cls"].dtype == torch.float32
         err = (a["cls"].float() - b["cls"].float()).norm() / a["cls"].float().norm()
         assert err < 0.03, err
+
+
+@pytest.mark.parametrize("rule", [(0.1, False), (0.0, True)])
+def test_a_table_resized_once_computes_what_resizing_on_every_forward_did(rule):
+    """The high-resolution phase builds its model at the new size and resizes the run's table once
+    (`fit_pos_embed`): at that size the new model gives exactly the old model's features."""
+    offset, antialias = rule
+    small = VisionTransformer(
+        ModelConfig(
+            arch="vit_nano",
+            patch_size=8,
+            img_size=32,
+            interpolate_offset=offset,
+            interpolate_antialias=antialias,
+        )
+    ).eval()
+    big = VisionTransformer(
+        ModelConfig(
+            arch="vit_nano",
+            patch_size=8,
+            img_size=72,
+            interpolate_offset=offset,
+            interpolate_antialias=antialias,
+        )
+    ).eval()
+    state = small.state_dict()
+    big.load_state_dict({**state, "pos_embed": big.fit_pos_embed(state["pos_embed"])})
+    assert big.pos_embed.shape == (1, 1 + 9 * 9, 128)
+    x = torch.randn(2, 3, 72, 72)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            big.forward_features(x)["patch"], small.forward_features(x)["patch"], rtol=0, atol=0
+        )

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minidino.checkpoint import CheckpointError, export_backbone, load_backbone, load_checkpoint
+from minidino.weights import CheckpointError, export_backbone, load_backbone, load_checkpoint
 
 D, HEADS, DEPTH = 384, 6, 12  # ViT-S
 
@@ -51,10 +51,12 @@ def official_state(patch: int, side: int, registers: int = 0, dinov2: bool = Tru
     return sd
 
 
-def official_forward(sd: dict, x: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The official models' forward, written out: conv patches, CLS + positions (the stored grid resized by
-    scale factors (n + 0.1) / M, bicubic, no antialias, as DINO's and DINOv2's interpolate_pos_encoding),
-    registers after CLS, pre-norm blocks with LayerScale when present, the final norm. -> (CLS, patches)."""
+def official_forward(sd: dict, x: torch.Tensor, patch: int, offset: float = 0.1, antialias: bool = False):
+    """The official models' forward, written out: conv patches, CLS + positions, registers after CLS, pre-norm
+    blocks with LayerScale when present, the final norm. -> (CLS, patches). The stored grid is resized as
+    DINO's and DINOv2's interpolate_pos_encoding do: bicubic, by the scale factors (n + offset) / M when the
+    model's interpolate_offset is not 0, else to the size (n_h, n_w), antialiased when its
+    interpolate_antialias is set (DINOv2's hub builds every *_reg model with offset 0 and antialias)."""
     B, _, H, W = x.shape
     h, w = H // patch, W // patch
     t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch)
@@ -64,9 +66,8 @@ def official_forward(sd: dict, x: torch.Tensor, patch: int) -> tuple[torch.Tenso
     M = math.isqrt(pos.shape[1] - 1)
     if (h, w) != (M, M):
         grid = pos[:, 1:].reshape(1, M, M, D).permute(0, 3, 1, 2)
-        grid = F.interpolate(
-            grid, scale_factor=((h + 0.1) / M, (w + 0.1) / M), mode="bicubic", antialias=False
-        )
+        how = {"scale_factor": ((h + offset) / M, (w + offset) / M)} if offset else {"size": (h, w)}
+        grid = F.interpolate(grid, mode="bicubic", antialias=antialias, **how)
         pos = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, h * w, D)], 1)
     t = t + pos
     r = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
@@ -101,7 +102,7 @@ def official_forward(sd: dict, x: torch.Tensor, patch: int) -> tuple[torch.Tenso
     [
         ("dino_vits16", 16, 14, 0, False, [(224, 224), (160, 208)]),  # native, then 10 x 13 patches
         ("dinov2_vits14", 14, 37, 0, True, [(518, 518), (98, 126)]),  # native 37 x 37, then 7 x 9
-        ("dinov2_vits14_reg4", 14, 37, 4, True, [(126, 98)]),
+        ("dinov2_vits14_reg4", 14, 16, 4, True, [(224, 224), (126, 98), (308, 280)]),
     ],
 )
 def test_official_files_give_the_official_features_at_any_size(
@@ -112,11 +113,12 @@ def test_official_files_give_the_official_features_at_any_size(
     vit = load_backbone(str(tmp_path / f"{name}.pth"))
     assert (vit.embed_dim, vit.patch_size, vit.n_registers, len(vit.blocks)) == (D, patch, registers, DEPTH)
     assert not vit.training
+    rule = (0.0, True) if registers else (0.1, False)  # dinov2 hub/backbones.py
     torch.manual_seed(1)
-    for H, W in sizes:
+    for H, W in sizes:  # odd grids: 7 x 9, 9 x 7; smaller and larger than the table (antialias shrinks)
         x = torch.randn(2, 3, H, W)
         with torch.no_grad():
-            want_cls, want_patch = official_forward(sd, x, patch)
+            want_cls, want_patch = official_forward(sd, x, patch, *rule)
             got = vit.forward_features(x)
         torch.testing.assert_close(got["cls"], want_cls, atol=2e-5, rtol=1e-4, msg=f"{name} {H}x{W}")
         torch.testing.assert_close(got["patch"], want_patch, atol=2e-5, rtol=1e-4, msg=f"{name} {H}x{W}")
@@ -170,7 +172,9 @@ def test_export_round_trips_through_the_dinov2_and_timm_layouts(tmp_path):
     ours = load_backbone(str(run))
     x = torch.randn(2, 3, 32, 32)
     for layout in ("dinov2", "timm"):
-        export_backbone(state, str(tmp_path / f"{layout}.pth"), layout)
+        note = export_backbone(state, str(tmp_path / f"{layout}.pth"), layout)
+        # the run resizes positions as DINO does; DINOv2's register models and timm resize otherwise
+        assert "the features agree at 32 px, not at other sizes" in note
         keys = set(torch.load(tmp_path / f"{layout}.pth", weights_only=True))
         assert ("mask_token" in keys) == (layout == "dinov2") and ("reg_token" in keys) == (layout == "timm")
         back = load_backbone(str(tmp_path / f"{layout}.pth"))
@@ -227,3 +231,88 @@ def test_eval_reads_official_layout_files(tmp_path):
         assert set(report["knn_top1"]) == {"1", "3"} and report["n_train"] == 6
     with pytest.raises(Exception, match=r"--data: .* is a backbone file without a run config"):
         evaluate_cli.main([str(tmp_path / "dino.pth"), "--knn"])
+
+
+def _timm_vit(registers: int, swiglu: bool, layerscale: bool):
+    """A timm VisionTransformer of minidino's vit_nano/8 shape, at random init then perturbed, the way timm
+    builds DINOv2's models: registers with no_embed_class (vit_*_reg4_dinov2), SwiGLUPacked with SiLU and a
+    hidden width of twice minidino's (vit_giant_patch14_dinov2), dynamic_img_size for any input size."""
+    timm = pytest.importorskip("timm")
+    from timm.layers import SwiGLUPacked
+
+    hidden = (int(4 * 128 * 2 / 3) + 7) // 8 * 8  # minidino's (and DINOv2's) SwiGLU width
+    extra = (
+        {"mlp_layer": SwiGLUPacked, "act_layer": torch.nn.SiLU, "mlp_ratio": 2 * hidden / 128}
+        if swiglu
+        else {}
+    )
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=128, depth=4, num_heads=4, num_classes=0, dynamic_img_size=True,
+        init_values=1e-5 if layerscale else None, reg_tokens=registers, no_embed_class=bool(registers), **extra,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+TIMM_VARIANTS = {  # (registers, SwiGLU, LayerScale): timm's DINO, DINOv2, DINOv2-reg and ViT-g layouts
+    "plain": (0, False, False),
+    "layerscale": (0, False, True),
+    "registers": (4, False, True),
+    "swiglu": (0, True, True),
+    "registers_swiglu": (4, True, True),
+}
+
+
+@pytest.mark.parametrize("variant", TIMM_VARIANTS)
+def test_timm_files_load_with_timms_features_and_exports_load_into_timm(tmp_path, variant):
+    """In: a timm state dict (registers, SwiGLU included) read by load_backbone gives timm's own features at
+    its size and at others (timm resizes with size= and antialias). Out: minidino's timm layout loads into
+    the same timm architecture with strict=True and gives the same features."""
+    registers, swiglu, layerscale = TIMM_VARIANTS[variant]
+    ref = _timm_vit(registers, swiglu, layerscale)
+    torch.save(ref.state_dict(), tmp_path / "timm.pth")
+    # a timm ViT without registers, LayerScale or head has exactly DINO's keys: read as DINO's unless named
+    source = "timm" if variant == "plain" else None
+    ours = load_backbone(str(tmp_path / "timm.pth"), source)
+    assert (ours.n_registers, ours.interpolate_offset, ours.interpolate_antialias) == (registers, 0.0, True)
+    for H, W in [(32, 32), (24, 40), (56, 48)]:  # native 4 x 4, then 3 x 5 and 7 x 6 patches
+        x = torch.randn(2, 3, H, W)
+        with torch.no_grad():
+            want, got = ref.forward_features(x), ours.forward_features(x)
+        torch.testing.assert_close(got["cls"], want[:, 0], atol=1e-5, rtol=1e-5, msg=f"{H}x{W}")
+        torch.testing.assert_close(
+            got["patch"], want[:, 1 + registers :], atol=1e-5, rtol=1e-5, msg=f"{H}x{W}"
+        )
+    back = _timm_vit(registers, swiglu, layerscale)
+    from minidino.weights import to_timm
+
+    back.load_state_dict(to_timm(ours.state_dict()), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back.forward_features(x), ref.forward_features(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_chunked_dinov2_training_checkpoint_loads(tmp_path):
+    """DINOv2 trained with block_chunks=4 saves blocks.{chunk}.{i}.*: read as blocks.{i}.* (the chunk index is
+    not the depth), from a hub-style state dict and from a training checkpoint's teacher."""
+    sd = official_state(14, 4, registers=4)
+    chunk = DEPTH // 4
+    chunked = {}
+    for k, v in sd.items():
+        if k.startswith("blocks."):
+            i = int(k.split(".")[1])
+            k = k.replace(f"blocks.{i}.", f"blocks.{i // chunk}.{i}.", 1)
+        chunked[k] = v
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in chunked.items()}}, tmp_path / "teacher.pth")
+    torch.save(chunked, tmp_path / "chunked.pth")
+    x = torch.randn(2, 3, 70, 42)
+    with torch.no_grad():
+        want_cls, want_patch = official_forward(sd, x, 14, 0.0, True)
+        for name in ("teacher.pth", "chunked.pth"):
+            vit = load_backbone(str(tmp_path / name))
+            assert len(vit.blocks) == DEPTH
+            torch.testing.assert_close(vit.forward_features(x)["cls"], want_cls, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(vit.forward_features(x)["patch"], want_patch, atol=2e-5, rtol=1e-4)
