@@ -115,6 +115,39 @@ def starting_point(cfg: Config, state: dict | None) -> tuple[Config, dict | None
     return replace(cfg, model=replace(cfg.model, **{k: getattr(found, k) for k in FILE_FIELDS})), start
 
 
+def adopt_backbone_file(cfg: Config, explicit: set[str]) -> tuple[Config, str]:
+    """The config with the architecture of the backbone file in --run.init_from (a minidino run: unchanged)
+    and, when its patch differs from the preset's, the crop and evaluation sides rounded to whole patches of
+    it, as DINOv2 moved from 224 / 96 px at /16 to 224 / 98 px at /14 (ssl_default_config.yaml ->
+    vitl14.yaml). `explicit`: the options named on the command line; one of the file's own fields set there
+    to another value is an error. Returns (config, a line saying what was adopted, or '')."""
+    path = cfg.run.init_from
+    state = load_checkpoint(path, mmap=True)  # a look at the shapes: nothing is read into memory
+    if "config" in state:
+        return cfg, ""
+    found = backbone_config(state, f"--run.init_from={path}")
+    for field in FILE_FIELDS:
+        if f"model.{field}" in explicit and getattr(cfg.model, field) != getattr(found, field):
+            raise ConfigError(
+                f"option --model.{field}={getattr(cfg.model, field)} contradicts --run.init_from={path}, "
+                f"whose backbone has {field} {getattr(found, field)}: leave the option out"
+            )
+    patch, old = found.patch_size, cfg.model.patch_size
+    cfg = replace(cfg, model=replace(cfg.model, **{k: getattr(found, k) for k in FILE_FIELDS}))
+    if patch == old:
+        return cfg, ""
+    sides = {}
+    for key in ("global_crops_size", "local_crops_size", "eval_size"):
+        if f"data.{key}" not in explicit:
+            sides[key] = max(patch, round(getattr(cfg.data, key) / patch) * patch)
+    cfg = replace(cfg, data=replace(cfg.data, **sides))
+    d = cfg.data
+    return cfg, (
+        f"--run.init_from={path}: patch {patch} (the preset's {old}), so crops {d.global_crops_size} / "
+        f"{d.local_crops_size} px and evaluation at {d.eval_size} px, in whole patches"
+    )
+
+
 FILE_FIELDS = (  # what a backbone file decides about the model (the rest stays the run's: drop path, kernels)
     "arch",
     "patch_size",

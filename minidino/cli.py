@@ -20,10 +20,11 @@ import re
 import typing
 
 from . import parallel
+from .checkpoint import adopt_backbone_file
 from .config import Config, ConfigError, from_dict, options, sections
 from .crops import AUGMENTS
 from .data import DATASETS
-from .dist import DEVICES
+from .dist import DEVICES, print0
 from .kernels.attention import IMPLS
 from .losses import CENTERINGS
 from .optim import CLIP_MODES, LR_SCALING, peak_lr
@@ -144,8 +145,17 @@ def parse_args(argv: list[str]) -> tuple[Config, str | None, bool]:
         cfg = highres_phase(read_run_config(highres, "--highres"), highres)
     else:
         cfg = preset_config(preset, ("method", "dinov2") in pairs)
-    for key, value in pairs:
-        set_option(cfg, key, value)
+    explicit = {set_option(cfg, key, value) for key, value in pairs}
+    if resume is None and highres is None and cfg.run.init_from:
+        # the backbone file decides the patch (and the crops that fit it) before anything is checked; the
+        # options given on the command line are applied again on top, so they win
+        init_from, cfg = cfg.run.init_from, preset_config(preset, ("method", "dinov2") in pairs)
+        cfg.run.init_from = init_from
+        cfg, adopted = adopt_backbone_file(cfg, explicit)
+        for key, value in pairs:
+            set_option(cfg, key, value)
+        if adopted:
+            print0(adopted)
     validate(cfg)
     return cfg, resume, wants_help
 
@@ -171,8 +181,9 @@ def read_run_config(run_dir: str, flag: str = "--resume") -> Config:
         raise ConfigError(f"{flag} {run_dir}: {path} is not valid JSON ({e})") from None
 
 
-def set_option(cfg: Config, key: str, text: str) -> None:
-    """Set one `section.name` option from its text form, with type checking and a did-you-mean error."""
+def set_option(cfg: Config, key: str, text: str) -> str:
+    """Set one `section.name` option from its text form, with type checking and a did-you-mean error;
+    returns the option's full name."""
     known = options(cfg)
     same_name = [k for k in known if k.split(".")[-1] == key]
     if key not in known and len(same_name) == 1:  # a unique field name needs no section: --parallel=fsdp
@@ -185,6 +196,7 @@ def set_option(cfg: Config, key: str, text: str) -> None:
         raise ConfigError(f"unknown option --{key}{hint}")
     section, name, typ = known[key]
     setattr(section, name, parse_value(key, text, typ))
+    return key
 
 
 def parse_value(key: str, text: str, typ: type) -> object:

@@ -14,10 +14,19 @@ from minidino.weights import CheckpointError, export_backbone, load_backbone, lo
 D, HEADS, DEPTH = 384, 6, 12  # ViT-S
 
 
-def official_state(patch: int, side: int, registers: int = 0, dinov2: bool = True, seed: int = 0) -> dict:
+def official_state(
+    patch: int,
+    side: int,
+    registers: int = 0,
+    dinov2: bool = True,
+    seed: int = 0,
+    dim: int = D,
+    depth: int = DEPTH,
+) -> dict:
     """A backbone state dict laid out as the released files: DINO's dino_deitsmall16_pretrain.pth (no mask
     token, no LayerScale) or DINOv2's dinov2_vits14[_reg4]_pretrain.pth (mask token, LayerScale gammas,
-    registers), with random values."""
+    registers), with random values; `dim`, `depth`: another ViT size."""
+    D, DEPTH = dim, depth
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, std=0.02):
@@ -316,3 +325,43 @@ def test_a_chunked_dinov2_training_checkpoint_loads(tmp_path):
             assert len(vit.blocks) == DEPTH
             torch.testing.assert_close(vit.forward_features(x)["cls"], want_cls, atol=2e-5, rtol=1e-4)
             torch.testing.assert_close(vit.forward_features(x)["patch"], want_patch, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("patch", [14, 16])
+def test_continued_pretraining_from_an_official_file_adopts_its_patch(tmp_path, capsys, patch):
+    """The README's line, `python train.py --run.init_from=FILE --data.dataset=folder --data.root=DIR`, with a
+    DINOv2-layout /14 file and a DINO-layout /16 file: the file's patch is adopted before the crops are
+    checked, the preset's crops rounded to whole patches of it (DINOv2: 96 -> 98 px at /14)."""
+    import numpy as np
+    from PIL import Image
+
+    import train
+    from conftest import tiny_run
+    from minidino import cli
+    from minidino.config import ConfigError
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    for i in range(32):
+        pixels = np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    sd = official_state(patch, 3, dinov2=patch == 14, dim=128, depth=4)  # vit_nano's shapes
+    torch.save(sd, tmp_path / "released.pth")
+    opts = [f"--run.init_from={tmp_path / 'released.pth'}", "--data.dataset=folder", f"--data.root={images}"]
+    cfg, _, _ = cli.parse_args(opts)
+    want = (28, 14, 28) if patch == 14 else (32, 16, 32)  # shapes' 32 / 16 / 32 px in whole patches
+    got = (cfg.model.patch_size, cfg.data.global_crops_size, cfg.data.local_crops_size, cfg.data.eval_size)
+    assert got == (patch, *want)
+    cfg, _, _ = cli.parse_args([*opts, f"--data.local_crops_size={3 * patch}"])  # an explicit option wins
+    assert cfg.data.local_crops_size == 3 * patch
+    with pytest.raises(
+        ConfigError, match=r"--data.local_crops_size=20 must be a multiple of --model.patch_size"
+    ):
+        cli.parse_args([*opts, "--data.local_crops_size=20"])
+    with pytest.raises(ConfigError, match=rf"--model.patch_size=8 contradicts --run.init_from=.* {patch}:"):
+        cli.parse_args([*opts, "--model.patch_size=8"])
+    result = train.main(tiny_run(tmp_path / "run", *opts, "--run.max_steps=2", "--run.eval_at_end=false"))
+    assert result["step"] == 2
+    saved = load_checkpoint(str(tmp_path / "run"))
+    assert saved["config"]["model"]["patch_size"] == patch
+    assert torch.equal(saved["teacher"]["backbone.pos_embed"], sd["pos_embed"])  # frozen in the first epoch
