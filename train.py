@@ -49,7 +49,7 @@ from minidino.dist import (
 from minidino.ema import ema_update
 from minidino.evaluate import knn_against_random_init, knn_eval, knn_sets
 from minidino.loader import SeededViews, run_loader
-from minidino.losses import Losses, build_losses, entropy_stats
+from minidino.losses import Losses, build_losses, entropy_stats, koleo_groups
 from minidino.masking import StepMasks
 from minidino.meta_arch import build_student_teacher, distillation_teacher
 from minidino.optim import (
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     student = parallel.wrap(student, no_grad_models, cfg.run, device)  # DDP or FSDP2 under torchrun
 
     # 3. losses, holding the teacher centres: DINO on CLS tokens, iBOT on masked patches (DINOv2)
-    losses = parallel.compile_losses(build_losses(cfg).to(device), cfg.run)
+    losses = parallel.compile_losses(build_losses(cfg, world_size()).to(device), cfg.run)
     if start is not None and "losses" in start:  # a minidino checkpoint: its centres
         losses.load_centers(start["losses"])
     # 4. optimiser: AdamW, lr and weight decay set every step from the schedules
@@ -433,6 +433,7 @@ def check_batch(cfg: Config, world: int, n_images: int) -> int:
         raise ConfigError(
             f"option --optim.batch_size={batch} is larger than the data set ({n_images} images)"
         )
+    koleo_groups(cfg, world)  # KoLeo's groups fit the processes and micro-batches
     if advice := small_batch_advice(cfg.optim):
         print0(advice)
     return cfg.optim.epoch_steps or n_images // batch

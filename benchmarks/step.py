@@ -163,7 +163,7 @@ def measure(cfg: Config, switch: str, args: str, steps: int, warmup: int, profil
     student.to(device)
     teacher.to(device)
     student = parallel.wrap(student, [teacher], cfg.run, device)
-    losses = parallel.compile_losses(build_losses(cfg).to(device), cfg.run)
+    losses = parallel.compile_losses(build_losses(cfg, world_size()).to(device), cfg.run)
     opt = build_optimizer(parallel.unwrap(student), cfg.optim)
     crops = synthetic_crops(cfg, device)
     masks = step_masks(cfg, len(crops[0]), step=0, n_crops=len(crops)).to(device)  # as in train.py

@@ -47,6 +47,8 @@ class HeadConfig:
     norm_last_layer: bool = True  # fix the prototype norms to 1 (more stable; False can help ViT-S)
     use_bn: bool = False  # BatchNorm in the head's MLP (official option; helps tiny models resist collapse)
     ibot_separate_head: bool = False  # iBOT patches through their own head (DINOv2 big runs)
+    ibot_out_dim: int = 0  # prototypes of that separate iBOT head; 0: the DINO head's K
+    ibot_bottleneck_dim: int = 0  # bottleneck of that separate iBOT head; 0: the DINO head's
 
 
 @dataclass
@@ -62,6 +64,7 @@ class LossConfig:
     fused_dino_loss: bool = False  # the DINO loss in closed form per student crop (equal; less memory)
     ibot_weight: float = 0.0  # weight of the iBOT masked-patch loss (DINOv2: 1.0; 0 disables masking)
     koleo_weight: float = 0.0  # KoLeo on student CLS features, per global crop, summed (DINOv2: 0.1)
+    koleo_group: int = 0  # KoLeo's neighbours: groups of this many images of the global batch; 0: all of it
     mask_ratio: tuple[float, float] = (0.1, 0.5)  # iBOT: range of the per-image mask ratio
     mask_probability: float = 0.5  # iBOT: share of a batch's global crops that are masked (exactly)
 

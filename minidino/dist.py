@@ -125,3 +125,26 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 def local(t: torch.Tensor) -> torch.Tensor:
     """This process's shard of an FSDP (DTensor) parameter or gradient; a plain tensor as it is."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather_cat with a gradient: forward, every process's rows in rank order; backward, the gradients of
+    all processes for this process's rows, summed (an all-reduce, which every backend has)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        ctx.rows = slice(rank() * t.shape[0], (rank() + 1) * t.shape[0])
+        return all_gather_cat(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rows]
+
+
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """(n, ...) per process -> (world * n, ...) in rank order, differentiable: a loss term of one process
+    that reads another process's rows sends its gradient back there (KoLeo over a group that spans
+    processes). DDP and FSDP then average the parameter gradients over processes as for any loss."""
+    return _GatherRows.apply(t) if is_dist() else t

@@ -15,6 +15,8 @@ parametrisation) keeps the state_dict simple and the layer easy to freeze during
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -50,3 +52,13 @@ class DINOHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = F.normalize(self.mlp(x), dim=-1, eps=1e-6)  # (B, bottleneck), unit norm
         return F.linear(x, self.prototypes())  # (B, K) logits
+
+
+def ibot_head_config(cfg: HeadConfig) -> HeadConfig:
+    """The separate iBOT head's sizes: its own prototypes and bottleneck where the recipe gives them (DINOv2
+    vitl14.yaml: dino 131072 x 384, ibot 131072 x 256), else the DINO head's."""
+    return dataclasses.replace(
+        cfg,
+        out_dim=cfg.ibot_out_dim or cfg.out_dim,
+        bottleneck_dim=cfg.ibot_bottleneck_dim or cfg.bottleneck_dim,
+    )

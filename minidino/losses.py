@@ -27,8 +27,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import LossConfig
-from .koleo import koleo_loss
+from .config import ConfigError, LossConfig
+from .koleo import koleo_loss, koleo_loss_grouped
 from .masking import StepMasks
 from .sinkhorn import sinkhorn_knopp
 
@@ -194,11 +194,20 @@ class Losses(nn.Module):
     has masks (the model outputs then hold 'patch_logits'), KoLeo on the student's CLS features of each
     global crop when its weight is not 0. Holds the teacher centres of both."""
 
-    def __init__(self, out_dim: int, cfg: LossConfig | None = None):
+    def __init__(
+        self,
+        out_dim: int,
+        cfg: LossConfig | None = None,
+        koleo_group: tuple[int, bool] = (0, False),
+        ibot_out_dim: int = 0,
+    ):
+        """koleo_group: (images per group, whether a group spans processes), `koleo_groups`; 0: each
+        crop's batch as one group. ibot_out_dim: the iBOT head's K when it has its own (0: out_dim)."""
         super().__init__()
         cfg = cfg or LossConfig()
+        self.koleo_group = koleo_group
         self.dino = DINOLoss(out_dim, cfg)
-        self.ibot = IBOTLoss(out_dim, cfg) if cfg.ibot_weight else None
+        self.ibot = IBOTLoss(ibot_out_dim or out_dim, cfg) if cfg.ibot_weight else None
         self.weights = {
             "loss_dino": cfg.dino_weight,
             "loss_ibot": cfg.ibot_weight,
@@ -222,9 +231,13 @@ class Losses(nn.Module):
         if "patch" in targets:
             terms["loss_ibot"] = self.ibot(student_out["patch_logits"], targets["patch"], masks)
         if self.weights["loss_koleo"]:  # per global crop, summed (DINOv2's ssl_meta_arch), on backbone CLS
-            terms["loss_koleo"] = sum(koleo_loss(c) for c in student_out["cls"][:n_global])
+            terms["loss_koleo"] = sum(self.koleo(c) for c in student_out["cls"][:n_global])
         terms["loss"] = sum(self.weights[k] * v for k, v in terms.items())
         return terms
+
+    def koleo(self, x: Tensor) -> Tensor:
+        group, spans = self.koleo_group
+        return koleo_loss_grouped(x, group, spans) if group else koleo_loss(x)
 
     @torch.no_grad()
     def update_centers(self, teacher_out: dict, masks: StepMasks | None = None) -> None:
@@ -243,6 +256,24 @@ class Losses(nn.Module):
             loss.load_state_dict(saved[name])
 
 
-def build_losses(cfg) -> Losses:
-    """The losses of a `Config` (the prototype count K comes from its head)."""
-    return Losses(cfg.head.out_dim, cfg.loss)
+def build_losses(cfg, world: int = 1) -> Losses:
+    """The losses of a `Config` (the prototype count K comes from its head) on `world` processes."""
+    ibot_k = cfg.head.ibot_out_dim if cfg.head.ibot_separate_head else 0
+    return Losses(cfg.head.out_dim, cfg.loss, koleo_groups(cfg, world), ibot_k)
+
+
+def koleo_groups(cfg, world: int) -> tuple[int, bool]:
+    """(images per KoLeo group, whether a group spans processes) for the global batch cut into `world`
+    processes x `accum_steps` micro-batches; a one-line error when a group would span micro-batches (their
+    features never meet) or does not divide the batch."""
+    batch, accum = cfg.optim.batch_size, cfg.optim.accum_steps
+    group, micro = cfg.loss.koleo_group or batch, batch // (world * accum)
+    if not cfg.loss.koleo_weight:
+        return 0, False
+    if group < 2 or batch % group or (micro % group and (group % micro or accum > 1)):
+        raise ConfigError(
+            f"option --loss.koleo_group={cfg.loss.koleo_group} (0: the whole batch): a group must divide the "
+            f"global batch of {batch}, and lie within a micro-batch of {micro} images ({world} processes x "
+            f"--optim.accum_steps={accum}) unless it spans whole processes' shares; try {math.gcd(group, micro)}"
+        )
+    return group, group > micro

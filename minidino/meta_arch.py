@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import Config, ConfigError
-from .heads import DINOHead
+from .heads import DINOHead, ibot_head_config
 from .vit import VisionTransformer
 from .weights import load_checkpoint, load_model_state, run_config
 
@@ -55,7 +55,9 @@ def build_model(cfg: Config, drop_path: float | None = None) -> SSLModel:
     backbone = VisionTransformer(model_cfg)
     head = DINOHead(backbone.embed_dim, cfg.head)
     separate = cfg.loss.ibot_weight > 0 and cfg.head.ibot_separate_head
-    return SSLModel(backbone, head, DINOHead(backbone.embed_dim, cfg.head) if separate else None)
+    return SSLModel(
+        backbone, head, DINOHead(backbone.embed_dim, ibot_head_config(cfg.head)) if separate else None
+    )
 
 
 def build_student_teacher(cfg: Config) -> tuple[SSLModel, SSLModel]:

@@ -129,6 +129,7 @@ def dinov2(c: Config) -> Config:
         c.optim.lr, c.optim.lr_scaling, c.optim.batch_size = 4e-3, "sqrt", 2048  # [default] base_lr, README
         # [default] OFFICIAL_EPOCH_LENGTH: an epoch of the schedules is 1250 iterations, not a pass
         c.optim.epoch_steps = 1250
+        c.loss.koleo_group = 64  # [default] train.batch_size_per_gpu: ssl_meta_arch runs KoLeo per GPU batch
     # [default] the student gets the crops as one list (ssl_meta_arch.py), and layers/block.py's
     # NestedTensorBlock then runs each branch on the kept samples only (drop_add_residual_stochastic_depth_list)
     c.model.drop_path_impl = "subset"
@@ -145,7 +146,14 @@ def lvd142m() -> Config:
     c.model.drop_path, c.model.drop_path_schedule, c.model.ffn = 0.4, "uniform", "swiglu"  # vitl14 student
     c.model.drop_path_impl = "subset"  # as in dinov2() (NestedTensorBlock on the crop list)
     c.head = HeadConfig(out_dim=131072, bottleneck_dim=384, norm_last_layer=False)  # vitl14 dino head
-    c.head.ibot_separate_head = True  # vitl14 ibot.separate_head (its head: 131072 prototypes, like dino's)
+    c.head.ibot_separate_head, c.head.ibot_out_dim = (
+        True,
+        131072,
+    )  # vitl14 ibot.separate_head, head_n_prototypes
+    c.head.ibot_bottleneck_dim = (
+        256  # the default yaml's ibot.head_bottleneck_dim (vitl14 sets dino's 384 only)
+    )
+    c.loss.koleo_group = 32  # vitl14 train.batch_size_per_gpu: KoLeo runs on each GPU's batch
     c.loss.centering = "sinkhorn"  # vitl14 train.centering: sinkhorn_knopp
     c.data.dataset, c.data.root, c.data.local_crops_size = "imagefolder", "data/lvd142m", 98  # vitl14 crops
     c.optim.epochs, c.optim.warmup_epochs, c.optim.epoch_steps = 500, 80, 1250  # vitl14 optim (625k steps)

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from minidino import cli
 from minidino.config import Config, ConfigError, from_dict, options, save_json
@@ -81,6 +82,7 @@ DINOV2_DEFAULT = [
     ("head.norm_last_layer", False, "layers/dino_head.py: weight_g learnt"),
     ("head.ibot_separate_head", False, "ibot.separate_head"),
     ("loss.koleo_weight", 0.1, "dino.koleo_loss_weight"),
+    ("loss.koleo_group", 64, "train.batch_size_per_gpu: KoLeo over each GPU's batch (ssl_meta_arch.py)"),
     ("loss.ibot_weight", 1.0, "ibot.loss_weight"),
     ("loss.dino_weight", 1.0, "dino.loss_weight"),
     ("loss.mask_probability", 0.5, "ibot.mask_sample_probability"),
@@ -119,6 +121,9 @@ DINOV2_VITL14 = [
     ("head.out_dim", 131072, "dino.head_n_prototypes / ibot.head_n_prototypes"),
     ("head.bottleneck_dim", 384, "dino.head_bottleneck_dim"),
     ("head.ibot_separate_head", True, "ibot.separate_head"),
+    ("head.ibot_out_dim", 131072, "ibot.head_n_prototypes"),
+    ("head.ibot_bottleneck_dim", 256, "ibot.head_bottleneck_dim of the default yaml (vitl14 sets dino's)"),
+    ("loss.koleo_group", 32, "train.batch_size_per_gpu: KoLeo over each GPU's batch"),
     ("loss.centering", "sinkhorn", "train.centering: sinkhorn_knopp"),
     ("data.local_crops_size", 98, "crops.local_crops_size"),
     ("optim.epochs", 500, "optim.epochs"),
@@ -272,3 +277,19 @@ def test_compile_switches_that_cannot_work_together_are_refused(args, message):
     cli.parse_args(
         ["--run.compile_step=true", "--run.cuda_graphs=true", "--method=dinov2", "--head.use_bn=false"]
     )
+
+
+def test_the_lvd142m_ibot_head_has_its_own_sizes():
+    """vitl14.yaml: the DINO head 131072 prototypes x bottleneck 384; the separate iBOT head 131072 x the
+    default yaml's 256 (not a copy of the DINO head's)."""
+    from minidino.losses import build_losses
+    from minidino.meta_arch import build_model
+
+    cfg = lvd142m()
+    with torch.device("meta"):  # shapes only: ViT-L and two 131072-prototype heads are never allocated
+        model = build_model(cfg)
+        losses = build_losses(cfg, world=96)
+    assert model.head.last_layer.weight.shape == (131072, 384)
+    assert model.ibot_head.last_layer.weight.shape == (131072, 256)
+    assert model.ibot_head.mlp[-1].weight.shape == (256, 2048)
+    assert losses.ibot.center.shape == (1, 131072)

@@ -54,11 +54,15 @@ def _losses(run_dir):
 
 @pytest.mark.parametrize(
     "mode, extra",
-    [("ddp", ()), ("fsdp", ("--method=dinov2", "--loss.koleo_weight=0", "--run.eval_at_end=false"))],
+    [
+        ("ddp", ("--loss.koleo_weight=0.1", "--loss.koleo_group=4")),
+        ("fsdp", ("--method=dinov2", "--loss.koleo_group=0", "--run.eval_at_end=false")),
+    ],
 )
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, mode, extra):
-    # fsdp: the DINOv2 objective (Sinkhorn-Knopp, iBOT masks drawn for the global batch), KoLeo aside: it is
-    # computed per process, as in DINOv2, and so differs by design
+    # ddp: KoLeo in groups of 4 images, each process's share; fsdp: the DINOv2 objective (Sinkhorn-Knopp,
+    # iBOT masks drawn for the global batch) with KoLeo over the whole batch of 8, a group that spans both
+    # processes (gathered, its gradient sent back): the same numbers as one process either way
     extra = (*extra, "--run.eval_at_end=false") if mode == "ddp" else extra
     train.main(_opts(tmp_path / "one", *extra))
     _torchrun(*_opts(tmp_path / "two", *extra), f"--run.parallel={mode}")

@@ -92,7 +92,9 @@ def _killed_after_checkpoint(monkeypatch, step: int):
             ["--method=dinov2", "--model.drop_path=0.3", "--data.augment=pil", "--data.num_workers=2"],
             id="dinov2-workers",
         ),
-        pytest.param(["--model.drop_path=0.3", "--optim.accum_steps=2"], id="dino-accumulation"),
+        pytest.param(
+            ["--model.drop_path=0.3", "--optim.accum_steps=2", "--loss.koleo_group=8"], id="dino-accumulation"
+        ),
     ],
 )
 def test_killed_and_resumed_with_stochastic_depth_equals_uninterrupted(tmp_path, monkeypatch, extra):
@@ -505,16 +507,18 @@ def test_resume_of_a_folder_without_checkpoint_says_it_starts_over(tmp_path, cap
 def test_two_accumulated_micro_batches_of_4_equal_one_batch_of_8(tmp_path, method):
     """Gradient accumulation: the same losses and weights as the whole batch at once. The centre, Sinkhorn's
     equipartition and the EMA use the whole batch either way; KoLeo (nearest neighbours within a micro-batch)
-    and BatchNorm (statistics of a micro-batch) would differ by design, so they are off, as is drop path."""
-    extra = ["--optim.batch_size=8", "--loss.koleo_weight=0", "--head.use_bn=false", "--model.drop_path=0"]
-    extra += ["--run.eval_at_end=false"] + (
-        ["--method=dinov2", "--loss.koleo_weight=0"] if method == "dinov2" else []
-    )
+    and BatchNorm (statistics of a micro-batch) would differ by design, so BatchNorm is off, as is drop path,
+    and KoLeo's neighbours are searched in groups of 4 images (`--loss.koleo_group`), the same either way.
+    DINOv2 without KoLeo: its LayerScale (1e-5) keeps the CLS features of different images within ~1e-5 of
+    each other at first, where the accumulated sums' last-bit differences can change a nearest neighbour."""
+    extra = ["--optim.batch_size=8", "--loss.koleo_weight=0.1", "--loss.koleo_group=4", "--head.use_bn=false"]
+    extra += ["--run.eval_at_end=false", "--model.drop_path=0"]
+    extra += ["--method=dinov2", "--loss.koleo_weight=0"] if method == "dinov2" else []
     train.main(tiny_run(tmp_path / "whole", *extra))
     train.main(tiny_run(tmp_path / "accum", *extra, "--optim.accum_steps=2"))
     a, b = _log(tmp_path / "whole"), _log(tmp_path / "accum")
     assert len(a) == len(b) == 8
-    for key in ("loss", "loss_dino") + (("loss_ibot",) if method == "dinov2" else ()):
+    for key in ("loss", "loss_dino") + (("loss_ibot",) if method == "dinov2" else ("loss_koleo",)):
         torch.testing.assert_close(
             torch.tensor([r[key] for r in b]), torch.tensor([r[key] for r in a]), atol=1e-5, rtol=1e-5
         )
@@ -523,6 +527,11 @@ def test_two_accumulated_micro_batches_of_4_equal_one_batch_of_8(tmp_path, metho
         for k in wa[part]:
             torch.testing.assert_close(wb[part][k], wa[part][k], atol=1e-5, rtol=1e-4, msg=f"{part} {k}")
     torch.testing.assert_close(wb["losses"]["dino"]["center"], wa["losses"]["dino"]["center"])
+
+
+def test_a_koleo_group_that_spans_micro_batches_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"--loss.koleo_group=0 .* micro-batch of 8 images .* try 8"):
+        train.main(tiny_run(tmp_path / "a", "--optim.accum_steps=2"))  # the shapes preset's KoLeo, 16 images
 
 
 def test_accumulation_must_divide_the_batch(tmp_path):
