@@ -165,6 +165,8 @@ def test_eval_all_writes_the_report_and_reuses_cached_features(tmp_path, capsys)
     assert report["linear"]["top1"] >= 0 and set(report["linear_fast"]) == {"cls", "cls+avgpool"}
     assert set(report["protocols"]) == {"knn_top1", "linear", "linear_fast", "segmentation"}
     assert "last 4 blocks" in report["protocols"]["linear"]
+    assert "Protocol: DINO eval_linear: CLS of the last 4 blocks" in (out / "report.md").read_text()
+    assert report["linear"]["top1"] == max(report["linear"]["top1_per_lr"].values())  # best over epochs, lrs
     seg = report["segmentation"]
     assert seg["n_images"] == 16 and len(seg["jaccard_per_head"]) == 4
     assert 0 <= seg["jaccard_mean_of_heads"] <= 1

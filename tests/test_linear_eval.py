@@ -65,14 +65,36 @@ def test_dino_preprocessing_sizes():
     assert linear_train_transform(224)(image).shape == (3, 224, 224)
 
 
-def test_dino_linear_eval_runs_the_protocol_on_shapes():
+class _Counted(torch.utils.data.Dataset):
+    """A data set that counts which of its images were read."""
+
+    def __init__(self, data):
+        self.data, self.read = data, []
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        return self.data[i]
+
+
+def test_dino_linear_eval_trains_on_the_whole_split_and_reports_the_best_epoch_and_lr():
+    """DINO's eval_linear.py: every lr trains on all training images and the validation split is scored after
+    each epoch; the reported number is the best of them. The held-out variant trains on 90% and picks its lr
+    on the other 10%."""
     torch.manual_seed(0)
     vit = VisionTransformer(ModelConfig(arch="vit_nano", patch_size=8, img_size=32, drop_path=0.0))
-    views = ShapesDataset(40, transform=linear_train_transform(32))
+    views = _Counted(ShapesDataset(40, transform=linear_train_transform(32)))
     plain = ShapesDataset(40, transform=eval_transform(32))
     test = ShapesDataset(16, split="test", transform=eval_transform(32))
-    res = dino_linear_eval(
-        vit, views, plain, test, 8, "cpu", n_last_blocks=2, epochs=2, batch_size=16, lrs=(0.01, 0.1)
-    )
-    assert "CLS of the last 2 blocks" in res["protocol"] and 0 <= res["top1"] <= 100
-    assert res["best_lr"] in (0.01, 0.1) and len(res["held_out_top1"]) == 2
+    opts = dict(n_last_blocks=2, epochs=3, batch_size=16, lrs=(0.01, 0.1))
+    res = dino_linear_eval(vit, views, plain, test, 8, "cpu", **opts)
+    assert sorted(views.read) == sorted(list(range(40)) * 3)  # all 40 training images, each epoch
+    assert "CLS of the last 2 blocks" in res["protocol"] and "best validation top-1" in res["protocol"]
+    assert res["top1"] == max(res["top1_per_lr"].values()) and 1 <= res["best_epoch"] <= 3
+    assert res["top1_per_lr"][str(res["best_lr"])] == res["top1"]
+    views.read.clear()
+    held = dino_linear_eval(vit, views, plain, test, 8, "cpu", protocol="heldout", **opts)
+    assert len(views.read) == 3 * 36 and "held-out lr" in held["protocol"]  # 90% of 40, three epochs
+    assert held["best_lr"] in (0.01, 0.1) and len(held["held_out_top1"]) == 2
