@@ -22,12 +22,11 @@ FlashAttention, arXiv 2205.14135; the loop order of FlashAttention-2, arXiv 2307
 Products accumulate in fp32 (fp32 inputs use exact fp32 products, not TF32); exponentials are exp2 with
 log2(e) folded into the scale, what the hardware computes fastest.
 
-Packed (varlen) batches: a DINO step has 2 global crops (197 tokens at ViT-S/16) and 10 local ones (37
-tokens), too little work per launch to fill a GPU. Packing puts every sequence back to back, q (T, H, D), with
-offsets cu_seqlens = [0, n_0, n_0 + n_1, ...]; each program looks up where its sequence starts and how long it
-is, so crops of all sizes go through one launch. The host side of a call (sizes and layouts, launches that
-cost little Python, the torch.compile operators) is kernels/attention_host.py. Tests run the kernels on CPU
-through the Triton interpreter (TRITON_INTERPRET=1) and compile them for sm_90 and sm_80.
+Packed (varlen) batches: a DINO step's 2 global crops (197 tokens at ViT-S/16) and 10 local ones (37) are
+too little work per launch for a GPU. Packed, q (T, H, D) holds every sequence back to back, cu_seqlens =
+[0, n_0, n_0 + n_1, ...], and each program looks up its sequence: crops of all sizes go through one launch.
+The host side (sizes, layouts, lean launches, torch.compile operators) is kernels/attention_host.py, which
+imports nothing from here. Tests run the kernels through Triton's interpreter and compile them for sm_90/80.
 """
 
 from __future__ import annotations
@@ -38,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import attention_host as host  # reads this module's kernels when called, so the mutual import is safe
+from . import attention_host as host  # the host side; it gets this file's kernels by `host.use_kernels`
+from .attention_host import IMPLS, packed_offsets  # noqa: F401 (re-exported: the impls, varlen offsets)
 from .launch import INTERPRET, Launcher
 
 try:
@@ -46,8 +46,6 @@ try:
     import triton.language as tl
 except ImportError:  # triton is Linux-only; the PyTorch paths still work
     triton = None
-
-IMPLS = ("auto", "triton", "sdpa", "ref")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -281,8 +279,8 @@ if triton is not None:
         tl.store(DK + keys[:, None] * grad_stride_n + d[None, :], dk, mask=tile_ok)
         tl.store(DV + keys[:, None] * grad_stride_n + d[None, :], dv.to(DV.dtype.element_ty), mask=tile_ok)
 
-    # cached direct launches after the first call of each kind (kernels/launch.py)
-    _fwd, _bwd_dq, _bwd_dkdv = Launcher(_attn_fwd), Launcher(_attn_bwd_dq), Launcher(_attn_bwd_dkdv)
+    # cached direct launches after the first call of each kind (kernels/launch.py), handed to the host side
+    host.use_kernels(Launcher(_attn_fwd), Launcher(_attn_bwd_dq), Launcher(_attn_bwd_dkdv))
 # fmt: on
 
 
@@ -317,24 +315,6 @@ class _FlashAttention(torch.autograd.Function):
         return (dqkv, None, None, None, None) if ctx.fused else (dq, dk, dv, None, None)
 
 
-def _use_triton(q: Tensor, impl: str) -> bool:
-    if impl not in IMPLS:
-        raise ValueError(f"attention: unknown impl {impl!r} (expected one of {', '.join(IMPLS)})")
-    supported = q.shape[-1] <= 128 and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
-    if impl != "triton":
-        return impl == "auto" and triton is not None and q.is_cuda and supported
-    if triton is None:
-        raise RuntimeError("attention(impl='triton'): triton is not installed")
-    if not supported:
-        raise ValueError(
-            f"attention(impl='triton'): head dim {q.shape[-1]} and dtype {q.dtype} not supported "
-            "(head dim <= 128; fp32, fp16 or bf16)"
-        )
-    if not (q.is_cuda or INTERPRET):
-        raise RuntimeError("attention(impl='triton'): needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
-    return True
-
-
 def _flash(
     q: Tensor, k: Tensor | None, v: Tensor | None, cu_seqlens: Tensor | None, max_seqlen: int
 ) -> Tensor:
@@ -356,7 +336,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, impl: str = "auto") -> Tensor:
     if q.shape != k.shape or q.shape != v.shape or q.dim() != 4:
         shapes = [tuple(t.shape) for t in (q, k, v)]
         raise ValueError(f"attention: q, k, v must share one (B, H, N, D) shape, got {shapes}")
-    if _use_triton(q, impl):
+    if host.use_triton(q, impl):
         return _flash(q, k, v, None, q.shape[2])
     return attention_ref(q, k, v) if impl == "ref" else F.scaled_dot_product_attention(q, k, v)
 
@@ -375,7 +355,7 @@ def attention_varlen(
     `lengths` (the host's copy of cu_seqlens.diff()) spares the PyTorch path a read-back."""
     if q.shape != k.shape or q.shape != v.shape or q.dim() != 3:
         raise ValueError(f"attention_varlen: q, k, v must share one (T, H, D) shape, got {tuple(q.shape)}")
-    if _use_triton(q, impl):
+    if host.use_triton(q, impl):
         return _flash(q, k, v, cu_seqlens.to(q.device, torch.int32), int(max_seqlen))
     return attention_varlen_torch(q, k, v, cu_seqlens, "ref" if impl == "ref" else "sdpa", lengths)
 
@@ -394,7 +374,7 @@ def attention_qkv(
     if qkv.dim() != (4 if packed else 5) or qkv.shape[-3] != 3:
         want = "(T, 3, H, D) with cu_seqlens" if packed else "(B, N, 3, H, D)"
         raise ValueError(f"attention_qkv: qkv must be {want}, got {tuple(qkv.shape)}")
-    if _use_triton(qkv, impl):
+    if host.use_triton(qkv, impl):
         qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
         args = (cu_seqlens.to(qkv.device, torch.int32), int(max_seqlen)) if packed else (None, qkv.shape[1])
         out = _flash(qkv, None, None, *args)
@@ -403,12 +383,3 @@ def attention_qkv(
     if packed:
         return attention_varlen(q, k, v, cu_seqlens, max_seqlen, impl, lengths)
     return attention(q, k, v, impl).transpose(1, 2)
-
-
-def packed_offsets(lengths: list[int], device: torch.device | str) -> tuple[Tensor, int]:
-    """cu_seqlens (int32, len(lengths) + 1) and the longest length, for `attention_varlen`."""
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
-    # non_blocking: a blocking copy to the GPU makes the host wait for all queued work (a stream sync); from
-    # pageable memory the driver stages the bytes before returning, so the source may go away at once
-    return cu.to(device, non_blocking=True), max(lengths)

@@ -17,7 +17,6 @@ from typing import NamedTuple  # the custom operators' schemas are read from the
 import torch
 from torch import Tensor
 
-from . import attention  # the kernels and their launchers, read at call time (attention.py imports this file)
 from .launch import INTERPRET, cdiv, next_power_of_2
 
 try:
@@ -26,6 +25,13 @@ except ImportError:
     triton = None
 
 LOG2_E = 1.4426950408889634  # the kernels compute exp(x) as exp2(x * log2(e))
+IMPLS = ("auto", "triton", "sdpa", "ref")  # attention's `impl`: auto runs Triton on CUDA, sdpa elsewhere
+KERNELS = {}  # forward, backward dq, backward dk/dv launchers: set by attention.py (imports go one way)
+
+
+def use_kernels(forward, backward_dq, backward_dkdv) -> None:
+    """Called by attention.py with its kernels' launchers, so that this file needs no import of that one."""
+    KERNELS.update(forward=forward, backward_dq=backward_dq, backward_dkdv=backward_dkdv)
 
 
 class Sequences(NamedTuple):
@@ -102,6 +108,26 @@ class Sequences(NamedTuple):
         return lambda meta: (cdiv(self.longest, meta[tile]), self.count * self.heads)
 
 
+def use_triton(q: Tensor, impl: str) -> bool:
+    """Whether a call with `impl` runs the Triton kernels on q; a clear error where it was asked for and
+    cannot run."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention: unknown impl {impl!r} (expected one of {', '.join(IMPLS)})")
+    supported = q.shape[-1] <= 128 and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    if impl != "triton":
+        return impl == "auto" and triton is not None and q.is_cuda and supported
+    if triton is None:
+        raise RuntimeError("attention(impl='triton'): triton is not installed")
+    if not supported:
+        raise ValueError(
+            f"attention(impl='triton'): head dim {q.shape[-1]} and dtype {q.dtype} not supported "
+            "(head dim <= 128; fp32, fp16 or bf16)"
+        )
+    if not (q.is_cuda or INTERPRET):
+        raise RuntimeError("attention(impl='triton'): needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
+    return True
+
+
 def split_qkv(qkv: Tensor, packed: bool) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v as views of a fused (B, N, 3, H, D) tensor, (B, H, N, D) each; packed: of (T, 3, H, D)."""
     return qkv.unbind(1) if packed else qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -114,7 +140,7 @@ def launch_forward(s: Sequences, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tenso
     sizes, flags = s.sizes_and_flags(q)
     cu = lse if s.cu_seqlens is None else s.cu_seqlens  # dense: not read (VARLEN off), any pointer will do
     scalars = (*s.strides(q), *s.strides(o), *s.lse_strides(lse), *sizes, s.head_dim**-0.5 * LOG2_E)
-    attention._fwd(s.grid("BLOCK_M"), (q, k, v, o, lse, cu), scalars, flags)
+    KERNELS["forward"](s.grid("BLOCK_M"), (q, k, v, o, lse, cu), scalars, flags)
     return o, lse
 
 
@@ -125,20 +151,20 @@ def launch_backward(s: Sequences, do, q, k, v, o, lse, dq, dk, dv) -> None:
     sizes, flags = s.sizes_and_flags(q)
     qkv, dout, grad = s.strides(q), s.strides(do), s.strides(dq)
     rest = (*s.lse_strides(lse), *sizes, s.head_dim**-0.5 * LOG2_E, s.head_dim**-0.5)
-    attention._bwd_dq(
+    KERNELS["backward_dq"](
         s.grid("BLOCK_M"),
         (q, k, v, o, do, dq, lse, delta, cu),
         (*qkv, *s.strides(o), *dout, *grad, *rest),
         flags,
     )
-    attention._bwd_dkdv(
+    KERNELS["backward_dkdv"](
         s.grid("BLOCK_N"), (q, k, v, do, dk, dv, lse, delta, cu), (*qkv, *dout, *grad, *rest), flags
     )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # torch.compile: the kernels as custom operators. The compiler sees opaque operators with known output
-# shapes (the fake functions) and a registered backward; `attention._flash` calls them while compiling.
+# shapes (the fake functions) and a registered backward; attention.py's `_flash` calls them while compiling.
 
 if triton is not None:
 
@@ -180,3 +206,12 @@ if triton is not None:
         return *_flash_backward_op(do, q, k, v, o, lse, cu_seqlens, ctx.max_seqlen), None, None
 
     _flash_op.register_autograd(_op_backward, setup_context=_save_for_backward)
+
+
+def packed_offsets(lengths: list[int], device: torch.device | str) -> tuple[Tensor, int]:
+    """cu_seqlens (int32, len(lengths) + 1) and the longest length, for `attention_varlen`."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    # non_blocking: a blocking copy to the GPU makes the host wait for all queued work (a stream sync); from
+    # pageable memory the driver stages the bytes before returning, so the source may go away at once
+    return cu.to(device, non_blocking=True), max(lengths)

@@ -119,7 +119,7 @@ class StepMasks:
         return cls(per_crop, patches, F.pad(indices, (0, pad)), F.pad(weights, (0, pad)), valid)
 
     def to(self, device, non_blocking: bool = True) -> StepMasks:
-        """On `device` (no stream sync: see attention.packed_offsets)."""
+        """On `device` (no stream sync: see attention_host.packed_offsets)."""
         if self.patches is None:
             return self
         patches, indices, weights = (

@@ -15,10 +15,7 @@ blocks.{i}.ls1.gamma, blocks.{i}.norm2, blocks.{i}.mlp.fc1/fc2, norm.
 
 from __future__ import annotations
 
-import functools
-import itertools
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +23,10 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .kernels.attention import attention_qkv, packed_offsets
+from .kernels.attention import attention_qkv
 from .kernels.drop_path import drop_add
+from .packing import Packing, drop_path, kept_count, packed_subset
+from .positions import resize_pos_embed, sincos_2d
 
 ARCHS = {  # name -> (embed_dim, depth, num_heads); mlp ratio 4 throughout
     "vit_nano": (128, 4, 4),  # not a standard size: small enough to train on a laptop CPU in minutes
@@ -41,44 +40,6 @@ FFNS = ("mlp", "swiglu")
 DROP_PATH_SCHEDULES = ("linear", "uniform")  # rate growing with depth from 0 (DINO) or the same everywhere
 DROP_PATH_IMPLS = ("mask", "subset", "subset_triton")  # see Block
 POS_EMBED_INITS = ("random", "sincos")
-
-
-@dataclass
-class Packing:
-    """Where each sequence lies when crops of all sizes are packed into one (T, C) token tensor."""
-
-    cu_seqlens: Tensor  # (S + 1,) int32 offsets: sequence i is tokens cu_seqlens[i]:cu_seqlens[i + 1]
-    max_seqlen: int
-    seq_ids: Tensor  # (T,) which sequence each token belongs to (for per-sample stochastic depth)
-    lengths: list[int]  # the host's copy of the lengths: the PyTorch attention path needs no read-back
-    runs: list[tuple[int, int, int]]  # (first token, sequences, length) of each run of equal lengths
-
-    @classmethod
-    def from_lengths(cls, lengths: list[int], device) -> Packing:
-        """Built once per crop layout and device (the layout repeats every step): no host-to-device copy per
-        step, and the same device buffers every step (what CUDA graphs want)."""
-        if torch.compiler.is_compiling():  # traced once into the graph: its buffers become the graph's own
-            return cls._build(tuple(lengths), torch.device(device))
-        return cls._cached(tuple(lengths), torch.device(device))
-
-    @classmethod
-    def _build(cls, lengths: tuple[int, ...], device: torch.device) -> Packing:
-        cu, longest = packed_offsets(list(lengths), device)
-        # from the offsets already on the device; output_size spares a device-to-host sync for the length
-        ids = torch.repeat_interleave(
-            torch.arange(len(lengths), device=device), cu.diff(), output_size=sum(lengths)
-        )
-        runs, start = [], 0
-        for n, group in itertools.groupby(lengths):
-            count = len(list(group))
-            runs.append((start, count, n))
-            start += count * n
-        return cls(cu, longest, ids, list(lengths), runs)
-
-    @classmethod
-    @functools.lru_cache(maxsize=8)
-    def _cached(cls, lengths: tuple[int, ...], device: torch.device) -> Packing:
-        return cls._build(lengths, device)
 
 
 class Attention(nn.Module):
@@ -154,40 +115,6 @@ class LayerNorm(nn.LayerNorm):
             return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-
-
-def drop_path(x: Tensor, p: float, training: bool, packing: Packing | None = None) -> Tensor:
-    """Stochastic depth (Huang et al. 2016): zero the branch of a random subset of samples, scale the rest by
-    1/(1-p) so the expectation is unchanged. x: (B, N, C), or packed (T, C) with one draw per sequence."""
-    if p == 0.0 or not training:
-        return x
-    if packing is not None:
-        keep = x.new_empty(packing.cu_seqlens.numel() - 1).bernoulli_(1 - p).div_(1 - p)  # (S,)
-        return x * keep[packing.seq_ids, None]  # (T, C): one pass over the branch output
-    keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - p).div_(1 - p)  # (B, 1, 1): 0 or 1 / (1 - p)
-    return x * keep
-
-
-def kept_count(n: int, p: float) -> int:
-    """How many of n samples efficient stochastic depth keeps at drop rate p: floored, at least one (as
-    DINOv2's layers/block.py)."""
-    return max(1, int(n * (1 - p)))
-
-
-def packed_subset(packing: Packing, p: float) -> tuple[Tensor, Tensor, Packing]:
-    """Efficient stochastic depth on packed crops: in each run of equal-length crops (the B global crops,
-    the 10 B local ones) keep `kept_count(count, p)` sequences at random. Returns the kept tokens' positions
-    (T_kept,), each kept token's scale count / kept of its run (DINOv2's B / B_kept), and the packing of the
-    kept sequences, whose layout is the same every step (its offsets are built once)."""
-    device = packing.seq_ids.device
-    index, scale, lengths = [], [], []
-    for start, count, n in packing.runs:
-        keep = kept_count(count, p)
-        kept = torch.randperm(count, device=device)[:keep]  # (keep,) sequences of this run
-        index.append((start + kept[:, None] * n + torch.arange(n, device=device)).flatten())
-        scale.append(torch.full((keep * n,), count / keep, device=device))
-        lengths += [n] * keep
-    return torch.cat(index), torch.cat(scale), Packing.from_lengths(lengths, device)
 
 
 class Block(nn.Module):
@@ -430,37 +357,3 @@ class VisionTransformer(nn.Module):
         for blk in self.blocks[:-1]:
             x = blk(x)
         return self.blocks[-1].attn(self.blocks[-1].norm1(x), return_attention=True)
-
-
-def resize_pos_embed(
-    pos_embed: Tensor, h: int, w: int, offset: float = 0.1, antialias: bool = False
-) -> Tensor:
-    """(1, 1 + n*n, C) -> (1, 1 + h*w, C): the class position kept, the n x n grid resized bicubically in
-    fp32. offset > 0: by the scale factors (h + offset) / n and (w + offset) / n, as DINO and DINOv2 do (the
-    0.1 keeps floor() of the output size from falling one short); offset 0: to the size (h, w), as DINOv2's
-    register models and timm do. antialias: PyTorch's antialiased bicubic (a blur before shrinking; the
-    same as plain bicubic when enlarging)."""
-    pos_cls, pos_patch = pos_embed[:, :1], pos_embed[:, 1:]  # (1, 1, C), (1, n*n, C)
-    n = math.isqrt(pos_patch.shape[1])
-    grid = rearrange(pos_patch, "1 (h w) c -> 1 c h w", h=n).float()
-    size = {"scale_factor": ((h + offset) / n, (w + offset) / n)} if offset else {"size": (h, w)}
-    grid = F.interpolate(grid, mode="bicubic", align_corners=False, antialias=antialias, **size)
-    grid = rearrange(grid.to(pos_patch.dtype), "1 c h w -> 1 (h w) c")
-    return torch.cat([pos_cls, grid], dim=1)  # (1, 1 + h*w, C)
-
-
-def sincos_2d(n: int, dim: int) -> Tensor:
-    """Fixed 2-D sine-cosine position codes for an n x n grid, (n * n, dim): a quarter of the channels for
-    sin(row), cos(row), sin(col), cos(col) at geometric frequencies (as in MAE and MoCo v3, arXiv 2104.02057).
-
-    Used as the *initial* value of the learnt position embeddings on small data: from step 0 every patch knows
-    where it is, which saves the hundreds of steps a ViT otherwise spends discovering space.
-    """
-    q = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float32) / q)  # (q,)
-    rows, cols = torch.meshgrid(
-        torch.arange(n, dtype=torch.float32), torch.arange(n, dtype=torch.float32), indexing="ij"
-    )
-    codes = [f(c.flatten()[:, None] * omega[None]) for c in (rows, cols) for f in (torch.sin, torch.cos)]
-    out = torch.cat(codes, dim=1)  # (n * n, 4q)
-    return F.pad(out, (0, dim - out.shape[1]))

@@ -16,7 +16,8 @@ from minidino.kernels.attention import (
     attention_varlen_torch,
     packed_offsets,
 )
-from minidino.vit import Attention, Packing, VisionTransformer
+from minidino.packing import Packing
+from minidino.vit import Attention, VisionTransformer
 
 # Tolerances on max |error| relative to (1 + max |reference|): fp32 products are exact fp32 ("ieee"), 16-bit
 # inputs round the probabilities to 16 bits before the product with v (as every flash kernel does).

@@ -81,7 +81,7 @@ def test_head_normalisation(norm_last_layer):
 
 
 def test_sincos_position_init_is_distinct_per_patch_and_still_learnt():
-    from minidino.vit import sincos_2d
+    from minidino.positions import sincos_2d
 
     codes = sincos_2d(7, 96)
     assert codes.shape == (49, 96) and codes.abs().max() <= 1.0
@@ -129,7 +129,7 @@ def test_mask_token_replaces_masked_patches_only():
 
 
 def test_drop_path_keeps_the_expected_value():
-    from minidino.vit import drop_path
+    from minidino.packing import drop_path
 
     torch.manual_seed(0)
     x = torch.ones(20000, 1, 3)
@@ -140,7 +140,8 @@ def test_drop_path_keeps_the_expected_value():
 
 
 def _packed_block(p: float):
-    from minidino.vit import Block, Packing
+    from minidino.packing import Packing
+    from minidino.vit import Block
 
     torch.manual_seed(0)
     blk = Block(16, 2, drop_path=p, layerscale=0.5, drop_path_impl="subset").train()
@@ -212,7 +213,7 @@ def test_dtype_audit_no_fp32_token_activation_inside_a_block_under_bf16_autocast
     """Issue 19's dtype audit: with `bf16_residual`, no operation inside a block (norms, attention, MLP,
     LayerScale, stochastic depth, residual adds) writes an fp32 tensor of the tokens' size under bf16
     autocast; the present path (fp32 residual stream, the first case) writes many, so the audit can fail."""
-    from minidino.vit import Packing
+    from minidino.packing import Packing
 
     torch.manual_seed(0)
     cfg = ModelConfig(
