@@ -36,7 +36,6 @@ from minidino.crops import Pipeline, pipeline
 from minidino.data import DataError, build_dataset
 from minidino.dist import (
     all_reduce_mean,
-    all_true,
     cleanup,
     exit_worker,
     init_distributed,
@@ -48,25 +47,21 @@ from minidino.dist import (
 )
 from minidino.ema import ema_update
 from minidino.evaluate import knn_against_random_init, knn_eval, knn_sets
-from minidino.loader import SeededViews, run_loader
-from minidino.losses import Losses, build_losses, entropy_stats, koleo_groups
+from minidino.loader import SeededViews, check_batch, micro_batches, run_loader
+from minidino.losses import Losses, build_losses, entropy_stats
 from minidino.masking import StepMasks
 from minidino.meta_arch import build_student_teacher, distillation_teacher
 from minidino.optim import (
+    FiniteGuard,
+    NonFiniteLoss,
     apply_schedule,
     build_optimizer,
     clip_gradients,
-    decay_weights,
     drop_frozen_gradients,
     peak_lr,
-    small_batch_advice,
 )
 from minidino.presets import size_for_data
 from minidino.schedules import schedules
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -338,72 +333,31 @@ def train_step(
 ) -> dict:
     """One step in the order of DINO's Algorithm 1 (+ DINOv2's iBOT and KoLeo terms when enabled).
 
-    crops: the 2 global crops, then the local ones, each (B, 3, H, W). masks: the iBOT masks of the step
-    (`masking.step_masks`: the student's masked patches, and the patches of the patch loss). sched: the
-    schedules at this step (`schedules.schedules`); optim: clipping and gradient accumulation. With
-    optim.accum_steps = a, the student runs on a micro-batches of B / a images in turn and their gradients
-    add up, while the targets, the centres and the EMA come from the whole batch: the same step as on the
-    whole batch at once, KoLeo's neighbours and BatchNorm's statistics aside (those see a micro-batch).
-
-    A non-finite loss raises NonFiniteLoss at once, which makes the host wait for the device every step to
-    know. With optim.fused the step never waits: the fused AdamW skips its update (and `decay_weights` its
-    weight decay) on the device when the loss is not finite (`found_inf`), the EMA then leaves the teacher as
-    it is, and the returned 'finite' flag is read by the loop at log and checkpoint steps only
-    (`check_finite`); lr, weight decay, momentum and teacher temperature are then 0-d device tensors
-    (`apply_schedule`, `on_device`).
+    crops: the 2 global crops, then the local ones, each (B, 3, H, W); masks: the step's iBOT masks; sched:
+    the schedules at this step. With optim.accum_steps = a, the student runs on a micro-batches in turn
+    (`loader.micro_batches`) while the targets, centres and EMA come from the whole batch. A non-finite loss
+    raises NonFiniteLoss, or with optim.fused skips the update on the device (`optim.FiniteGuard`).
     """
-    if crops[0].is_cuda:  # with --run.cuda_graphs: a new step, so the graphs' output memory may be reused
-        torch.compiler.cudagraph_mark_step_begin()
+    parallel.mark_step_begin(crops[0].device)  # --run.cuda_graphs: the graphs' outputs may be reused
     with torch.no_grad(), mixed_precision(crops[0].device):  # teacher: global views only, unmasked
         t_out = teacher(crops[:2], patch_index=masks.indices)
         targets = losses.teacher_targets(t_out, sched["teacher_temp"], masks)  # centred and sharpened
     optimizer.zero_grad(set_to_none=True)
-    terms: dict[str, Tensor] = {}
-    finite = torch.ones((), dtype=torch.bool, device=crops[0].device)  # every micro-batch's loss finite
+    terms, guard = {}, FiniteGuard(optim.fused, crops[0].device)
     for crops_i, masks_i, targets_i in micro_batches(crops, masks, targets, optim.accum_steps):
         with mixed_precision(crops[0].device):
             s_out = student(crops_i, masks_i.student, masks_i.indices)  # every view; masked patches -> token
             micro = losses(s_out, targets_i, masks_i)  # H(P_t(x), P_s(x')), x != x', + iBOT, KoLeo
-        if optim.fused:
-            finite &= torch.isfinite(micro["loss"])  # stays on the device
-        elif not torch.isfinite(micro["loss"]):
-            raise NonFiniteLoss(f"loss is {micro['loss'].item()}")
+        guard.check(micro["loss"])
         (micro["loss"] / optim.accum_steps).backward()
         terms = {k: terms.get(k, 0) + v.detach() / optim.accum_steps for k, v in micro.items()}
     clip_gradients(student, optim.clip_grad, optim.clip_mode)
     drop_frozen_gradients(student, sched)  # the prototypes in the first epoch; a loaded backbone at first
-    momentum = sched["momentum"]
-    if optim.fused:  # a non-finite step changes no weight: the optimiser skips it, the EMA keeps the teacher
-        finite = all_true(finite)  # one process's NaN reaches every gradient through the all-reduce
-        optimizer.found_inf = (~finite).float()
-        momentum = torch.where(finite, momentum, 1.0)
-        decay_weights(optimizer, finite)  # theta <- (1 - lr wd) theta, as AdamW would before its update
+    momentum = guard.before_update(optimizer, sched["momentum"])  # fused: a non-finite step changes nothing
     optimizer.step()
     ema_update(ema_target, student, momentum)  # theta_t <- m theta_t + (1 - m) theta_s
     losses.update_centers(t_out, masks)  # c <- m c + (1 - m) mean(g_t), over the whole batch
-    return {**terms, "teacher_probs": torch.cat(targets["cls"]), "finite": finite}
-
-
-def micro_batches(crops: list[Tensor], masks: StepMasks, targets: dict, n: int):
-    """The step's batch cut into n equal micro-batches: (crops, masks, teacher targets) of each. The patch
-    targets (M, K) follow masks.indices, row by row (global crop 1's images, then crop 2's). The host
-    counts each micro-batch's masked patches here (a read-back per step that the whole batch at once
-    does not make)."""
-    if n == 1:
-        yield crops, masks, targets
-        return
-    b = crops[0].shape[0] // n
-    if masks.patches is not None:  # each masked row's patch targets, then regrouped by micro-batch
-        counts = masks.patches.sum(1).tolist()
-        per_row = list(targets["patch"].split([*counts, len(targets["patch"]) - sum(counts)]))  # + padding
-    for i in range(n):
-        rows = [*range(i * b, (i + 1) * b), *range(n * b + i * b, n * b + (i + 1) * b)]  # both global crops
-        mine = {"cls": [t[i * b : (i + 1) * b] for t in targets["cls"]]}
-        patches = None
-        if masks.patches is not None:
-            mine["patch"], patches = torch.cat([per_row[r] for r in rows]), masks.patches[rows]
-        mask_i = StepMasks.of(patches, student=masks.student is not None, n_crops=len(crops))
-        yield [c[i * b : (i + 1) * b] for c in crops], mask_i, mine
+    return {**terms, "teacher_probs": torch.cat(targets["cls"]), "finite": guard.finite}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -412,31 +366,6 @@ def micro_batches(crops: list[Tensor], masks: StepMasks, targets: dict, n: int):
 def mixed_precision(device: torch.device):
     """bf16 autocast on GPUs (master weights and optimiser state stay fp32); fp32 on CPUs."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def check_batch(cfg: Config, world: int, n_images: int) -> int:
-    """The steps per epoch (a pass over the data, or --optim.epoch_steps); one-line errors when the global
-    batch does not fit the processes or the data."""
-    if world > 1 and cfg.run.parallel == "none":
-        raise ConfigError(f"launched on {world} processes: choose --run.parallel=ddp or --run.parallel=fsdp")
-    batch = cfg.optim.batch_size
-    if batch % world:
-        raise ConfigError(
-            f"option --optim.batch_size={batch} (the global batch) must be divisible by the {world} processes"
-        )
-    if batch % (world * cfg.optim.accum_steps):
-        raise ConfigError(
-            f"option --optim.batch_size={batch} must be divisible by the {world} processes x "
-            f"--optim.accum_steps={cfg.optim.accum_steps} micro-batches"
-        )
-    if n_images < batch:
-        raise ConfigError(
-            f"option --optim.batch_size={batch} is larger than the data set ({n_images} images)"
-        )
-    koleo_groups(cfg, world)  # KoLeo's groups fit the processes and micro-batches
-    if advice := small_batch_advice(cfg.optim):
-        print0(advice)
-    return cfg.optim.epoch_steps or n_images // batch
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ pool, and the messy pool of the README's training comparison. One JSON line per 
 
 duplicates: a pool of --n shapes images (`--seed`) with one near-duplicate of each of --copies of them (kinds
 drawn from pools.NEAR_DUPLICATES), described by the copy descriptor (`--features copy`: trained on this pool
-for --copy-steps, as `python -m minidino.curate` does) and by the centred CLS (`cls`), each from the backbone
+for --copy-steps, as `python -m minidino.curation` does) and by the centred CLS (`cls`), each from the backbone
 and from the same architecture at random init; for each threshold, the precision and recall of the pairs
 found in the same duplicate group, over all copies and per kind of copy (recall only: a kind has no false
 pairs of its own), and the share of the removed images joined to their group's kept image only through
@@ -27,8 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from minidino import copy_detection, curate, pool_embedding, pools, similarity
 from minidino.checkpoint import backbone_and_config
+from minidino.curation import copy_detection, curate, embedding, pools, similarity
 from minidino.data import draw_shape
 
 THRESHOLDS = (0.8, 0.85, 0.88, 0.9, 0.905, 0.91, 0.915, 0.92, 0.925, 0.93, 0.94, 0.95, 0.96, 0.98, 0.99)
@@ -36,17 +36,17 @@ THRESHOLDS = (0.8, 0.85, 0.88, 0.9, 0.905, 0.91, 0.915, 0.92, 0.925, 0.93, 0.94,
 
 def centred_features(backbone_path: str, paths: list[str], random_init: bool) -> dict:
     backbone, cfg = backbone_and_config(backbone_path, random_init)
-    emb = pool_embedding.embed(backbone, paths, cfg.data.eval_size, cfg.data.eval_crop_ratio, "cpu")
+    emb = embedding.embed(backbone, paths, cfg.data.eval_size, cfg.data.eval_crop_ratio, "cpu")
     emb["features"] = F.normalize(emb["features"] - emb["features"].mean(0), dim=-1)  # as curate.main
     return emb
 
 
 def copy_features(backbone_path: str, paths: list[str], random_init: bool, steps: int) -> dict:
-    """The copy descriptor trained on the pool itself, as `python -m minidino.curate` does."""
+    """The copy descriptor trained on the pool itself, as `python -m minidino.curation` does."""
     backbone, cfg = backbone_and_config(backbone_path, random_init)
     size = copy_detection.descriptor_size(cfg.data.eval_size, cfg.model.patch_size)
     model = copy_detection.train_descriptor(backbone, paths, size, steps)
-    return pool_embedding.embed(model, paths, size, 1.0, "cpu")
+    return embedding.embed(model, paths, size, 1.0, "cpu")
 
 
 def duplicates(args, folder: str) -> None:

@@ -72,7 +72,7 @@ class LossConfig:
 @dataclass
 class DataConfig:
     dataset: str = "shapes"  # shapes (embedded), imagefolder, folder (unlabelled), cifar10, cifar100, stl10
-    root: str = ""  # data directory (unused by shapes); for folder also a file list (minidino.curate)
+    root: str = ""  # data directory (unused by shapes); for folder also a file list (minidino.curation)
     image_size: int = 32  # side of the shapes images; with augment=batch, the size images are resized to
     augment: str = "crops"  # crops (uint8 crops in workers, colour on the device), batch (equal-size), pil
     n_train: int = 4000  # embedded shapes: number of training images

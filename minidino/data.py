@@ -233,7 +233,7 @@ def flat_folder(root: str, transform=None) -> ImageFiles:
 
 def file_list(path: str, transform=None) -> ImageFiles:
     """The images named in a text file, one path per line (relative paths are relative to the file's folder;
-    blank lines and lines starting with # are ignored), unlabelled: what `python -m minidino.curate` writes."""
+    blank lines and lines starting with # are ignored), unlabelled: what `python -m minidino.curation` writes."""
     base, samples = os.path.dirname(os.path.abspath(path)), []
     with open(path) as fh:
         for n, line in enumerate(fh, 1):

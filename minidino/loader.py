@@ -1,15 +1,23 @@
 """The training set as the loop sees it: every random draw of an image's views from (seed, epoch, index),
 the data order from (seed, epoch), and one DataLoader for a whole run whose workers also draw each step's
 iBOT masks. With these, a resumed run computes exactly the steps of an uninterrupted one, with any number of
-DataLoader workers or processes (`minidino/seeds.py` has the streams)."""
+DataLoader workers or processes (`minidino/seeds.py` has the streams). Also how a global batch is shared:
+the steps per epoch and the checks that the batch fits the processes (`check_batch`), and a step's batch cut
+into micro-batches for gradient accumulation (`micro_batches`)."""
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from . import seeds
+from .config import ConfigError
 from .data import ImageFiles, load_rgb
+from .dist import print0
+from .losses import koleo_groups
+from .masking import StepMasks, step_masks
+from .optim import small_batch_advice
 
 
 class SeededViews(Dataset):
@@ -117,8 +125,6 @@ def run_loader(
     """This process's share of each global batch from sample `start` of `first_epoch` (a run resumed
     mid-epoch) to the end of epoch `end_epoch - 1`, as (views, labels, skipped, step masks): `collate` makes
     the first three, and the step's iBOT masks (`masking.step_masks`) are drawn with them, in the workers."""
-    from .masking import step_masks
-
     batch = cfg.optim.batch_size
     n_crops = 2 + cfg.data.local_crops_number
 
@@ -139,3 +145,50 @@ def run_loader(
         pin_memory=pin,
         collate_fn=collate_with_masks,
     )
+
+
+def check_batch(cfg, world: int, n_images: int) -> int:
+    """The steps per epoch (a pass over the data, or --optim.epoch_steps); one-line errors when the global
+    batch does not fit the processes or the data."""
+    if world > 1 and cfg.run.parallel == "none":
+        raise ConfigError(f"launched on {world} processes: choose --run.parallel=ddp or --run.parallel=fsdp")
+    batch = cfg.optim.batch_size
+    if batch % world:
+        raise ConfigError(
+            f"option --optim.batch_size={batch} (the global batch) must be divisible by the {world} processes"
+        )
+    if batch % (world * cfg.optim.accum_steps):
+        raise ConfigError(
+            f"option --optim.batch_size={batch} must be divisible by the {world} processes x "
+            f"--optim.accum_steps={cfg.optim.accum_steps} micro-batches"
+        )
+    if n_images < batch:
+        raise ConfigError(
+            f"option --optim.batch_size={batch} is larger than the data set ({n_images} images)"
+        )
+    koleo_groups(cfg, world)  # KoLeo's groups fit the processes and micro-batches
+    if advice := small_batch_advice(cfg.optim):
+        print0(advice)
+    return cfg.optim.epoch_steps or n_images // batch
+
+
+def micro_batches(crops: list[Tensor], masks: StepMasks, targets: dict, n: int):
+    """The step's batch cut into n equal micro-batches: (crops, masks, teacher targets) of each. The patch
+    targets (M, K) follow masks.indices, row by row (global crop 1's images, then crop 2's). The host
+    counts each micro-batch's masked patches here (a read-back per step that the whole batch at once
+    does not make)."""
+    if n == 1:
+        yield crops, masks, targets
+        return
+    b = crops[0].shape[0] // n
+    if masks.patches is not None:  # each masked row's patch targets, then regrouped by micro-batch
+        counts = masks.patches.sum(1).tolist()
+        per_row = list(targets["patch"].split([*counts, len(targets["patch"]) - sum(counts)]))  # + padding
+    for i in range(n):
+        rows = [*range(i * b, (i + 1) * b), *range(n * b + i * b, n * b + (i + 1) * b)]  # both global crops
+        mine = {"cls": [t[i * b : (i + 1) * b] for t in targets["cls"]]}
+        patches = None
+        if masks.patches is not None:
+            mine["patch"], patches = torch.cat([per_row[r] for r in rows]), masks.patches[rows]
+        mask_i = StepMasks.of(patches, student=masks.student is not None, n_crops=len(crops))
+        yield [c[i * b : (i + 1) * b] for c in crops], mask_i, mine

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from . import parallel
-from .dist import local
+from .dist import all_true, local
 
 LR_SCALING = ("linear", "sqrt")
 EMBEDDINGS = ("patch_embed", "cls_token", "pos_embed", "register_tokens", "mask_token")
@@ -162,3 +162,34 @@ def drop_frozen_gradients(model: nn.Module, sched: dict) -> None:
     if sched.get("freeze_backbone"):
         for p in model.backbone.parameters():
             p.grad = None
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss that is NaN or infinite: the run stops with the step and the last good checkpoint."""
+
+
+class FiniteGuard:
+    """Whether a step's losses were finite, and what follows when one was not. Plain: `check` raises
+    NonFiniteLoss at once, which makes the host wait for the device every step to know. With --optim.fused
+    the flag stays on the device: `before_update` makes the fused AdamW skip its update (found_inf),
+    `decay_weights` skip the weight decay and the EMA keep the teacher (momentum 1), and the loop reads the
+    flag at log and checkpoint steps only (train.check_finite)."""
+
+    def __init__(self, fused: bool, device: torch.device):
+        self.fused = fused
+        self.finite = torch.ones((), dtype=torch.bool, device=device)  # every micro-batch's loss finite
+
+    def check(self, loss: Tensor) -> None:
+        if self.fused:
+            self.finite &= torch.isfinite(loss)  # stays on the device
+        elif not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss is {loss.item()}")
+
+    def before_update(self, optimizer: torch.optim.Optimizer, momentum):
+        """The EMA momentum to use; with fused, the optimiser told to skip a non-finite step."""
+        if not self.fused:
+            return momentum
+        self.finite = all_true(self.finite)  # one process's NaN reaches every gradient through the all-reduce
+        optimizer.found_inf = (~self.finite).float()
+        decay_weights(optimizer, self.finite)  # theta <- (1 - lr wd) theta, as AdamW would before its update
+        return torch.where(self.finite, momentum, 1.0)

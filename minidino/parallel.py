@@ -46,6 +46,13 @@ def compile_options(run) -> dict:
     return options
 
 
+def mark_step_begin(device: torch.device) -> None:
+    """A new training step: with --run.cuda_graphs the graphs' output memory of the last step may be reused
+    (a no-op without graphs)."""
+    if device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def compile_losses(losses: nn.Module, run) -> nn.Module:
     """The losses' forward (DINO, iBOT, KoLeo on the student's outputs) compiled with --run.compile_step;
     the teacher targets stay eager (a softmax or three Sinkhorn iterations on a (2B, K) tensor)."""

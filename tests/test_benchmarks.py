@@ -72,7 +72,7 @@ def test_curation_benchmark_runs_on_cpu(tmp_path):
     assert {(r["feature"], r["backbone"]) for r in rows} == {
         (f, b) for f in ("copy", "cls") for b in ("trained", "random_init")
     }
-    from minidino.curate import CLS_THRESHOLD, DEFAULT_THRESHOLD
+    from minidino.curation.curate import CLS_THRESHOLD, DEFAULT_THRESHOLD
 
     thresholds = {r["threshold"] for r in rows}  # the same grid for each, the defaults in it
     assert len(rows) == 4 * len(thresholds) and {DEFAULT_THRESHOLD, CLS_THRESHOLD} <= thresholds

@@ -1,4 +1,4 @@
-"""Data curation (minidino/curate.py, minidino/copy_detection.py): the search and grouping against brute force,
+"""Data curation (minidino/curation/curate.py, minidino/curation/copy_detection.py): the search and grouping against brute force,
 k-means and balanced sampling on data with known structure, the copy descriptor's loss against a loop and its
 training against its start, and the command line on a small shapes pool written here."""
 
@@ -15,8 +15,8 @@ from PIL import Image
 
 import train
 from conftest import tiny_run
-from minidino import curate, pool_embedding, pools, similarity
 from minidino.config import ConfigError
+from minidino.curation import curate, embedding, pools, similarity
 from minidino.data import DataError, draw_shape
 
 
@@ -274,7 +274,7 @@ def test_all_pairs_metric_helper_is_consistent():
 
 
 def test_sscd_loss_equals_a_loop_over_views():
-    from minidino.copy_detection import sscd_loss
+    from minidino.curation.copy_detection import sscd_loss
 
     g = torch.Generator().manual_seed(0)
     z = F.normalize(torch.randn(38, 13, generator=g, dtype=torch.float64), dim=-1)  # B = 19 pairs
@@ -297,7 +297,7 @@ def test_sscd_loss_equals_a_loop_over_views():
 
 
 def test_random_edits_keep_the_size_and_change_the_image():
-    from minidino.copy_detection import descriptor_size, random_edit
+    from minidino.curation.copy_detection import descriptor_size, random_edit
 
     img = draw_shape(5, 32, 0)[0]
     rng = np.random.default_rng(0)
@@ -312,7 +312,7 @@ def test_random_edits_keep_the_size_and_change_the_image():
 
 def test_search_views_give_a_mirror_image_exactly_the_descriptor_of_its_original(backbone_run):
     from minidino.checkpoint import backbone_and_config
-    from minidino.copy_detection import CopyDescriptor
+    from minidino.curation.copy_detection import CopyDescriptor
 
     torch.manual_seed(0)
     model = CopyDescriptor(backbone_and_config(str(backbone_run))[0]).eval()
@@ -343,7 +343,7 @@ def test_command_line_deduplicates_with_a_copy_descriptor_trained_once(tmp_path,
 
 def test_training_the_copy_descriptor_pulls_copies_in_and_pushes_other_images_away(tmp_path, backbone_run):
     from minidino.checkpoint import backbone_and_config
-    from minidino.copy_detection import CopyDescriptor, descriptor_size, train_descriptor
+    from minidino.curation.copy_detection import CopyDescriptor, descriptor_size, train_descriptor
 
     # 40 images and a crop or shift copy (the edits the CLS features miss) of every fourth
     gt = pools.write_shapes_pool(
@@ -358,7 +358,7 @@ def test_training_the_copy_descriptor_pulls_copies_in_and_pushes_other_images_aw
     }
 
     def margin(model) -> float:  # copy-to-original similarity minus that to the nearest other image
-        f = pool_embedding.embed(model, gt["paths"], size, 1.0, "cpu")["features"]
+        f = embedding.embed(model, gt["paths"], size, 1.0, "cpu")["features"]
         sims = (f @ f.T).fill_diagonal_(-1)
         m = [
             sims[c, o] - sims[c].clone().index_fill_(0, torch.tensor([o]), -1).max()

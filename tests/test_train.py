@@ -214,6 +214,7 @@ def test_padded_mask_buffers_train_the_same_step(accum_steps):
     args = tiny_run(
         "unused", "--method=dinov2", "--loss.centering=sinkhorn", f"--optim.accum_steps={accum_steps}"
     )
+    args.append("--loss.koleo_group=4")  # KoLeo's neighbours within each micro-batch of 4
     args.append("--head.use_bn=false")  # BatchNorm would see the padding (refused with --run.cuda_graphs)
     cfg, _, _ = cli.parse_args(args)
     crops = [torch.randn(8, 3, 32, 32) for _ in range(2)] + [torch.randn(8, 3, 16, 16) for _ in range(2)]

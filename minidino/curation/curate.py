@@ -1,7 +1,7 @@
 """DINOv2's data curation at small scale: embed a pool of images, remove near-duplicates and copies of the
 evaluation sets, optionally retrieve what is close to curated data, balance the concepts, write a file list.
 
-    python -m minidino.curate POOL [POOL ...] --backbone runs/shapes --out runs/curated
+    python -m minidino.curation POOL [POOL ...] --backbone runs/shapes --out runs/curated
         [--eval-sets DIR ...]            remove pool images that near-duplicate these (test-set decontamination)
         [--curated DIR ... --retrieve samples|clusters]   keep only the pool images near curated data
         [--balance N --levels 64,8]      N images sampled evenly over a hierarchical k-means of the pool
@@ -12,11 +12,11 @@ The steps, as the papers describe them:
    a minidino run or an official file): the CLS tokens of the image and of its mirror image, summed (so a
    mirrored copy is an exact match), minus the pool's mean feature (what all images share: without it a weakly
    trained backbone puts every pair near cosine 1), L2-normalised, so a dot product is a cosine similarity.
-   These features serve retrieval and balancing (steps 4-5). Embeddings are cached (minidino/pool_embedding.py).
+   These features serve retrieval and balancing (steps 4-5). Embeddings are cached (minidino/curation/embedding.py).
 2. Deduplicate: pairs of pool images with cosine similarity >= threshold are joined, the connected components
    are the duplicate groups, and one image per group is kept (the one with most pixels; the first listed on
    a tie). The similarity is that of a copy descriptor, as DINOv2 uses a copy-detection network (SSCD, Pizzi
-   et al. 2022) here rather than its semantic features: minidino/copy_detection.py fine-tunes the same
+   et al. 2022) here rather than its semantic features: minidino/curation/copy_detection.py fine-tunes the same
    backbone on edited pairs of the pool's own images for `--copy-steps` steps and describes each image by
    ten views of it, mirrored and shifted by 1/32 of the side (`--copy-steps 0` compares the CLS features
    instead, which find exact, mirrored and recoloured copies but miss crops and shifts). The threshold was
@@ -34,7 +34,7 @@ The steps, as the papers describe them:
    mode is capped at its share instead of filling the data set. (Vo et al. also re-sample each level's
    k-means to move centroids off dense modes; plain k-means++ and Lloyd iterations here.)
 
-Similarity search is exact (minidino/similarity.py): blocks of queries against all keys with a matmul and
+Similarity search is exact (minidino/curation/similarity.py): blocks of queries against all keys with a matmul and
 top-k, memory bounded by the block size (~64 MB of scores at a time). That is fine to ~10^5 images on a CPU
 and ~10^6 on a GPU; beyond, an approximate index (faiss IVF/HNSW) is the right tool, as the papers use.
 """
@@ -49,13 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checkpoint import backbone_and_config
-from .cli import error_line
-from .config import ConfigError
-from .curation_report import CHAIN_WARNING, write_links, write_report
-from .data import DataError
-from .dist import DEVICES, resolve_device
-from .pool_embedding import cached_descriptor, checkpoint_key, embed_sources
+from ..checkpoint import backbone_and_config
+from ..config import ConfigError
+from ..data import DataError
+from ..dist import DEVICES, resolve_device
+from .embedding import cached_descriptor, checkpoint_key, embed_sources
+from .report import CHAIN_WARNING, write_links, write_report
 from .similarity import balanced_sample, components, hierarchical_kmeans, kmeans, nearest
 
 # Cosine similarity at and above which two images count as copies, chosen on held-out injected duplicates of
@@ -72,7 +71,7 @@ COPY_STEPS = 600  # copy descriptor training steps of 128 pairs
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2.-4. Duplicates, contamination, retrieval (on the search and k-means of minidino/similarity.py)
+# 2.-4. Duplicates, contamination, retrieval (on the search and k-means of minidino/curation/similarity.py)
 
 
 def duplicate_groups(
@@ -243,7 +242,7 @@ def select(
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m minidino.curate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m minidino.curation", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "pool", nargs="+", help="folders (searched recursively) or file lists of the uncurated pool"
     )
@@ -368,10 +367,3 @@ def main(argv: list[str] | None = None) -> dict:
         f"wrote {os.path.join(args.out, 'files.txt')}: train with --data.dataset=folder --data.root=<that file>"
     )
     return report
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {error_line(e)}")

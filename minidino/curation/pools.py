@@ -8,8 +8,8 @@ import os
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from ..data import draw_shape
 from .copy_detection import crop_resized, jpeg_reencoded, rolled
-from .data import draw_shape
 
 NEAR_DUPLICATES = ("jpeg", "crop", "shift", "flip", "colour", "exact")
 

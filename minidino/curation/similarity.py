@@ -1,4 +1,4 @@
-"""The feature-space tools of curation (minidino/curate.py), on L2-normalised rows where a dot product is a
+"""The feature-space tools of curation (minidino/curation/curate.py), on L2-normalised rows where a dot product is a
 cosine similarity: exact nearest-neighbour search in blocks, connected components, spherical k-means, Vo et
 al.'s hierarchical k-means (arXiv 2405.15613) and balanced sampling over it, and two scores.
 

@@ -1,4 +1,4 @@
-"""Step 1 of minidino/curate.py: a pool's image files described by a backbone (its CLS tokens) or by a copy
+"""Step 1 of minidino/curation/curate.py: a pool's image files described by a backbone (its CLS tokens) or by a copy
 descriptor (copy_detection.CopyDescriptor), each embedding and the trained descriptor cached under
 <out>/cache/ with a key of the files (paths, sizes, mtimes), the backbone file and the settings, so that a
 second curation of the same pool (another threshold, say) embeds nothing again."""
@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .augment import eval_transform
+from ..augment import eval_transform
+from ..data import UNREADABLE, DataError, file_list, flat_folder, load_rgb
+from ..evaluate import cached
 from .copy_detection import CopyDescriptor, descriptor_size, train_descriptor
-from .data import UNREADABLE, DataError, file_list, flat_folder, load_rgb
-from .evaluate import cached
 
 
 class _Files(Dataset):

@@ -41,9 +41,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
-from .augment import eval_transform
-from .data import load_rgb
-from .schedules import linear_warmup
+from ..augment import eval_transform
+from ..data import load_rgb
+from ..schedules import linear_warmup
 
 TEMPERATURE = 0.05  # SSCD's InfoNCE temperature
 SEARCH_SHIFT = 1 / 32  # of the side: the shifted views of CopyDescriptor.search
@@ -81,7 +81,7 @@ def random_edit(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """One random copy edit of a PIL image: each of crop-and-resize (75-100 % of the side), a circular shift of
     up to 1/10 of the side, mirror, colour (brightness, contrast, saturation +-25 %) and JPEG re-encoding
     (quality 40-95) is applied with probability 1/2, in that order. Wider than the edits the benchmark's pools
-    inject (minidino/pools.py), so those are inside what was trained."""
+    inject (minidino/curation/pools.py), so those are inside what was trained."""
     if rng.random() < 0.5:
         img = crop_resized(img, rng, 0.75, 1.0)
     if rng.random() < 0.5:

@@ -1,4 +1,4 @@
-"""What `python -m minidino.curate` writes besides files.txt: report.json (counts and settings), report.md with
+"""What `python -m minidino.curation` writes besides files.txt: report.json (counts and settings), report.md with
 its figures (duplicate groups, the threshold sweep, samples of the top-level clusters, cluster sizes before
 and after balancing) and the optional folder of links to the kept images."""
 
@@ -10,8 +10,8 @@ import os
 
 import torch
 
+from ..visualize import plot_cluster_sizes, plot_image_rows, plot_threshold_sweep
 from .similarity import entropy
-from .visualize import plot_cluster_sizes, plot_image_rows, plot_threshold_sweep
 
 # A warning when more than this share of the images removed as duplicates are less similar than the threshold
 # to the image kept for their group (curate.weakly_linked): on tutorial 03's pool (nine copies of each circle, a
