@@ -13,6 +13,8 @@ correspondence. On top of the crop, BYOL's photometric augmentations (Grill et a
 its colours are random by design, so views must disagree on colour for DINO to learn shape instead.
 The blur's sigma is 0.1-2.0 px on crops of 96 px and more, as in the official code, and scaled down in
 proportion on smaller crops (`blur_sigma`).
+
+Layer: the method (README, "Read the code").
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ weights are full tensors keyed by parameter name whatever wrote them, so a run s
 resumes on M processes or in one. Saving writes to a temporary file in the same folder, flushes it to disk,
 then renames it over the old one: a crash, a full disk or a Ctrl-C during the save leaves the previous
 checkpoint intact. Reading and writing weight files of every layout is `minidino/weights.py`.
+
+Layer: the run (README, "Read the code").
 """
 
 from __future__ import annotations

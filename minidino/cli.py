@@ -8,6 +8,8 @@
 Values are parsed and type-checked against the field's annotation in config.py; an unknown option names the
 closest ones; `--help` prints every option with the comment written beside its field. `validate` holds the
 checks across fields, with the choice lists taken from the modules that implement them.
+
+Layer: the run (README, "Read the code").
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Every field carries a comment (meaning, typical value); `python train.py --help`
 the comments below *are* the documentation of the options. The presets (functions returning a `Config`, each
 naming the source of its values) are `minidino/presets.py`; the command line (`--preset NAME
 --section.name=value`, type checks, ranges, did-you-mean, `--help`) is `minidino/cli.py`.
+
+Layer: the run (README, "Read the code").
 """
 
 from __future__ import annotations

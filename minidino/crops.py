@@ -24,6 +24,8 @@ Where this differs from the reference: the crops are resized with torch's antial
 match PIL's, within one grey level), every operation works in float instead of rounding to uint8 after
 each step as PIL does, and a JPEG decoded at a reduced scale is cut at box edges rounded outwards to the
 reduced pixel grid (at most one reduced pixel wider).
+
+Layer: the run (README, "Read the code").
 """
 
 from __future__ import annotations

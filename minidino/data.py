@@ -11,6 +11,8 @@ Shapes: 8 classes of filled shapes with random colour, size, position and rotati
 which covers every orientation of the square, cross and star), bright on a dark noisy background (a faint
 gradient plus pixel noise) with a distractor stroke; each index always draws the same image (seeded by split
 and index) and comes with its foreground mask, so emergent segmentation can be scored against ground truth.
+
+Layer: the run (README, "Read the code").
 """
 
 from __future__ import annotations

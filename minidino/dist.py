@@ -3,6 +3,8 @@
 `torchrun --nproc_per_node=N train.py ...` sets RANK, LOCAL_RANK and WORLD_SIZE; `init_distributed` reads
 them, starts the process group (NCCL on GPUs, Gloo on CPUs) and picks this process's GPU. Nothing here is
 stored in module-level globals: the process group itself is the state, and `rank()` / `world_size()` ask it.
+
+Layer: the run (README, "Read the code").
 """
 
 from __future__ import annotations

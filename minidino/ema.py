@@ -3,6 +3,8 @@
 lambda follows a cosine schedule from 0.996 to 1 (`schedules.cosine`). The teacher never receives gradients;
 it is a running average of past students, "a form of model ensembling" (Sec. 5.2). The update is one fused
 `_foreach_lerp_` over all parameters instead of a Python loop of small kernels.
+
+Layer: the method (README, "Read the code").
 """
 
 from __future__ import annotations

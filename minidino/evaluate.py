@@ -5,6 +5,8 @@ Weighted k-NN (Wu et al. 2018, arXiv 1805.01978; DINO arXiv 2104.14294, Sec. 4.1
 L2-normalised, the k training features most similar (cosine) to a test feature vote for their class with
 weight exp(sim / T), T = 0.07, and the class with the largest total wins. No training, no hyper-parameters
 to tune beyond k, which is why DINO reports it next to the linear probe.
+
+Layer: the tools (README, "Read the code").
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ The prototype layer is written as weight normalisation by hand: W = g * V / ||V|
 `norm_last_layer=True` (the paper's default) the gain g is fixed to 1, so the layer is a cosine similarity
 between the bottleneck feature and K unit-norm prototypes. Writing it out (instead of torch's weight_norm
 parametrisation) keeps the state_dict simple and the layer easy to freeze during the first epoch.
+
+Layer: the method (README, "Read the code").
 """
 
 from __future__ import annotations

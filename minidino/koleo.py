@@ -11,6 +11,8 @@ applies it to the student's CLS features (before the head) of each global crop a
 ssl_default_config.yaml, 32 in vitl14.yaml (DINOv3 names that group: koleo_distributed_loss_group_size).
 `koleo_loss_grouped` makes the group a number of images, `--loss.koleo_group`: consecutive images of the
 global batch, whatever the number of processes and micro-batches that carry them.
+
+Layer: the method (README, "Read the code").
 """
 
 from __future__ import annotations

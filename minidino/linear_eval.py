@@ -15,6 +15,8 @@ sweep costs one pass of the backbone per step, as DINOv2's linear evaluation doe
   fast     a quick probe on cached features of centre crops (CLS, or CLS + mean patch token), standardised:
            seconds instead of a pass of the backbone per epoch; lr chosen on a held-out tenth; not a number
            to compare with papers.
+
+Layer: the tools (README, "Read the code").
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@ the data order from (seed, epoch), and one DataLoader for a whole run whose work
 iBOT masks. With these, a resumed run computes exactly the steps of an uninterrupted one, with any number of
 DataLoader workers or processes (`minidino/seeds.py` has the streams). Also how a global batch is shared:
 the steps per epoch and the checks that the batch fits the processes (`check_batch`), and a step's batch cut
-into micro-batches for gradient accumulation (`micro_batches`)."""
+into micro-batches for gradient accumulation (`micro_batches`).
+
+Layer: the run (README, "Read the code")."""
 
 from __future__ import annotations
 

@@ -16,6 +16,8 @@ running centre by Sinkhorn-Knopp (`centering="sinkhorn"`, see sinkhorn.py); its 
 iBOT: the student sees global crops with some patches replaced by a mask token; for each masked patch it
 predicts the teacher's prototype distribution of that patch in the *unmasked* crop. Cross-entropies are
 averaged within an image (weight 1 / number of masked patches), then over the masked images.
+
+Layer: the method (README, "Read the code").
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ which makes predicting the masked tokens a semantic task rather than an interpol
 
 DINOv2 masks exactly half of the global crops of a batch, with ratios spread over [0.1, 0.5]; the other crops
 are unmasked.
+
+Layer: the method (README, "Read the code").
 """
 
 from __future__ import annotations

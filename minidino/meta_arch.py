@@ -4,6 +4,8 @@
 tokens and the head's logits. The backbone runs each resolution once; the head runs once over the CLS
 tokens of all crops. The teacher has the student's architecture without stochastic depth and no gradients; it
 changes only through `ema.ema_update`.
+
+Layer: the method (README, "Read the code").
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ frozen prototype layer (DINO, arXiv 2104.14294, App. B; DINOv2, arXiv 2304.07193
     freezing    the prototypes (the head's last layer) get no update in the first epoch
 The values of lr and weight decay change every step (`schedules.py`); `apply_schedule` writes them into
 the groups, each scaled by its lr multiplier (on the device for the fused AdamW of `--optim.fused`).
+
+Layer: the run (README, "Read the code").
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ Stochastic depth (Huang et al. 2016, arXiv 1603.09382) drops a residual branch p
 (the classic mask), `kept_count` and `packed_subset` (DINOv2's efficient version, which runs the branch on
 the kept samples only; on packed crops, whole sequences per crop size). Its random draws come from torch's
 global generator, seeded for each training step by `seeds.step_draws`.
+
+Layer: the method (README, "Read the code").
 """
 
 from __future__ import annotations

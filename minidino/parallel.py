@@ -14,6 +14,8 @@ The order is fixed and each step wraps the result of the one before:
 The teacher gets no gradients. Under DDP it stays a plain module: every process applies the same EMA to the
 same averaged student, so the copies stay equal. Under FSDP it is sharded exactly like the student, so the
 EMA update is a local operation on matching shards (ema.py works on the local tensors).
+
+Layer: the run (README, "Read the code").
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ local crops, the 518 px high-resolution phase, any evaluation size) need the tab
 does it its own way, and weights give their source's features only when resized its way (minidino/weights.py
 records the rule per source). `sincos_2d` is the fixed sine-cosine code used as the table's starting point on
 small data.
+
+Layer: the method (README, "Read the code").
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@
   lvd142m   DINOv2's ViT-L/14 recipe for large data (the official vitl14.yaml)
 `dinov2(config)` puts DINOv2's method on any of them (`--method=dinov2`: the official default yaml), and
 `size_for_data` fills the options left at 0 from the size of the data set.
+
+Layer: the method (README, "Read the code").
 """
 
 from __future__ import annotations

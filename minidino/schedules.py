@@ -9,6 +9,8 @@ which is easier to test and to resume. Steps count optimiser updates from 0 to t
   momentum:      cosine from momentum_teacher to 1 (0.996 -> 1)
   frozen head:   the prototype layer gets no update during the first freeze_last_layer epochs (1)
   frozen trunk:  a backbone loaded from another model waits freeze_backbone_epochs while new heads learn
+
+Layer: the method (README, "Read the code").
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ Each stream's seed is a hash of (run seed, stream name, indices), so two streams
 seed (with a formula such as `seed * 1_000_003 + step`, the data order of epoch e and the views of step e
 would be one stream). None of them depends on the number of DataLoader workers or on where a run was
 resumed, which is what makes a resumed run compute exactly the steps of an uninterrupted one.
+
+Layer: the run (README, "Read the code").
 """
 
 from __future__ import annotations

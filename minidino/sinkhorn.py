@@ -11,6 +11,8 @@ Q = exp(g_t / tau_t)^T, a K x B matrix (prototypes x samples), Sinkhorn-Knopp al
 for a few iterations (3 by default), then multiplies by B so that each column (sample) sums to 1: the
 target distribution of that sample over the K prototypes. In several processes the row sums and the batch
 size are all-reduced, so the equipartition holds over the global batch.
+
+Layer: the method (README, "Read the code").
 """
 
 from __future__ import annotations

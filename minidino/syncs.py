@@ -10,6 +10,8 @@ On a GPU each of them stalls the CPU until the queued kernels finish, so the hos
 none may happen inside a CUDA graph. The mode works on any device, so a CPU run shows the places a GPU run
 would wait at (an upper bound: a value that happens to live on the CPU in a GPU run costs nothing).
 `benchmarks/step.py --syncs` counts them for one training step.
+
+Layer: the run (README, "Read the code").
 """
 
 from __future__ import annotations

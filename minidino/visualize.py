@@ -1,5 +1,7 @@
 """Pictures: training curves from a run's log.jsonl (loss, schedules and DINO's collapse signals), attention
-maps, PCA of patch features, and the curation report's image grids, cluster sizes and threshold sweep."""
+maps, PCA of patch features, and the curation report's image grids, cluster sizes and threshold sweep.
+
+Layer: the tools (README, "Read the code")."""
 
 from __future__ import annotations
 

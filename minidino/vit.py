@@ -11,6 +11,8 @@ mask token for iBOT, stochastic depth.
 Parameter names follow the common ViT layout (timm and the official DINO/DINOv2 checkpoints):
 cls_token, pos_embed, patch_embed.proj, blocks.{i}.norm1, blocks.{i}.attn.qkv, blocks.{i}.attn.proj,
 blocks.{i}.ls1.gamma, blocks.{i}.norm2, blocks.{i}.mlp.fc1/fc2, norm.
+
+Layer: the method (README, "Read the code").
 """
 
 from __future__ import annotations

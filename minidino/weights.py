@@ -13,6 +13,8 @@ loaded model gives that source's features at every size:
   timm        timm VisionTransformer state dicts             bicubic to size (h, w), antialiased
               (resample_abs_pos_embed's defaults, dynamic_img_size=True)
   minidino    a minidino run or checkpoint                   its config's rule (DINO's by default)
+
+Layer: the run (README, "Read the code").
 """
 
 from __future__ import annotations
