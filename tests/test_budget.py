@@ -85,3 +85,14 @@ def test_no_import_circle():
         "minidino.kernels.attention"
     ]
     assert {"minidino.cli", "minidino.checkpoint"} <= graph["train"]  # the scripts' imports are resolved too
+
+
+def test_the_reading_path_gives_the_files_sizes():
+    """README's "Read the code" names files with their line counts: `path` (N ...; within 10 lines of today's."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text[text.index("## Read the code") :].split("\n## ")[0]
+    sizes = re.findall(r"`([\w/]+\.py)`,? \((\d+)", section)
+    assert len(sizes) >= 8
+    for path, n in sizes:
+        actual = sum(1 for _ in open(os.path.join(ROOT, path)))
+        assert abs(actual - int(n)) <= 10, f"README says {path} has {n} lines; it has {actual}"

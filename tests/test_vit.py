@@ -277,24 +277,13 @@ def test_a_table_resized_once_computes_what_resizing_on_every_forward_did(rule):
     """The high-resolution phase builds its model at the new size and resizes the run's table once
     (`fit_pos_embed`): at that size the new model gives exactly the old model's features."""
     offset, antialias = rule
-    small = VisionTransformer(
-        ModelConfig(
-            arch="vit_nano",
-            patch_size=8,
-            img_size=32,
-            interpolate_offset=offset,
-            interpolate_antialias=antialias,
+    small, big = (
+        VisionTransformer(
+            ModelConfig("vit_nano", 8, size, interpolate_offset=offset, interpolate_antialias=antialias)
         )
-    ).eval()
-    big = VisionTransformer(
-        ModelConfig(
-            arch="vit_nano",
-            patch_size=8,
-            img_size=72,
-            interpolate_offset=offset,
-            interpolate_antialias=antialias,
-        )
-    ).eval()
+        for size in (32, 72)
+    )
+    small.eval(), big.eval()
     state = small.state_dict()
     big.load_state_dict({**state, "pos_embed": big.fit_pos_embed(state["pos_embed"])})
     assert big.pos_embed.shape == (1, 1 + 9 * 9, 128)
