@@ -136,9 +136,14 @@ def is_timm(state: dict) -> bool:
     length a square), or LayerScale without DINOv2's mask token (timm's *_dinov2 models drop it)."""
     if "reg_token" in state or any(k.startswith("head.") for k in state):
         return True
-    if "pos_embed" in state and math.isqrt(state["pos_embed"].shape[1]) ** 2 == state["pos_embed"].shape[1]:
+    if "pos_embed" in state and not _has_class_position(state["pos_embed"]):
         return True
     return "blocks.0.ls1.gamma" in state and "mask_token" not in state
+
+
+def _has_class_position(pos_embed: torch.Tensor) -> bool:
+    """Whether a (1, T, C) table holds the class position: T = 1 + n * n, never itself a square."""
+    return math.isqrt(pos_embed.shape[1]) ** 2 != pos_embed.shape[1]
 
 
 def weights_source(state: dict) -> str:
@@ -181,7 +186,7 @@ def from_timm(state: dict, mask_token: torch.Tensor | None = None) -> dict:
             f"from_timm: {unknown[0]} has no minidino equivalent (a timm ViT variant minidino lacks)"
         )
     pos = out.get("pos_embed")
-    if pos is not None and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:  # no class position (timm)
+    if pos is not None and not _has_class_position(pos):  # timm's table of the patches only
         out["pos_embed"] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
     fc1, fc2 = out.get("blocks.0.mlp.fc1.weight"), out.get("blocks.0.mlp.fc2.weight")
     if fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]:  # SwiGLUPacked
