@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from minidino import cli, parallel, seeds
+from minidino import cli, parallel, seeds, time_budget
 from minidino.checkpoint import RunFolder, restore_training, restore_weights, starting_point, training_state
 from minidino.config import Config, ConfigError, OptimConfig
 from minidino.crops import Pipeline, pipeline
@@ -65,6 +65,7 @@ from minidino.schedules import schedules
 
 
 def main(argv: list[str] | None = None) -> dict:
+    started = time.perf_counter()
     cfg, resume, wants_help = cli.parse_args(sys.argv[1:] if argv is None else argv)
     if wants_help:
         print(cli.help_text(cfg))
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
     if state is not None and resume_training(t, state):  # a finished run: nothing to do
         cleanup()
         return {"step": t.step}
+    if cfg.run.minutes:  # a new run fits its length to the budget; a resumed one keeps its plan
+        cfg = time_budget.fit_run(t, state is not None, started, run_batches, advance)
     run.begin(cfg, t.step)  # config.json, and the log cut back to the checkpoint's step
     first_step = t.step
 
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     views, batches, epochs = run_batches(t)
     print0(
         f"training {cfg.model.arch}/{cfg.model.patch_size} with {cfg.method} on {cfg.data.dataset} "
-        f"({len(train_set)} images, {steps_per_epoch} steps/epoch, {t.last_step} steps) on {device}"
+        f"({len(train_set)} images, {t.steps_per_epoch} steps/epoch, {t.last_step} steps) on {device}"
     )
     with tqdm(
         total=t.last_step, initial=t.step, desc="train", dynamic_ncols=True, disable=not is_main()
@@ -202,21 +205,8 @@ def train_one_epoch(t: Training, epoch: int, bar: tqdm, batches: Iterator, views
     cfg, world = t.cfg, world_size()
     clock, n_images = time.perf_counter(), 0
     steps = min((epoch + 1) * t.steps_per_epoch, t.last_step) - t.step
-    for images, _, skipped, masks in itertools.islice(batches, steps):
-        crops = views.on_device(images, t.device, seeds.batch_views(cfg.run.seed, t.step, rank()))
-        t.skipped_images += int(skipped.sum())
-        sched = schedules(t.step, t.total_steps, t.steps_per_epoch, cfg.optim, cfg.loss, peak_lr(cfg.optim))
-        apply_schedule(t.optimizer, sched["lr"], sched["wd"])
-        masks = masks.to(t.device)  # the step's iBOT masks, drawn with its batch in the workers
-        step_sched = on_device(sched, t.device_scalars, t.device) if cfg.optim.fused else sched
-        seeds.step_draws(cfg.run.seed, t.step, rank())  # stochastic depth's stream for this step
-        try:
-            out = train_step(*t.networks, t.losses, t.optimizer, crops, masks, step_sched, cfg.optim)
-        except NonFiniteLoss as e:
-            raise NonFiniteLoss(f"{e} at step {t.step}: stopping; {kept_checkpoint(t)}") from None
-        if cfg.optim.fused:  # the first step whose loss was not finite (-1: none), kept on the device
-            t.first_bad = torch.where(out["finite"] | (t.first_bad >= 0), t.first_bad, t.step)
-        t.step += 1
+    for batch in itertools.islice(batches, steps):
+        out, sched, crops, masks = advance(t, views, batch)
         n_images += crops[0].shape[0] * world
         bar.update(1)
         knn_now = bool(t.knn_sets) and t.step % (cfg.run.knn_every * t.steps_per_epoch) == 0
@@ -234,6 +224,28 @@ def train_one_epoch(t: Training, epoch: int, bar: tqdm, batches: Iterator, views
             save_checked(t, crops, masks, sched)
         if t.step >= t.last_step:
             return
+
+
+def advance(t: Training, views: Pipeline, batch: tuple) -> tuple[dict, dict, list[Tensor], StepMasks]:
+    """One step of the loop on a batch from the loader: the views on the device, the schedules at `t.step`,
+    `train_step`, and `t.step` moved on. Returns the step's outputs, schedules, crops and masks."""
+    cfg = t.cfg
+    images, _, skipped, masks = batch
+    crops = views.on_device(images, t.device, seeds.batch_views(cfg.run.seed, t.step, rank()))
+    t.skipped_images += int(skipped.sum())
+    sched = schedules(t.step, t.total_steps, t.steps_per_epoch, cfg.optim, cfg.loss, peak_lr(cfg.optim))
+    apply_schedule(t.optimizer, sched["lr"], sched["wd"])
+    masks = masks.to(t.device)  # the step's iBOT masks, drawn with its batch in the workers
+    step_sched = on_device(sched, t.device_scalars, t.device) if cfg.optim.fused else sched
+    seeds.step_draws(cfg.run.seed, t.step, rank())  # stochastic depth's stream for this step
+    try:
+        out = train_step(*t.networks, t.losses, t.optimizer, crops, masks, step_sched, cfg.optim)
+    except NonFiniteLoss as e:
+        raise NonFiniteLoss(f"{e} at step {t.step}: stopping; {kept_checkpoint(t)}") from None
+    if cfg.optim.fused:  # the first step whose loss was not finite (-1: none), kept on the device
+        t.first_bad = torch.where(out["finite"] | (t.first_bad >= 0), t.first_bad, t.step)
+    t.step += 1
+    return out, sched, crops, masks
 
 
 def on_device(sched: dict, held: dict, device: torch.device) -> dict:

@@ -21,6 +21,8 @@ import math
 import re
 import typing
 
+import torch
+
 from . import parallel
 from .checkpoint import adopt_backbone_file
 from .config import Config, ConfigError, from_dict, options, sections
@@ -30,7 +32,7 @@ from .dist import DEVICES, print0
 from .kernels.attention import IMPLS
 from .losses import CENTERINGS
 from .optim import CLIP_MODES, LR_SCALING, peak_lr
-from .presets import METHODS, PRESETS, dinov2, highres_phase
+from .presets import CPU_RECIPE, METHODS, PRESETS, dinov2, highres_phase
 from .vit import ARCHS, DROP_PATH_IMPLS, DROP_PATH_SCHEDULES, FFNS, POS_EMBED_INITS
 
 CHOICES = {
@@ -106,6 +108,7 @@ RANGES = {
     "run.seed": AT_LEAST_0,
     "run.log_every": POSITIVE,
     "run.max_steps": AT_LEAST_0,
+    "run.minutes": AT_LEAST_0,
     "run.knn_k": POSITIVE,
     "run.knn_every": AT_LEAST_0,
 }
@@ -145,6 +148,8 @@ def parse_args(argv: list[str]) -> tuple[Config, str | None, bool]:
             highres = value
         else:
             pairs.append((key, value))
+    if resume is None and highres is None:
+        preset = machine_preset(preset, dict(pairs))
     if resume is not None:
         cfg = read_run_config(resume)
     elif highres is not None:
@@ -174,6 +179,16 @@ def preset_config(name: str, method_dinov2: bool) -> Config:
         raise ConfigError(f"unknown preset {name!r}: expected one of {', '.join(PRESETS)}{hint}")
     cfg = PRESETS[name]()
     return dinov2(cfg) if method_dinov2 and cfg.method != "dinov2" else cfg
+
+
+def machine_preset(name: str, options: dict[str, str]) -> str:
+    """The preset to use here: `cifar10` on a machine without a GPU (or with --run.device=cpu) is its CPU
+    recipe, `cifar10_cpu`, and a line says so."""
+    device = options.get("run.device", options.get("device", "auto"))
+    if name == "cifar10" and (device == "cpu" or (device == "auto" and not torch.cuda.is_available())):
+        print0(f"no GPU here: --preset cifar10 runs its CPU recipe, cifar10_cpu ({CPU_RECIPE})")
+        return "cifar10_cpu"
+    return name
 
 
 def read_run_config(run_dir: str, flag: str = "--resume") -> Config:

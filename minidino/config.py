@@ -119,6 +119,7 @@ class RunConfig:
     device: str = "auto"  # auto (cuda if available), cpu or cuda
     log_every: int = 10  # steps between log.jsonl lines
     max_steps: int = 0  # stop after this many steps in total (0: train all epochs)
+    minutes: float = 0.0  # fit the run (training + final k-NN) to this wall time: time_budget.py (0: off)
     knn_k: int = 20  # k of the weighted k-NN printed at the end (DINO: 20)
     knn_every: int = 0  # epochs between k-NN evaluations logged in log.jsonl (0: only at the end)
     distill_from: str = ""  # distillation: run folder/checkpoint of a frozen larger teacher (DINOv2 Sec. 5)

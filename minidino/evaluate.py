@@ -11,6 +11,7 @@ Layer: the tools (README, "Read the code").
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -132,20 +133,41 @@ def knn_sets(cfg) -> tuple[Dataset, Dataset] | None:
 
 def knn_against_random_init(cfg, backbone: torch.nn.Module, device, sets=None) -> dict:
     """k-NN (k = run.knn_k) of a trained `backbone` and of the same ViT at the run's random init, printed side
-    by side; `sets` reuses the datasets of the k-NN curve."""
+    by side; `sets` reuses the datasets of the k-NN curve. The random-init number depends only on the model,
+    the seed and the evaluation data, so it is kept (`random_init_cache`) and reused by later runs."""
     sets = sets or knn_sets(cfg)
     if sets is None:
         return {}
     k, (train_set, test_set) = cfg.run.knn_k, sets
     kw = dict(ks=(k,), device=device, num_workers=cfg.data.num_workers)
     trained = knn_eval(backbone, train_set, test_set, **kw)[k]
-    seeds.model_init(cfg.run.seed)  # the student's initial weights
-    random_init = knn_eval(VisionTransformer(cfg.model).to(device), train_set, test_set, **kw)[k]
+
+    def random_init_knn() -> dict:
+        seeds.model_init(cfg.run.seed)  # the student's initial weights
+        return {"top1": torch.tensor(knn_eval(VisionTransformer(cfg.model).to(device), *sets, **kw)[k])}
+
+    path, key = random_init_cache(cfg, sets)
+    random_init = (cached(path, key, random_init_knn) if path else random_init_knn())["top1"].item()
     print0(
         f"k-NN top-1 (k={k}, {len(test_set)} held-out images): trained {trained:.1f}% | "
         f"random init {random_init:.1f}% | gain {trained - random_init:+.1f} points"
     )
     return {"knn_k": k, "knn_top1": trained, "knn_top1_random_init": random_init}
+
+
+def random_init_cache(cfg, sets) -> tuple[str | None, dict]:
+    """Where the random-init k-NN of this model, seed and evaluation data is kept (next to the run folder,
+    in .random_init/), and its key; no file (None) with several processes, which would all write it."""
+    data = {f: getattr(cfg.data, f) for f in ("dataset", "image_size", "n_train", "n_test", "eval_size")}
+    data["root"] = os.path.abspath(cfg.data.root) if cfg.data.root else ""
+    data["eval_crop_ratio"], data["sizes"] = cfg.data.eval_crop_ratio, [len(s) for s in sets]
+    key = {"model": vars(cfg.model), "seed": cfg.run.seed, "k": cfg.run.knn_k, "data": data}
+    if world_size() > 1:
+        return None, key
+    name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
+    folder = os.path.join(os.path.dirname(os.path.abspath(cfg.run.out_dir)), ".random_init")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"{name}.pt"), key
 
 
 def knn_eval(
