@@ -1,7 +1,7 @@
 """Train a ViT with DINO (Caron et al. 2021, arXiv 2104.14294): self-distillation with no labels.
 
     python train.py                                   # embedded shapes data, CPU, a few minutes
-    python train.py --preset cifar10 --data.root=data/cifar10 --run.max_steps=200
+    python train.py --preset cifar10 --data.root=data/cifar10 --run.minutes=30   # sized to 30 minutes
     python train.py --preset imagenet --data.root=/data/imagenet      # one GPU
     torchrun --nproc_per_node=8 train.py --preset imagenet --data.root=/data/imagenet --parallel fsdp
     python train.py --resume runs/shapes              # continue a stopped run (a finished one does nothing)

@@ -30,7 +30,7 @@ def run_budget(minutes: float, out: str, args: list[str]) -> dict:
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args, f"--run.minutes={minutes:g}"]
     cmd.append(f"--run.out_dir={run_dir}")
     clock = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=sys.stderr)  # stdout: only this script's JSON lines
     wall = time.perf_counter() - clock
     with open(os.path.join(run_dir, "plan.json")) as fh:
         plan = json.load(fh)

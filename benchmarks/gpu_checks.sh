@@ -7,7 +7,9 @@
 # switches (the step's speed switches against the eager step: fused loss, fused AdamW, bf16 residual stream,
 # compiled step, CUDA graphs, all; DINO and DINOv2 at batch 64 and 128, a markdown table at the end),
 # parallel (the same step plain, DDP and FSDP2 on one GPU), drop_path, data (the crops and PIL pipelines from
-# JPEG files with 14 workers, beside the step on the same preset: which of the two limits a run).
+# JPEG files with 14 workers, beside the step on the same preset: which of the two limits a run), cifar10 (the
+# one-GPU CIFAR-10 run: the archive extracted, --preset cifar10 with a 10-minute budget, k-NN and images/s;
+# not part of the default list, as it takes 10 minutes of the device: name it).
 #
 #   bash benchmarks/gpu_checks.sh                 # everything; logs in $OUT (or ./gpu_logs)
 #   bash benchmarks/gpu_checks.sh tests attention # just these
@@ -67,8 +69,15 @@ for s in $sections; do
         --workers=${DATA_WORKERS:-14} --pipelines=crops,pil --batches=8 ${DATA_ARGS:-} 2>&1 | grep --line-buffered '^{' | tee -a "$out/data.jsonl"
       # shellcheck disable=SC2086
       timeout 150 python benchmarks/step.py --preset imagenet ${STEP_ARGS:---optim.batch_size=128 --steps=10} 2>&1 | grep --line-buffered '^{' | tee -a "$out/data.jsonl" ;;
+    cifar10)
+      # CIFAR10_TAR: the archive (ImageFolder JPEGs); CIFAR10_MINUTES: the budget; CIFAR10_ARGS: more options
+      data=${CIFAR10_DATA:-data}
+      [ -d "$data/cifar10/train" ] || { mkdir -p "$data" && tar -xzf "${CIFAR10_TAR:-../shared/data/cifar10-jpeg.tar.gz}" -C "$data"; }
+      # shellcheck disable=SC2086
+      python benchmarks/budget.py --minutes="${CIFAR10_MINUTES:-10}" --out="$out/cifar10_runs" --preset cifar10 \
+        --data.root="$data/cifar10" ${CIFAR10_ARGS:-} 2>"$out/cifar10.err" | tee -a "$out/cifar10.jsonl" ;;
     *)
-      echo "unknown section $s (expected tests, attention, graphs, overhead, step, switches, parallel, drop_path, data)" ;;
+      echo "unknown section $s (expected tests, attention, graphs, overhead, step, switches, parallel, drop_path, data, cifar10)" ;;
   esac
 done
 echo "== done ($(date +%T))"

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,3 +151,31 @@ def test_gpu_checks_switches_section_runs_on_cpu_and_makes_its_table(tmp_path):
     assert all(r["images_per_s"] > 0 for r in rows)
     table = (tmp_path / "logs" / "switches.md").read_text().splitlines()
     assert len(table) == 2 + 4 and table[2].startswith("| dino | 4 | eager |") and "| 1.00 |" in table[2]
+
+
+def test_gpu_checks_cifar10_section_extracts_and_runs_a_budgeted_run_on_cpu(tmp_path):
+    """The `cifar10` section of benchmarks/gpu_checks.sh on a toy archive in CIFAR-10's layout: extracted,
+    then benchmarks/budget.py runs the cifar10 preset (its CPU recipe here) with a budget of 18 seconds and
+    prints the run's line: within the budget, with k-NN against random init."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 48), ("test", 8)):
+        for c in ("cat", "dog"):
+            os.makedirs(tmp_path / "src" / "cifar10" / split / c)
+            for i in range(n // 2):
+                pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "src" / "cifar10" / split / c / f"{i}.jpg")
+    subprocess.run(
+        ["tar", "-czf", str(tmp_path / "c.tar.gz"), "-C", str(tmp_path / "src"), "cifar10"], check=True
+    )
+    tiny = (
+        "--optim.batch_size=8 --data.num_workers=0 --head.out_dim=64 --head.hidden_dim=64 --run.log_every=2"
+    )
+    (row,) = gpu_checks(
+        tmp_path, "cifar10", CIFAR10_TAR=str(tmp_path / "c.tar.gz"), CIFAR10_DATA=str(tmp_path / "data"),
+        CIFAR10_MINUTES="0.3", CIFAR10_ARGS=tiny,
+    )  # fmt: skip
+    assert os.path.isdir(tmp_path / "data" / "cifar10" / "test" / "dog")
+    assert row["minutes"] == 0.3 and row["wall_s"] < 0.3 * 60 + 8  # + the process's start-up (imports)
+    assert row["steps"] > 6 and row["knn_top1"] is not None and row["knn_top1_random_init"] is not None

@@ -217,3 +217,32 @@ def test_eval_refuses_files_it_cannot_use_in_one_line_and_recomputes_a_broken_ca
     again = evaluate_cli.main([str(run), "--num-workers", "0"])
     assert "feature cache" in capsys.readouterr().out and again["knn_top1"] == first["knn_top1"]
     assert torch.load(cache, weights_only=True)["cls"].shape[0] == 32  # written anew, whole
+
+
+def test_random_init_knn_is_kept_and_reused_only_for_the_same_model_seed_and_data(tmp_path, monkeypatch):
+    """The random-init number depends on the model, the seed and the evaluation data alone: a second run
+    with those reads it from .random_init/ beside the run folders; another seed or model computes its own."""
+    from minidino import evaluate
+    from minidino.presets import shapes
+
+    def cfg_with(**model):
+        cfg = shapes()
+        cfg.data.n_train, cfg.data.n_test, cfg.data.num_workers = 64, 32, 0
+        cfg.run.out_dir = str(tmp_path / "runs" / "x")
+        for k, v in model.items():
+            setattr(cfg.model, k, v)
+        return cfg
+
+    calls = []
+    knn_eval = evaluate.knn_eval
+    monkeypatch.setattr(evaluate, "knn_eval", lambda *a, **kw: calls.append(1) or knn_eval(*a, **kw))
+    backbone = VisionTransformer(cfg_with().model)
+    first = evaluate.knn_against_random_init(cfg_with(), backbone, "cpu")
+    assert len(calls) == 2 and len(os.listdir(tmp_path / "runs" / ".random_init")) == 1
+    again = evaluate.knn_against_random_init(cfg_with(), backbone, "cpu")
+    assert len(calls) == 3 and again == first  # the trained model only; the same numbers
+    other = cfg_with()
+    other.run.seed = 1
+    evaluate.knn_against_random_init(other, backbone, "cpu")
+    evaluate.knn_against_random_init(cfg_with(drop_path=0.2), backbone, "cpu")
+    assert len(calls) == 7 and len(os.listdir(tmp_path / "runs" / ".random_init")) == 3
