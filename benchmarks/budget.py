@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
+
+import torch
+from step import device_name  # benchmarks/step.py: the same machine label as the step lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,17 +55,9 @@ def run_budget(minutes: float, out: str, args: list[str]) -> dict:
         "knn_top1": knn.get("knn_top1"),
         "knn_top1_random_init": knn.get("knn_top1_random_init"),
         "final_loss": rows[-1]["loss"],
-        "machine": device_name(),
+        "machine": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "args": " ".join(args),
     }
-
-
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
 def plot(rows: list[dict], path: str) -> None:

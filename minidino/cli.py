@@ -21,14 +21,12 @@ import math
 import re
 import typing
 
-import torch
-
 from . import parallel
 from .checkpoint import adopt_backbone_file
 from .config import Config, ConfigError, from_dict, options, sections
 from .crops import AUGMENTS
 from .data import DATASETS
-from .dist import DEVICES, print0
+from .dist import DEVICES, print0, resolve_device
 from .kernels.attention import IMPLS
 from .losses import CENTERINGS
 from .optim import CLIP_MODES, LR_SCALING, peak_lr
@@ -185,7 +183,7 @@ def machine_preset(name: str, options: dict[str, str]) -> str:
     """The preset to use here: `cifar10` on a machine without a GPU (or with --run.device=cpu) is its CPU
     recipe, `cifar10_cpu`, and a line says so."""
     device = options.get("run.device", options.get("device", "auto"))
-    if name == "cifar10" and (device == "cpu" or (device == "auto" and not torch.cuda.is_available())):
+    if name == "cifar10" and device in DEVICES and resolve_device(device).type == "cpu":
         print0(f"no GPU here: --preset cifar10 runs its CPU recipe, cifar10_cpu ({CPU_RECIPE})")
         return "cifar10_cpu"
     return name

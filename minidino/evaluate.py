@@ -147,6 +147,8 @@ def knn_against_random_init(cfg, backbone: torch.nn.Module, device, sets=None) -
         return {"top1": torch.tensor(knn_eval(VisionTransformer(cfg.model).to(device), *sets, **kw)[k])}
 
     path, key = random_init_cache(cfg, sets)
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     random_init = (cached(path, key, random_init_knn) if path else random_init_knn())["top1"].item()
     print0(
         f"k-NN top-1 (k={k}, {len(test_set)} held-out images): trained {trained:.1f}% | "
@@ -166,7 +168,6 @@ def random_init_cache(cfg, sets) -> tuple[str | None, dict]:
         return None, key
     name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
     folder = os.path.join(os.path.dirname(os.path.abspath(cfg.run.out_dir)), ".random_init")
-    os.makedirs(folder, exist_ok=True)
     return os.path.join(folder, f"{name}.pt"), key
 
 

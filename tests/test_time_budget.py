@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from test_resume import _log
 
 import train
 from conftest import tiny_run
@@ -70,11 +71,6 @@ def test_fewer_steps_than_epochs_scale_the_options_counted_in_epochs():
 def _plan(run_dir) -> dict:
     with open(os.path.join(run_dir, "plan.json")) as fh:
         return json.load(fh)
-
-
-def _log(run_dir) -> list[dict]:
-    with open(os.path.join(run_dir, "log.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
 
 
 BUDGET = ["--data.n_train=256", "--optim.batch_size=16", "--optim.epochs=4", "--run.log_every=5"]
