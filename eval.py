@@ -6,7 +6,7 @@
     python eval.py runs/shapes --all --random-init      # the architecture untrained (eval_random_init/)
     python eval.py runs/cifar10/checkpoint.pt --data data/cifar10 --knn
     python eval.py dinov2_vits14_pretrain.pth --data data/cifar10 --knn  # an official file (no download)
-    python eval.py runs/shapes --export backbone.pth --layout timm       # weights out: dinov2 or timm keys
+    python eval.py runs/shapes --export backbone.pth --layout timm       # weights out: dinov2, timm, dinov3
 
   --knn        weighted k-NN on L2-normalised CLS features, k = 10, 20, 100, 200, T = 0.07 (DINO Sec. 4.1)
   --linear     DINO's linear evaluation (eval_linear.py): CLS of the last 4 blocks (--avgpool adds the mean
@@ -103,7 +103,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", help="report folder (default: <run>/eval or <run>/eval_random_init)")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--export", help="write the teacher backbone to this file instead (a plain state dict)")
-    p.add_argument("--layout", default="dinov2", choices=("dinov2", "timm"), help="key layout of --export")
+    p.add_argument(
+        "--layout",
+        choices=("dinov2", "timm", "dinov3"),
+        help="key layout of --export (default: dinov3 for a RoPE ViT, else dinov2)",
+    )
     return p.parse_args(argv)
 
 
@@ -134,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     if args.export:  # the teacher backbone as a plain file, then nothing else
         note = export_backbone(load_checkpoint(args.checkpoint), args.export, args.layout)
-        print(f"wrote {args.export} ({args.layout} layout)" + (f"\n{note}" if note else ""))
+        layout = args.layout or "the run's"
+        print(f"wrote {args.export} ({layout} layout)" + (f"\n{note}" if note else ""))
         return {"export": args.export}
     backbone, cfg = backbone_and_config(args.checkpoint, args.random_init, args.source)
     if args.data is None and not cfg.data.dataset:

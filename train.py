@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     student = parallel.wrap(student, no_grad_models, cfg.run, device)  # DDP or FSDP2 under torchrun
 
     # 3. losses, holding the teacher centres: DINO on CLS tokens, iBOT on masked patches (DINOv2)
-    losses = parallel.compile_losses(build_losses(cfg, world_size()).to(device), cfg.run)
+    losses = build_losses(cfg, world_size(), ema_target.backbone)  # + the Gram teacher (DINOv3), if any
+    losses = parallel.compile_losses(losses.to(device), cfg.run)
     if start is not None and "losses" in start:  # a minidino checkpoint: its centres
         losses.load_centers(start["losses"])
     # 4. optimiser: AdamW, lr and weight decay set every step from the schedules
@@ -238,6 +239,7 @@ def advance(t: Training, views: Pipeline, batch: tuple) -> tuple[dict, dict, lis
     masks = masks.to(t.device)  # the step's iBOT masks, drawn with its batch in the workers
     step_sched = on_device(sched, t.device_scalars, t.device) if cfg.optim.fused else sched
     seeds.step_draws(cfg.run.seed, t.step, rank())  # stochastic depth's stream for this step
+    t.losses.gram_step(t.step, t.steps_per_epoch)  # DINOv3: the Gram teacher taken from the EMA when due
     try:
         out = train_step(*t.networks, t.losses, t.optimizer, crops, masks, step_sched, cfg.optim)
     except NonFiniteLoss as e:
@@ -269,7 +271,7 @@ def save_checked(t: Training, crops: list[Tensor], masks: StepMasks, sched: dict
             m.eval()
         with torch.no_grad(), mixed_precision(crops[0].device):
             t_out = t.teacher(crops[:2], patch_index=masks.indices)
-            targets = t.losses.teacher_targets(t_out, sched["teacher_temp"], masks)
+            targets = t.losses.teacher_targets(t_out, sched["teacher_temp"], masks, crops[:2])
             loss = t.losses(t.student(crops, masks.student, masks.indices), targets, masks)["loss"]
     finally:
         for m, mode in zip(networks, modes):
@@ -353,7 +355,7 @@ def train_step(
     parallel.mark_step_begin(crops[0].device)  # --run.cuda_graphs: the graphs' outputs may be reused
     with torch.no_grad(), mixed_precision(crops[0].device):  # teacher: global views only, unmasked
         t_out = teacher(crops[:2], patch_index=masks.indices)
-        targets = losses.teacher_targets(t_out, sched["teacher_temp"], masks)  # centred and sharpened
+        targets = losses.teacher_targets(t_out, sched["teacher_temp"], masks, crops[:2])  # centred, sharpened
     optimizer.zero_grad(set_to_none=True)
     terms, guard = {}, FiniteGuard(optim.fused, crops[0].device)
     for crops_i, masks_i, targets_i in micro_batches(crops, masks, targets, optim.accum_steps):

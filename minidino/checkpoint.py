@@ -159,6 +159,14 @@ FILE_FIELDS = (  # what a backbone file decides about the model (the rest stays 
     "ffn",
     "interpolate_offset",
     "interpolate_antialias",
+    "pos_embed",
+    "rope_base",
+    "rope_rescale",
+    "norm_eps",
+    "mask_k_bias",
+    "ffn_ratio",
+    "untie_cls_norm",
+    "untie_local_cls_norm",
 )
 
 
@@ -189,17 +197,18 @@ def restore_weights(state: dict, student, ema_target, path: str) -> bool:
     at the new size what the old one computed by resizing on every forward."""
     if "config" in state and "student" in state:
         for model, part in ((student, "student"), (ema_target, "teacher")):
-            weights = {
-                **state[part],
-                "backbone.pos_embed": model.backbone.fit_pos_embed(state[part]["backbone.pos_embed"]),
-            }
+            weights = _fitted(model.backbone, state[part], "backbone.pos_embed")
             load_model_state(model, weights, f"checkpoint {path} ({part})")
         return True
     weights = plain_backbone(state)
     for model in (student, ema_target):
-        fitted = {**weights, "pos_embed": model.backbone.fit_pos_embed(weights["pos_embed"])}
-        load_model_state(model.backbone, fitted, f"checkpoint {path} (backbone)")
+        load_model_state(model.backbone, _fitted(model.backbone, weights), f"checkpoint {path} (backbone)")
     return False
+
+
+def _fitted(backbone, weights: dict, key: str = "pos_embed") -> dict:
+    """`weights` with its position table (if it has one: a RoPE ViT has none) fitted to `backbone`'s grid."""
+    return {**weights, key: backbone.fit_pos_embed(weights[key])} if key in weights else weights
 
 
 def restore_training(state: dict, student, optimizer) -> tuple[int, int]:

@@ -30,8 +30,10 @@ from .dist import DEVICES, print0, resolve_device
 from .kernels.attention import IMPLS
 from .losses import CENTERINGS
 from .optim import CLIP_MODES, LR_SCALING, peak_lr
-from .presets import CPU_RECIPE, METHODS, PRESETS, dinov2, highres_phase
-from .vit import ARCHS, DROP_PATH_IMPLS, DROP_PATH_SCHEDULES, FFNS, POS_EMBED_INITS
+from .presets import CPU_RECIPE, METHODS, PRESETS, dinov2, dinov3, highres_phase
+from .rope import NORMALIZE
+from .schedules import SHAPES
+from .vit import ARCHS, DROP_PATH_IMPLS, DROP_PATH_SCHEDULES, FFNS, POS_EMBED_INITS, POS_EMBEDS
 
 CHOICES = {
     "method": METHODS,
@@ -41,6 +43,9 @@ CHOICES = {
     "model.ffn": FFNS,
     "model.pos_embed_init": POS_EMBED_INITS,
     "model.drop_path_impl": DROP_PATH_IMPLS,
+    "model.pos_embed": POS_EMBEDS,
+    "model.rope_normalize": NORMALIZE,
+    "optim.schedule": SHAPES,
     "loss.centering": CENTERINGS,
     "optim.lr_scaling": LR_SCALING,
     "optim.clip_mode": CLIP_MODES,
@@ -61,6 +66,20 @@ RANGES = {
     "model.layerscale": AT_LEAST_0,
     "model.n_registers": AT_LEAST_0,
     "model.interpolate_offset": (0, 1, False),
+    "model.rope_base": (1e-6, None, True),
+    "model.rope_min_period": AT_LEAST_0,
+    "model.rope_max_period": AT_LEAST_0,
+    "model.rope_shift": AT_LEAST_0,
+    "model.rope_jitter": (0, None, True),
+    "model.rope_rescale": (0, None, True),
+    "model.norm_eps": (1e-12, 1, True),
+    "model.ffn_ratio": (1e-3, None, True),
+    "loss.local_weight": AT_LEAST_0,
+    "gram.weight": AT_LEAST_0,
+    "gram.start_epoch": AT_LEAST_0,
+    "gram.refresh_every": AT_LEAST_0,
+    "gram.max_refreshes": AT_LEAST_0,
+    "gram.teacher_size": AT_LEAST_0,
     "head.out_dim": AT_LEAST_0,
     "head.hidden_dim": POSITIVE,
     "head.bottleneck_dim": POSITIVE,
@@ -153,12 +172,12 @@ def parse_args(argv: list[str]) -> tuple[Config, str | None, bool]:
     elif highres is not None:
         cfg = highres_phase(read_run_config(highres, "--highres"), highres)
     else:
-        cfg = preset_config(preset, ("method", "dinov2") in pairs)
+        cfg = preset_config(preset, dict(pairs).get("method", ""))
     explicit = {set_option(cfg, key, value) for key, value in pairs}
     if resume is None and highres is None and cfg.run.init_from:
         # the backbone file decides the patch (and the crops that fit it) before anything is checked; the
         # options given on the command line are applied again on top, so they win
-        init_from, cfg = cfg.run.init_from, preset_config(preset, ("method", "dinov2") in pairs)
+        init_from, cfg = cfg.run.init_from, preset_config(preset, dict(pairs).get("method", ""))
         cfg.run.init_from = init_from
         cfg, adopted = adopt_backbone_file(cfg, explicit)
         for key, value in pairs:
@@ -169,14 +188,16 @@ def parse_args(argv: list[str]) -> tuple[Config, str | None, bool]:
     return cfg, resume, wants_help
 
 
-def preset_config(name: str, method_dinov2: bool) -> Config:
-    """The preset's config; with --method=dinov2 DINOv2's defaults go on first, so explicit options win."""
+def preset_config(name: str, method: str = "") -> Config:
+    """The preset's config; with --method=dinov2 or dinov3 that method's defaults go on first, so explicit
+    options win."""
     if name not in PRESETS:
         close = difflib.get_close_matches(name, PRESETS, n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         raise ConfigError(f"unknown preset {name!r}: expected one of {', '.join(PRESETS)}{hint}")
     cfg = PRESETS[name]()
-    return dinov2(cfg) if method_dinov2 and cfg.method != "dinov2" else cfg
+    recipe = {"dinov2": dinov2, "dinov3": dinov3}.get(method)
+    return recipe(cfg) if recipe is not None and cfg.method != method else cfg
 
 
 def machine_preset(name: str, options: dict[str, str]) -> str:
@@ -296,6 +317,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "--run.cuda_graphs needs --run.compile_step=true (the graphs are the compiled step's)"
         )
+    if cfg.gram.weight and cfg.run.parallel == "fsdp":
+        raise ConfigError(
+            "--gram.weight: not with --run.parallel=fsdp (the Gram teacher copies a whole backbone)"
+        )
+    if cfg.gram.teacher_size % cfg.model.patch_size:
+        raise ConfigError(
+            f"option --gram.teacher_size must be a multiple of --model.patch_size={cfg.model.patch_size}"
+        )
+    dim, _, heads = ARCHS[cfg.model.arch]
+    if cfg.model.pos_embed == "rope" and (dim // heads) % 4:
+        raise ConfigError(f"--model.pos_embed=rope needs a head width divisible by 4 ({cfg.model.arch})")
     if cfg.run.distill_from and (cfg.model.drop_path or cfg.loss.mask_probability):
         # DINOv2 distils without masking and without stochastic depth; say so instead of silently changing
         raise ConfigError(

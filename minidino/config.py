@@ -38,6 +38,19 @@ class ModelConfig:
     ffn: str = "mlp"  # feed-forward type: mlp (GELU) or swiglu (DINOv2's largest models)
     interpolate_offset: float = 0.1  # position table to h x w: scale (h + offset) / n (DINO); 0: size (h, w)
     interpolate_antialias: bool = False  # antialiased bicubic resize (DINOv2 register models, timm)
+    pos_embed: str = "learned"  # learned (a table: DINO, DINOv2) or rope (rotary q, k: DINOv3, rope.py)
+    rope_base: float = 100.0  # RoPE periods base^(2k / (D/2)) (DINOv3: 100)
+    rope_min_period: float = 0.0  # RoPE periods from min to max period instead of the base (0: the base)
+    rope_max_period: float = 0.0  # see rope_min_period
+    rope_normalize: str = "separate"  # RoPE coordinates over each side (separate), the shorter (min), longer
+    rope_shift: float = 0.0  # training: add U(-s, s) to RoPE coordinates, per axis (0: off)
+    rope_jitter: float = 0.0  # training: scale RoPE coordinates by log-U(1/j, j) per axis (0: off)
+    rope_rescale: float = 0.0  # training: scale RoPE coordinates by log-U(1/r, r) (DINOv3 models: 2; 0: off)
+    mask_k_bias: bool = False  # the key part of the qkv bias held at 0 (DINOv3: with RoPE it would matter)
+    norm_eps: float = 1e-6  # LayerNorm epsilon (DINO, DINOv2: 1e-6; DINOv3's released ViTs: 1e-5)
+    ffn_ratio: float = 4.0  # feed-forward hidden width / embed dim (DINOv3 ViT-S+/16 SwiGLU: 6)
+    untie_cls_norm: bool = False  # the final norm of CLS and registers apart from the patches' (DINOv3)
+    untie_local_cls_norm: bool = False  # local crops' CLS through their own final norm (DINOv3 7B recipe)
 
 
 @dataclass
@@ -47,6 +60,7 @@ class HeadConfig:
     bottleneck_dim: int = 256  # output of the MLP, L2-normalised before the prototypes
     n_layers: int = 3  # MLP layers before the bottleneck output (DINO: 3)
     norm_last_layer: bool = True  # fix the prototype norms to 1 (more stable; False can help ViT-S)
+    weight_norm: bool = True  # weight-normalised prototypes (DINO, DINOv2); False: plain linear (DINOv3)
     use_bn: bool = False  # BatchNorm in the head's MLP (official option; helps tiny models resist collapse)
     ibot_separate_head: bool = False  # iBOT patches through their own head (DINOv2 big runs)
     ibot_out_dim: int = 0  # prototypes of that separate iBOT head; 0: the DINO head's K
@@ -63,6 +77,7 @@ class LossConfig:
     centering: str = "center"  # teacher targets: center (DINO, DINOv2 yaml), sinkhorn (DINOv2 /14), none
     sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations (DINOv2: 3)
     dino_weight: float = 1.0  # weight of the DINO CLS loss
+    local_weight: float = 1.0  # weight of the local crops' DINO pairs, the global ones' 1 (DINOv3: 0.5)
     fused_dino_loss: bool = False  # the DINO loss in closed form per student crop (equal; less memory)
     ibot_weight: float = 0.0  # weight of the iBOT masked-patch loss (DINOv2: 1.0; 0 disables masking)
     koleo_weight: float = 0.0  # KoLeo on student CLS features, per global crop, summed (DINOv2: 0.1)
@@ -103,6 +118,7 @@ class OptimConfig:
     weight_decay_end: float = 0.4  # weight decay at the last step
     momentum_teacher: float = 0.996  # EMA momentum at step 0, cosine-increased to 1
     lr_scaling: str = "linear"  # linear: lr x batch/256 (DINO); sqrt: lr x sqrt(batch/1024) (DINOv2)
+    schedule: str = "cosine"  # cosine (DINO, DINOv2); constant: lr, wd, momentum flat after warm-up (DINOv3)
     layer_decay: float = 1.0  # layer-wise lr decay: block i of L gets lr x decay^(L + 1 - i) (DINOv2: 0.9)
     patch_embed_lr_mult: float = 1.0  # extra lr factor of the patch embedding (DINOv2: 0.2)
     clip_grad: float = 3.0  # max gradient norm (0 disables)
@@ -110,6 +126,19 @@ class OptimConfig:
     clip_mode: str = "tensor"  # tensor: each tensor's norm apart (DINO); part: backbone, heads (DINOv2)
     freeze_last_layer: int = 1  # epochs during which the prototype layer gets no update
     freeze_backbone_epochs: int = 1  # with --run.init_from a backbone file: epochs the new heads train alone
+
+
+@dataclass
+class GramConfig:
+    weight: float = 0.0  # Gram anchoring loss weight (DINOv3 Sec. 4; its anchoring phase: up to 2); 0: off
+    start_epoch: int = 0  # the Gram teacher is copied from the EMA teacher here, and the loss starts
+    refresh_every: int = 0  # epochs between later copies (DINOv3: 10 of its 1000-step epochs); 0: none
+    max_refreshes: int = 3  # later copies at most (DINOv3: 3)
+    img_level: bool = True  # Gram matrix per image (DINOv3 anchoring) or of all patches of the batch
+    remove_neg: bool = False  # negative similarities set to 0 in both Gram matrices
+    remove_only_teacher_neg: bool = False  # negative similarities set to 0 in the teacher's only
+    teacher_size: int = 0  # Gram teacher sees the global crops resized to this side (DINOv3: 2x); 0: same
+    resize_antialias: bool = False  # antialias when its patch features are resized to the student's grid
 
 
 @dataclass
@@ -134,12 +163,13 @@ class RunConfig:
 
 @dataclass
 class Config:
-    method: str = "dino"  # training method: dino, or dinov2 (sets DINOv2's defaults before other options)
+    method: str = "dino"  # training method: dino, dinov2 or dinov3 (sets their defaults before other options)
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    gram: GramConfig = field(default_factory=GramConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 

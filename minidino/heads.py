@@ -10,7 +10,8 @@ flatten the teacher to the uniform distribution before the backbone has learnt a
 The prototype layer is written as weight normalisation by hand: W = g * V / ||V|| per prototype. With
 `norm_last_layer=True` (the paper's default) the gain g is fixed to 1, so the layer is a cosine similarity
 between the bottleneck feature and K unit-norm prototypes. Writing it out (instead of torch's weight_norm
-parametrisation) keeps the state_dict simple and the layer easy to freeze during the first epoch.
+parametrisation) keeps the state_dict simple and the layer easy to freeze during the first epoch. DINOv3
+drops the normalisation (`weight_norm=False`; dinov3/layers/dino_head.py: a plain linear layer, no gain).
 
 Layer: the method (README, "Read the code").
 """
@@ -41,15 +42,25 @@ class DINOHead(nn.Module):
         self.mlp = nn.Sequential(*layers)
         # the prototypes: V (K, bottleneck) and the per-prototype gain g (K, 1)
         self.last_layer = nn.Linear(cfg.bottleneck_dim, cfg.out_dim, bias=False)
-        self.last_layer_g = nn.Parameter(torch.ones(cfg.out_dim, 1), requires_grad=not cfg.norm_last_layer)
+        self.last_layer_g = None
+        if cfg.weight_norm:
+            self.last_layer_g = nn.Parameter(
+                torch.ones(cfg.out_dim, 1), requires_grad=not cfg.norm_last_layer
+            )
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
     def prototypes(self) -> Tensor:
-        """The effective prototype matrix W = g * V / ||V||, (K, bottleneck)."""
+        """The effective prototype matrix W = g * V / ||V|| (or V itself without weight norm), (K, bottleneck)."""
+        if self.last_layer_g is None:
+            return self.last_layer.weight
         return self.last_layer_g * F.normalize(self.last_layer.weight, dim=1)
+
+    def last_layer_params(self) -> list[nn.Parameter]:
+        """The prototype layer's parameters (frozen in the first epoch)."""
+        return [p for p in (self.last_layer.weight, self.last_layer_g) if p is not None]
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.normalize(self.mlp(x), dim=-1, eps=1e-6)  # (B, bottleneck), unit norm

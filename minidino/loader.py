@@ -189,6 +189,8 @@ def micro_batches(crops: list[Tensor], masks: StepMasks, targets: dict, n: int):
     for i in range(n):
         rows = [*range(i * b, (i + 1) * b), *range(n * b + i * b, n * b + (i + 1) * b)]  # both global crops
         mine = {"cls": [t[i * b : (i + 1) * b] for t in targets["cls"]]}
+        if "gram" in targets:  # the Gram teacher's patch features, (2B, N, D) in the same row order
+            mine["gram"] = targets["gram"][rows]
         patches = None
         if masks.patches is not None:
             mine["patch"], patches = torch.cat([per_row[r] for r in rows]), masks.patches[rows]

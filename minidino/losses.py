@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ConfigError, LossConfig
+from .gram import GramAnchor
 from .koleo import koleo_loss, koleo_loss_grouped
 from .masking import StepMasks
 from .sinkhorn import sinkhorn_knopp
@@ -39,11 +40,15 @@ def _fp32_at_least(x: Tensor) -> Tensor:  # bf16/fp16 logits are upcast; fp64 st
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def dino_loss(student_logits: list[Tensor], teacher_probs: list[Tensor], student_temp: float) -> Tensor:
+def dino_loss(
+    student_logits: list[Tensor], teacher_probs: list[Tensor], student_temp: float, local_weight: float = 1.0
+) -> Tensor:
     """Mean over pairs (teacher global view i, student view j != i) of the batch-mean cross-entropy.
 
     student_logits: one (B, K) tensor per student crop, the global crops first in the teacher's order.
     teacher_probs:  one (B, K) distribution per teacher (global) crop, already centred and sharpened.
+    local_weight: the pairs of local student crops count this much (DINOv3's reweight_dino_local_loss: its
+    global and local terms, each a mean, weighted by their pair counts, the local one times this weight).
     """
     student_logp = [F.log_softmax(_fp32_at_least(s) / student_temp, dim=-1) for s in student_logits]
     total, n_pairs = 0.0, 0
@@ -51,7 +56,8 @@ def dino_loss(student_logits: list[Tensor], teacher_probs: list[Tensor], student
         for j, s in enumerate(student_logp):
             if i == j:  # the same view seen by both: skipped, otherwise predicting it is trivial
                 continue
-            total = total + torch.sum(-t * s, dim=-1).mean()
+            w = local_weight if j >= len(teacher_probs) else 1.0
+            total = total + w * torch.sum(-t * s, dim=-1).mean()
             n_pairs += 1
     return total / n_pairs
 
@@ -78,7 +84,9 @@ class _CrossEntropyToTargets(torch.autograd.Function):
         return grad_s.to(s.dtype), None, None, None
 
 
-def dino_loss_fused(student_logits: list[Tensor], teacher_probs: list[Tensor], student_temp: float) -> Tensor:
+def dino_loss_fused(
+    student_logits: list[Tensor], teacher_probs: list[Tensor], student_temp: float, local_weight: float = 1.0
+) -> Tensor:
     """`dino_loss` in closed form: per student crop j one term, n_j LSE(s_j / tau_s) - <T_j, s_j> / tau_s,
     with T_j the sum of the targets of the n_j teacher crops it is compared with (all but its own view):
     2 + n terms instead of the 2 (2 + n - 1) pair products, and no fp32 log-probabilities kept for the
@@ -92,7 +100,8 @@ def dino_loss_fused(student_logits: list[Tensor], teacher_probs: list[Tensor], s
         targets = total_targets - teacher_probs[j] if own else total_targets
         n = n_teacher - own
         if n:
-            total = total + _CrossEntropyToTargets.apply(s, targets, float(n), student_temp)
+            term = _CrossEntropyToTargets.apply(s, targets, float(n), student_temp)
+            total = total + (term if own else local_weight * term)
             n_pairs += n
     return total / (n_pairs * batch)
 
@@ -177,11 +186,12 @@ class DINOLoss(TeacherCentering):
 
     def __init__(self, out_dim: int, cfg: LossConfig | None = None):
         super().__init__(out_dim, cfg)
-        self.fused = (cfg or LossConfig()).fused_dino_loss  # the closed form, `dino_loss_fused`
+        cfg = cfg or LossConfig()
+        self.fused, self.local_weight = cfg.fused_dino_loss, cfg.local_weight  # fused: `dino_loss_fused`
 
     def forward(self, student_logits: list[Tensor], teacher_probs: list[Tensor]) -> Tensor:
         loss = dino_loss_fused if self.fused else dino_loss
-        return loss(student_logits, teacher_probs, self.student_temp)
+        return loss(student_logits, teacher_probs, self.student_temp, self.local_weight)
 
 
 class IBOTLoss(TeacherCentering):
@@ -194,7 +204,8 @@ class IBOTLoss(TeacherCentering):
 class Losses(nn.Module):
     """Every loss term of a step, weighted: DINO on the CLS tokens, iBOT on the masked patches when the step
     has masks (the model outputs then hold 'patch_logits'), KoLeo on the student's CLS features of each
-    global crop when its weight is not 0. Holds the teacher centres of both."""
+    global crop when its weight is not 0, Gram anchoring on their patch features once its teacher is taken
+    (DINOv3, gram.py). Holds the teacher centres and the Gram teacher: what a checkpoint keeps of them."""
 
     def __init__(
         self,
@@ -202,6 +213,7 @@ class Losses(nn.Module):
         cfg: LossConfig | None = None,
         koleo_group: tuple[int, bool] = (0, False),
         ibot_out_dim: int = 0,
+        gram: GramAnchor | None = None,
     ):
         """koleo_group: (images per group, whether a group spans processes), `koleo_groups`; 0: each
         crop's batch as one group. ibot_out_dim: the iBOT head's K when it has its own (0: out_dim)."""
@@ -210,21 +222,37 @@ class Losses(nn.Module):
         self.koleo_group = koleo_group
         self.dino = DINOLoss(out_dim, cfg)
         self.ibot = IBOTLoss(ibot_out_dim or out_dim, cfg) if cfg.ibot_weight else None
+        self.gram = gram
         self.weights = {
             "loss_dino": cfg.dino_weight,
             "loss_ibot": cfg.ibot_weight,
             "loss_koleo": cfg.koleo_weight,
+            "loss_gram": gram.cfg.weight if gram is not None else 0.0,
         }
 
     @torch.no_grad()
-    def teacher_targets(self, teacher_out: dict, teacher_temp: float, masks: StepMasks | None = None) -> dict:
+    def teacher_targets(
+        self,
+        teacher_out: dict,
+        teacher_temp: float,
+        masks: StepMasks | None = None,
+        global_crops: list[Tensor] | None = None,
+    ) -> dict:
         """Centred, sharpened targets: 'cls', one (B, K) per global crop; 'patch', (M, K) for the M patches
-        of the patch loss (`masks`: the step's, whose padding, if any, Sinkhorn leaves out)."""
+        of the patch loss (`masks`: the step's, whose padding, if any, Sinkhorn leaves out); 'gram', the Gram
+        teacher's patch features (2B, N, D) of the `global_crops` once it is active."""
         targets = {"cls": self.dino.teacher_probs(teacher_out["logits"], teacher_temp)}
         if "patch_logits" in teacher_out:
             valid = masks.valid if masks is not None else None
             targets["patch"] = self.ibot.teacher_probs([teacher_out["patch_logits"]], teacher_temp, valid)[0]
+        if self.gram is not None and self.gram.active and global_crops is not None:
+            targets["gram"] = self.gram.targets(global_crops)
         return targets
+
+    def gram_step(self, step: int, steps_per_epoch: int) -> None:
+        """Before each step: the Gram teacher taken from the EMA teacher when due (nothing without Gram)."""
+        if self.gram is not None:
+            self.gram.step(step, steps_per_epoch)
 
     def forward(self, student_out: dict, targets: dict, masks: StepMasks) -> dict[str, Tensor]:
         """{'loss_dino', 'loss_ibot', 'loss_koleo' (those that apply), 'loss': their weighted sum}."""
@@ -234,6 +262,8 @@ class Losses(nn.Module):
             terms["loss_ibot"] = self.ibot(student_out["patch_logits"], targets["patch"], masks)
         if self.weights["loss_koleo"]:  # per global crop, summed (DINOv2's ssl_meta_arch), on backbone CLS
             terms["loss_koleo"] = sum(self.koleo(c) for c in student_out["cls"][:n_global])
+        if "gram" in targets:  # the student's patch features of its (masked) global crops, as in DINOv3
+            terms["loss_gram"] = self.gram(torch.cat(student_out["patch"][:n_global]), targets["gram"])
         terms["loss"] = sum(self.weights[k] * v for k, v in terms.items())
         return terms
 
@@ -250,18 +280,29 @@ class Losses(nn.Module):
             self.ibot.update_center([teacher_out["patch_logits"]], masks.valid if masks is not None else None)
 
     def centers(self) -> dict[str, dict]:
-        """The centres for a checkpoint, {'dino': ..., 'ibot': ...}."""
+        """The centres (and the Gram teacher) for a checkpoint, {'dino': ..., 'ibot': ..., 'gram': ...}."""
         return {name: loss.state_dict() for name, loss in self.named_children()}
 
     def load_centers(self, saved: dict[str, dict]) -> None:
+        """Load what `centers` saved; a part the saved run had not (a Gram teacher, when a new run with Gram
+        starts from one without) keeps its start."""
         for name, loss in self.named_children():
-            loss.load_state_dict(saved[name])
+            if name in saved:
+                loss.load_state_dict(saved[name])
 
 
-def build_losses(cfg, world: int = 1) -> Losses:
-    """The losses of a `Config` (the prototype count K comes from its head) on `world` processes."""
+def build_losses(cfg, world: int = 1, ema_backbone: nn.Module | None = None) -> Losses:
+    """The losses of a `Config` (the prototype count K comes from its head) on `world` processes; with
+    Gram anchoring, `ema_backbone` is the EMA teacher's backbone its Gram teacher copies."""
     ibot_k = cfg.head.ibot_out_dim if cfg.head.ibot_separate_head else 0
-    return Losses(cfg.head.out_dim, cfg.loss, koleo_groups(cfg, world), ibot_k)
+    gram = None
+    if cfg.gram.weight:
+        if ema_backbone is None:
+            raise ConfigError(
+                "--gram.weight needs the EMA teacher's backbone (build_losses(..., ema_backbone))"
+            )
+        gram = GramAnchor(ema_backbone, cfg.gram)
+    return Losses(cfg.head.out_dim, cfg.loss, koleo_groups(cfg, world), ibot_k, gram)
 
 
 def koleo_groups(cfg, world: int) -> tuple[int, bool]:

@@ -51,9 +51,14 @@ class SSLModel(nn.Module):
         return head(patch_tokens.flatten(0, 1).index_select(0, index))  # (M, C) -> (M, K)
 
 
-def build_model(cfg: Config, drop_path: float | None = None) -> SSLModel:
-    """Backbone + DINO head (+ a separate iBOT head) of a `Config`; `drop_path` overrides the model's rate."""
-    model_cfg = cfg.model if drop_path is None else dataclasses.replace(cfg.model, drop_path=drop_path)
+def build_model(cfg: Config, teacher: bool = False) -> SSLModel:
+    """Backbone + DINO head (+ a separate iBOT head) of a `Config`. teacher: without stochastic depth and
+    without RoPE's coordinate augmentation (DINOv3 runs its teacher in eval mode)."""
+    model_cfg = cfg.model
+    if teacher:
+        model_cfg = dataclasses.replace(
+            model_cfg, drop_path=0.0, rope_shift=0.0, rope_jitter=0.0, rope_rescale=0.0
+        )
     backbone = VisionTransformer(model_cfg)
     head = DINOHead(backbone.embed_dim, cfg.head)
     separate = cfg.loss.ibot_weight > 0 and cfg.head.ibot_separate_head
@@ -67,7 +72,7 @@ def build_student_teacher(cfg: Config) -> tuple[SSLModel, SSLModel]:
     student's weights, with no gradients. Like the official code, the teacher stays in train mode, so a head
     with BatchNorm normalises the teacher with the statistics of its own batch."""
     student = build_model(cfg)
-    teacher = build_model(cfg, drop_path=0.0)
+    teacher = build_model(cfg, teacher=True)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     return student, teacher
@@ -84,6 +89,6 @@ def distillation_teacher(cfg: Config) -> SSLModel:
             f"--run.distill_from={path}: the student needs the teacher's "
             f"--head.out_dim={tcfg.head.out_dim} and --model.patch_size={tcfg.model.patch_size}"
         )
-    teacher = build_model(tcfg, drop_path=0.0)
+    teacher = build_model(tcfg, teacher=True)
     load_model_state(teacher, state["teacher"], f"checkpoint {path} (teacher)")
     return teacher.requires_grad_(False)

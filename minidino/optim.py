@@ -160,7 +160,8 @@ def drop_frozen_gradients(model: nn.Module, sched: dict) -> None:
     if sched["freeze_last_layer"]:
         for head in (model.head, model.ibot_head):
             if head is not None:
-                head.last_layer.weight.grad, head.last_layer_g.grad = None, None
+                for p in head.last_layer_params():
+                    p.grad = None
     if sched.get("freeze_backbone"):
         for p in model.backbone.parameters():
             p.grad = None

@@ -5,8 +5,9 @@
   cifar10_cpu  the same data on a CPU (what cifar10 becomes without a GPU): ViT-nano, minutes
   imagenet  the DINO paper's ViT-S/16 100-epoch recipe (Caron et al. 2021, arXiv 2104.14294, Sec. 4.1)
   lvd142m   DINOv2's ViT-L/14 recipe for large data (the official vitl14.yaml)
-`dinov2(config)` puts DINOv2's method on any of them (`--method=dinov2`: the official default yaml), and
-`size_for_data` fills the options left at 0 from the size of the data set.
+`dinov2(config)` puts DINOv2's method on any of them (`--method=dinov2`: the official default yaml),
+`dinov3(config)` DINOv3's (`--method=dinov3`), and `size_for_data` fills the options left at 0 from the size
+of the data set.
 
 Layer: the method (README, "Read the code").
 """
@@ -193,7 +194,38 @@ PRESETS: dict[str, typing.Callable[[], Config]] = {
     "imagenet": imagenet,
     "lvd142m": lvd142m,
 }
-METHODS = ("dino", "dinov2")
+METHODS = ("dino", "dinov2", "dinov3")
+
+
+def dinov3(c: Config) -> Config:
+    """DINOv3's method on a config (`--method=dinov3`). Sources, facebookresearch/dinov3 at 6876159:
+    [default] dinov3/configs/ssl_default_config.yaml; [pretrain] configs/train/dinov3_vit7b16_pretrain.yaml,
+    the one released pre-training recipe (ViT-7B/16; the released ViT-S/B/L/H+ were distilled from it, and
+    no pre-training config of a small ViT exists: multidist_tests/vits_p16.yaml only sets arch and drop path);
+    [hub] hub/backbones.py, the architecture of every released ViT; [im1k] configs/train/vitl_im1k_lin834.yaml,
+    a ViT-L/16 ImageNet-1k run (82.2 k-NN in its header).
+
+    On top of DINOv2's method (`dinov2`): RoPE instead of the table, 4 storage tokens, the masked key bias,
+    LayerNorm epsilon 1e-5, the untied local-crop CLS norm (the ViT of [pretrain] and [hub]); Sinkhorn-Knopp
+    centring, a separate iBOT head, prototypes without weight normalisation ([default]); schedules constant
+    after warm-up, weight decay 0.04 and momentum 0.994 throughout ([pretrain]). Left out as the 7B's size
+    (a small ViT would not want them): clip 30, layer decay 0.98, AdamW beta2 0.99, drop path 0.4, SwiGLU
+    ratio 3. Gram anchoring is a later phase, off here as in [pretrain] (`--gram.weight`, gram.py)."""
+    c = dinov2(c)
+    c.method = "dinov3"
+    c.model.pos_embed, c.model.rope_base, c.model.rope_normalize = "rope", 100.0, "separate"  # [pretrain]
+    c.model.rope_rescale = 2.0  # [pretrain] pos_embed_rope_rescale_coords, [hub] every model
+    c.model.n_registers, c.model.mask_k_bias, c.model.norm_eps = 4, True, 1e-5  # [pretrain] student, [hub]
+    c.model.untie_local_cls_norm = True  # [pretrain] untie_global_and_local_cls_norm
+    c.loss.centering = "sinkhorn"  # [default] train.centering: sinkhorn_knopp
+    c.head.ibot_separate_head, c.head.weight_norm = True, False  # [default] ibot.separate_head; dino_head.py
+    c.optim.schedule = "constant"  # [pretrain] schedules: lr/weight_decay/momentum peak == end
+    c.optim.weight_decay = c.optim.weight_decay_end = 0.04  # [pretrain] schedules.weight_decay
+    c.optim.momentum_teacher = 0.994  # [pretrain] schedules.momentum
+    if c.data.dataset == "imagefolder":  # the ImageNet scale: [im1k]'s ViT-L/16 and batch
+        c.model.arch, c.model.drop_path = "vit_large", 0.3  # [im1k] student
+        c.optim.lr, c.optim.batch_size = 1e-3, 2048  # [im1k] optim.lr (sqrt rule), header: total batch 2048
+    return c
 
 
 def highres_phase(c: Config, run_dir: str, steps: int = 10_000) -> Config:

@@ -7,6 +7,7 @@ which is easier to test and to resume. Steps count optimiser updates from 0 to t
   weight decay:  cosine from weight_decay to weight_decay_end (0.04 -> 0.4)
   teacher temp:  linear warm-up from warmup_teacher_temp to teacher_temp, then constant (0.04 -> 0.07)
   momentum:      cosine from momentum_teacher to 1 (0.996 -> 1)
+  constant:      optim.schedule=constant (DINOv3): lr, weight decay and momentum flat after their warm-up
   frozen head:   the prototype layer gets no update during the first freeze_last_layer epochs (1)
   frozen trunk:  a backbone loaded from another model waits freeze_backbone_epochs while new heads learn
 
@@ -16,6 +17,8 @@ Layer: the method (README, "Read the code").
 from __future__ import annotations
 
 import math
+
+SHAPES = ("cosine", "constant")  # optim.schedule
 
 
 def cosine(
@@ -42,16 +45,27 @@ def linear_warmup(step: int, warmup_steps: int, start: float, end: float) -> flo
 def schedules(step: int, total_steps: int, steps_per_epoch: int, optim, loss, lr_peak: float) -> dict:
     """All training schedules at `step`: lr, weight decay, teacher temperature, teacher momentum and whether the
     prototypes are frozen."""
+    flat = optim.schedule == "constant"  # DINOv3 (dinov3_vit7b16_pretrain.yaml: peak = end)
     return {
-        "lr": cosine(step, total_steps, lr_peak, optim.min_lr, optim.warmup_epochs * steps_per_epoch),
-        "wd": cosine(step, total_steps, optim.weight_decay, optim.weight_decay_end),
+        "lr": cosine(
+            step,
+            total_steps,
+            lr_peak,
+            lr_peak if flat else optim.min_lr,
+            optim.warmup_epochs * steps_per_epoch,
+        ),
+        "wd": cosine(
+            step, total_steps, optim.weight_decay, optim.weight_decay if flat else optim.weight_decay_end
+        ),
         "teacher_temp": linear_warmup(
             step,
             loss.warmup_teacher_temp_epochs * steps_per_epoch,
             loss.warmup_teacher_temp,
             loss.teacher_temp,
         ),
-        "momentum": cosine(step, total_steps, optim.momentum_teacher, 1.0),
+        "momentum": cosine(
+            step, total_steps, optim.momentum_teacher, optim.momentum_teacher if flat else 1.0
+        ),
         "freeze_last_layer": step < optim.freeze_last_layer * steps_per_epoch,  # no prototype update yet
         "freeze_backbone": step < optim.freeze_backbone_epochs * steps_per_epoch,  # new heads learn alone
     }

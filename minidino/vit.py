@@ -6,7 +6,8 @@ What DINO needs beyond a plain classifier ViT:
   * CLS and patch tokens both returned (CLS for the DINO loss, patches for iBOT and dense evaluation);
   * the last block's attention, for the paper's attention maps, without storing attention while training.
 DINOv2 options (arXiv 2304.07193, Sec. 5): LayerScale, register tokens (arXiv 2309.16588), SwiGLU, a learnable
-mask token for iBOT, stochastic depth.
+mask token for iBOT, stochastic depth. DINOv3 options (arXiv 2508.10104): rotary positions instead of the table
+(rope.py), the key bias held at 0, separate final norms for CLS and patches; the building blocks are layers.py.
 
 Parameter names follow the common ViT layout (timm and the official DINO/DINOv2 checkpoints):
 cls_token, pos_embed, patch_embed.proj, blocks.{i}.norm1, blocks.{i}.attn.qkv, blocks.{i}.attn.proj,
@@ -27,8 +28,10 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .kernels.attention import attention_qkv
 from .kernels.drop_path import drop_add
+from .layers import LayerNorm, LayerScale, Mlp, SwiGLU
 from .packing import Packing, drop_path, kept_count, packed_subset
 from .positions import resize_pos_embed, sincos_2d
+from .rope import RopePositions, packed_rope, rotate_qk
 
 ARCHS = {  # name -> (embed_dim, depth, num_heads); mlp ratio 4 throughout
     "vit_nano": (128, 4, 4),  # not a standard size: small enough to train on a laptop CPU in minutes
@@ -37,26 +40,43 @@ ARCHS = {  # name -> (embed_dim, depth, num_heads); mlp ratio 4 throughout
     "vit_base": (768, 12, 12),
     "vit_large": (1024, 24, 16),
     "vit_giant2": (1536, 40, 24),  # DINOv2's ViT-g: with --model.ffn=swiglu its hidden width is 4096
+    "vit_huge2": (1280, 32, 20),  # DINOv3's ViT-H+/16 (SwiGLU, ffn_ratio 6)
+    "vit_7b": (4096, 40, 32),  # DINOv3's ViT-7B/16 (SwiGLU, ffn_ratio 3, no qkv bias: a zero one here)
 }
 FFNS = ("mlp", "swiglu")
 DROP_PATH_SCHEDULES = ("linear", "uniform")  # rate growing with depth from 0 (DINO) or the same everywhere
 DROP_PATH_IMPLS = ("mask", "subset", "subset_triton")  # see Block
 POS_EMBED_INITS = ("random", "sincos")
+POS_EMBEDS = ("learned", "rope")
 
 
 class Attention(nn.Module):
     """Multi-head self-attention; attn_impl: auto (Triton on CUDA, else sdpa), triton, sdpa or ref."""
 
-    def __init__(self, dim: int, num_heads: int, attn_impl: str = "sdpa"):
+    def __init__(self, dim: int, num_heads: int, attn_impl: str = "sdpa", mask_k_bias: bool = False):
         super().__init__()
         self.num_heads, self.attn_impl = num_heads, attn_impl
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
+        # DINOv3's mask_k_bias: the key bias multiplied by 0. Without RoPE it adds q . b_k to every score of a
+        # query, which softmax ignores; with RoPE b_k turns with the key's position and would add a term that
+        # depends on the position alone. Not saved: the weight files keep it as qkv.bias_mask (weights.py)
+        keep = torch.ones(3, dim).index_fill_(0, torch.tensor([1]), 0.0).flatten() if mask_k_bias else None
+        self.register_buffer("k_bias_keep", keep, persistent=False)
 
-    def forward(self, x: Tensor, return_attention: bool = False, packing: Packing | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        return_attention: bool = False,
+        packing: Packing | None = None,
+        rope: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
         # one fused (..., 3, H, D) tensor: attention_qkv splits it into q, k, v as views, and with Triton its
         # gradient comes back whole (no concatenation of three gradients in the backward)
-        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1))
+        bias = self.qkv.bias if self.k_bias_keep is None else self.qkv.bias * self.k_bias_keep
+        qkv = F.linear(x, self.qkv.weight, bias).unflatten(-1, (3, self.num_heads, -1))
+        if rope is not None:  # RoPE (DINOv3): q and k of the patch tokens rotated by their positions
+            qkv = rotate_qk(qkv, rope)
         if packing is not None:  # x: (T, C), every crop's tokens back to back; each crop attends on its own
             out = attention_qkv(qkv, self.attn_impl, packing.cu_seqlens, packing.max_seqlen, packing.lengths)
         elif return_attention:  # the (B, H, N, N) attention itself: for maps only, never in training
@@ -65,58 +85,6 @@ class Attention(nn.Module):
         else:
             out = attention_qkv(qkv, self.attn_impl)  # (B, N, H, D)
         return self.proj(out.flatten(-2))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class SwiGLU(nn.Module):
-    """SwiGLU feed-forward (Shazeer 2020, arXiv 2002.05202): fc2(silu(x W1) * (x W2)).
-
-    Hidden width 2/3 of the MLP's (rounded up to a multiple of 8): the same parameter count, as in DINOv2.
-    """
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
-        self.w12 = nn.Linear(dim, 2 * hidden)
-        self.w3 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x1, x2 = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(x1) * x2)
-
-
-class LayerScale(nn.Module):
-    """Per-channel scale of a residual branch, initialised small (Touvron et al. 2021, CaiT; DINOv2: 1e-5).
-    keep_dtype: the product in the branch's dtype (bf16 under autocast) instead of promoted to fp32 by gamma."""
-
-    def __init__(self, dim: int, init: float, keep_dtype: bool = False):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), init))
-        self.keep_dtype = keep_dtype
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * (self.gamma.to(x.dtype) if self.keep_dtype else self.gamma)
-
-
-class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm that returns its input's dtype. Autocast runs layer_norm in fp32 and returns fp32, which
-    turns a bf16 residual stream back into fp32; a bf16 input here gives a bf16 output, with the mean and
-    variance still accumulated in fp32 inside the kernel and the fp32 weight and bias. For fp32 inputs (and
-    whenever the dtypes agree) this is nn.LayerNorm itself; the parameters and their names are the same."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == self.weight.dtype:
-            return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class Block(nn.Module):
@@ -139,37 +107,46 @@ class Block(nn.Module):
         attn_impl: str = "sdpa",
         drop_path_impl: str = "mask",
         bf16_residual: bool = False,
+        cfg: ModelConfig | None = None,
     ):
         super().__init__()
-        self.norm1 = LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, attn_impl)
+        cfg = cfg or ModelConfig()
+        self.norm1 = LayerNorm(dim, eps=cfg.norm_eps)
+        self.attn = Attention(dim, num_heads, attn_impl, cfg.mask_k_bias)
         self.ls1 = LayerScale(dim, layerscale, bf16_residual) if layerscale else nn.Identity()
-        self.norm2 = LayerNorm(dim, eps=1e-6)
-        self.mlp = (SwiGLU if ffn == "swiglu" else Mlp)(dim, 4 * dim)
+        self.norm2 = LayerNorm(dim, eps=cfg.norm_eps)
+        self.mlp = (SwiGLU if ffn == "swiglu" else Mlp)(dim, int(dim * cfg.ffn_ratio))
         self.ls2 = LayerScale(dim, layerscale, bf16_residual) if layerscale else nn.Identity()
         self.drop_path, self.drop_path_impl = drop_path, drop_path_impl
 
     def residual(self, x: Tensor, branch, ls: nn.Module, packing: Packing | None = None) -> Tensor:
-        """x + the scaled branch, with stochastic depth; branch(tokens, packing of those tokens)."""
+        """x + the scaled branch, with stochastic depth; branch(tokens, packing of those tokens, the rows of
+        x they are when packed and a subset: None for all)."""
         if not self.training or self.drop_path == 0.0:
-            return x + ls(branch(x, packing))
+            return x + ls(branch(x, packing, None))
         if self.drop_path_impl == "mask":
-            return x + drop_path(ls(branch(x, packing)), self.drop_path, True, packing)
+            return x + drop_path(ls(branch(x, packing, None)), self.drop_path, True, packing)
         if packing is not None:  # (T, C): whole sequences kept per crop size, added back token by token
             index, scale, kept_packing = packed_subset(packing, self.drop_path)
-            y = ls(branch(x[index], kept_packing))
+            y = ls(branch(x[index], kept_packing, index))
             return torch.index_add(x, 0, index, (y * scale[:, None].to(y.dtype)).to(x.dtype))  # += s gamma y
         B = x.shape[0]
         n_keep = kept_count(B, self.drop_path)
         kept = torch.randperm(B, device=x.device)[:n_keep]
         gamma = ls.gamma if isinstance(ls, LayerScale) else None
         impl = "auto" if self.drop_path_impl == "subset_triton" else "ref"
-        y = branch(x[kept], None)
+        y = branch(x[kept], None, None)
         return drop_add(x, y, kept, B / n_keep, gamma, impl)  # x[kept] += B/B_kept * gamma * y
 
-    def forward(self, x: Tensor, packing: Packing | None = None) -> Tensor:
-        x = self.residual(x, lambda t, pk: self.attn(self.norm1(t), packing=pk), self.ls1, packing)
-        return self.residual(x, lambda t, pk: self.mlp(self.norm2(t)), self.ls2, packing)
+    def forward(self, x: Tensor, packing: Packing | None = None, rope: tuple | None = None) -> Tensor:
+        """rope: (sin, cos), (N, 1, D) shared by the batch or (T, 1, D) per packed token; None without RoPE."""
+
+        def attn(t: Tensor, pk: Packing | None, rows: Tensor | None) -> Tensor:
+            r = rope if rope is None or rows is None else (rope[0][rows], rope[1][rows])
+            return self.attn(self.norm1(t), packing=pk, rope=r)
+
+        x = self.residual(x, attn, self.ls1, packing)
+        return self.residual(x, lambda t, pk, rows: self.mlp(self.norm2(t)), self.ls2, packing)
 
 
 class PatchEmbed(nn.Module):
@@ -203,7 +180,11 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(cfg.patch_size, dim)
         n_patches = (cfg.img_size // cfg.patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n_patches, dim))  # registers get no position
+        self.pos_embed, self.rope_embed = None, None  # registers get no position
+        if cfg.pos_embed == "rope":  # rotary positions (DINOv3): no table, q and k rotated in every block
+            self.rope_embed = RopePositions(dim // heads, cfg)
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n_patches, dim))
         self.register_tokens = nn.Parameter(torch.zeros(1, cfg.n_registers, dim)) if cfg.n_registers else None
         self.mask_token = nn.Parameter(torch.zeros(1, dim))  # iBOT: replaces masked patch embeddings
         if cfg.drop_path_schedule == "linear":
@@ -212,16 +193,29 @@ class VisionTransformer(nn.Module):
             rates = [cfg.drop_path] * depth
         self.blocks = nn.ModuleList(
             Block(
-                dim, heads, r, cfg.layerscale, cfg.ffn, cfg.attn_impl, cfg.drop_path_impl, cfg.bf16_residual
+                dim,
+                heads,
+                r,
+                cfg.layerscale,
+                cfg.ffn,
+                cfg.attn_impl,
+                cfg.drop_path_impl,
+                cfg.bf16_residual,
+                cfg,
             )
             for r in rates
         )
-        self.norm = LayerNorm(dim, eps=1e-6)
+        self.norm = LayerNorm(dim, eps=cfg.norm_eps)
+        # DINOv3's untied final norms: CLS and registers apart from the patches; the local crops' CLS apart
+        # from the global crops' (training only: evaluation sees global views)
+        self.cls_norm = LayerNorm(dim, eps=cfg.norm_eps) if cfg.untie_cls_norm else None
+        self.local_cls_norm = LayerNorm(dim, eps=cfg.norm_eps) if cfg.untie_local_cls_norm else None
         self._init_weights(cfg.pos_embed_init)
 
     def _init_weights(self, pos_embed_init: str) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if pos_embed_init == "sincos":  # still learnt; only the starting point changes
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.pos_embed is not None and pos_embed_init == "sincos":  # learnt; only the start changes
             with torch.no_grad():
                 self.pos_embed[0, 1:] = sincos_2d(int(math.sqrt(self.pos_embed.shape[1] - 1)), self.embed_dim)
         nn.init.normal_(self.cls_token, std=1e-6)
@@ -250,9 +244,9 @@ class VisionTransformer(nn.Module):
     def fit_pos_embed(self, pos_embed: Tensor) -> Tensor:
         """A position table (1, 1 + m*m, C) of another grid resized once to this model's own grid, by this
         model's rule: the model then computes at its size what the other did by resizing on every forward."""
-        n = math.isqrt(self.pos_embed.shape[1] - 1)
-        if pos_embed.shape == self.pos_embed.shape:
+        if self.pos_embed is None or pos_embed.shape == self.pos_embed.shape:
             return pos_embed
+        n = math.isqrt(self.pos_embed.shape[1] - 1)
         return resize_pos_embed(pos_embed, n, n, self.interpolate_offset, self.interpolate_antialias)
 
     def prepare_tokens(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
@@ -266,31 +260,52 @@ class VisionTransformer(nn.Module):
         if H % self.patch_size or W % self.patch_size:  # the patch embedding would drop the remainder
             raise ValueError(f"image size {H} x {W} is not a multiple of the patch size {self.patch_size}")
         x = self.patch_embed(x)  # (B, N, C)
-        dtype = x.dtype if self.bf16_residual else torch.promote_types(x.dtype, self.pos_embed.dtype)
+        dtype = x.dtype if self.bf16_residual else torch.promote_types(x.dtype, self.cls_token.dtype)
         if masks is not None:
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(B, -1, -1).to(dtype), x.to(dtype)], dim=1)  # (B, 1 + N, C)
-        x = x + self.interpolate_pos_encoding(H // self.patch_size, W // self.patch_size).to(dtype)
+        if self.pos_embed is not None:  # with RoPE the positions act inside attention instead
+            x = x + self.interpolate_pos_encoding(H // self.patch_size, W // self.patch_size).to(dtype)
         if self.register_tokens is not None:  # after the CLS token, with no position (Darcet et al.)
             x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1).to(dtype), x[:, 1:]], dim=1)
         return x
 
-    def forward_features(self, x: Tensor, masks: Tensor | None = None) -> dict[str, Tensor]:
-        """One resolution: returns {'cls': (B, C), 'patch': (B, N, C)} after the final norm."""
-        x = self.prepare_tokens(x, masks)
+    def rope(self, image: Tensor) -> tuple[Tensor, Tensor] | None:
+        """RoPE's (sin, cos) for the tokens of images like `image`, (1 + R + N, 1, D); None without RoPE.
+        Asked once per block, as DINOv3 does: in training each block draws its own coordinate augmentation."""
+        if self.rope_embed is None:
+            return None
+        h, w = image.shape[-2] // self.patch_size, image.shape[-1] // self.patch_size
+        return self.rope_embed.tokens(h, w, 1 + self.n_registers)
+
+    def forward_features(
+        self, x: Tensor, masks: Tensor | None = None, local: bool = False
+    ) -> dict[str, Tensor]:
+        """One resolution: returns {'cls': (B, C), 'patch': (B, N, C)} after the final norm(s); `local`: the
+        crops are local ones (their own CLS norm with `untie_local_cls_norm`)."""
+        image, x = x, self.prepare_tokens(x, masks)
         for blk in self.blocks:
-            x = blk(x)
-        return self._outputs(self.norm(x))
+            x = blk(x, rope=self.rope(image))
+        return self._outputs(self.normed(x, local))
 
     def get_intermediate_layers(self, x: Tensor, n: int = 1) -> list[Tensor]:
         """The tokens after each of the last n blocks, each through the final norm: (B, 1 + R + N, C) each,
         oldest first (what DINO's linear evaluation reads)."""
-        x, out = self.prepare_tokens(x), []
+        image, x, out = x, self.prepare_tokens(x), []
         for i, blk in enumerate(self.blocks):
-            x = blk(x)
+            x = blk(x, rope=self.rope(image))
             if i >= len(self.blocks) - n:
-                out.append(self.norm(x))
+                out.append(self.normed(x))
         return out
+
+    def normed(self, x: Tensor, local: bool = False) -> Tensor:
+        """The final norm; with DINOv3's untied norms, CLS and registers go through their own."""
+        cls_norm = self.local_cls_norm if local and self.training else None
+        cls_norm = cls_norm or self.cls_norm
+        if cls_norm is None:
+            return self.norm(x)
+        prefix = 1 + self.n_registers
+        return torch.cat([cls_norm(x[..., :prefix, :]), self.norm(x[..., prefix:, :])], dim=-2)
 
     def _outputs(self, x: Tensor) -> dict[str, Tensor]:
         return {"cls": x[:, 0], "patch": x[:, 1 + self.n_registers :]}  # registers are dropped
@@ -320,8 +335,8 @@ class VisionTransformer(nn.Module):
             i = j
         if self.pack_crops and len(groups) > 1:
             feats = self.forward_packed([(x, m) for x, m, _ in groups])
-        else:
-            feats = [self.forward_features(x, m) for x, m, _ in groups]
+        else:  # the groups after the first are local crops (DINOv3's untied local CLS norm)
+            feats = [self.forward_features(x, m, local=i > 0) for i, (x, m, _) in enumerate(groups)]
         out = []
         for f, (_, _, sizes) in zip(feats, groups):
             out += [dict(zip(f, parts)) for parts in zip(*(f[k].split(sizes) for k in f))]
@@ -335,10 +350,15 @@ class VisionTransformer(nn.Module):
         lengths = [t.shape[1] for t in tokens for _ in range(t.shape[0])]
         packing = Packing.from_lengths(lengths, tokens[0].device)
         x = torch.cat([t.flatten(0, 1) for t in tokens])  # (T, C), T = sum of B_g * N_g
+        batch_sizes = [t.shape[0] for t in tokens]
         for blk in self.blocks:
-            x = blk(x, packing)
-        parts = self.norm(x).split([t.shape[0] * t.shape[1] for t in tokens])
-        return [self._outputs(part.view(t.shape)) for part, t in zip(parts, tokens)]  # (B_g, N_g, C) each
+            tables = [self.rope(image) for image, _ in groups]
+            x = blk(x, packing, None if tables[0] is None else packed_rope(tables, batch_sizes))
+        parts = x.split([t.shape[0] * t.shape[1] for t in tokens])
+        return [
+            self._outputs(self.normed(part.view(t.shape), local=i > 0))
+            for i, (part, t) in enumerate(zip(parts, tokens))
+        ]  # (B_g, N_g, C) each
 
     def _cat_masks(self, crops: list[Tensor], masks: list[Tensor | None]) -> Tensor | None:
         """Masks of same-size crops as one (sum B, N) bool tensor; None entries become all-False."""
@@ -355,7 +375,7 @@ class VisionTransformer(nn.Module):
     @torch.no_grad()
     def get_last_selfattention(self, x: Tensor) -> Tensor:
         """Attention of the last block, (B, H, T, T) with T = 1 + R + N; computed only on request."""
-        x = self.prepare_tokens(x)
+        image, x = x, self.prepare_tokens(x)
         for blk in self.blocks[:-1]:
-            x = blk(x)
-        return self.blocks[-1].attn(self.blocks[-1].norm1(x), return_attention=True)
+            x = blk(x, rope=self.rope(image))
+        return self.blocks[-1].attn(self.blocks[-1].norm1(x), return_attention=True, rope=self.rope(image))

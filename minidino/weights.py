@@ -12,6 +12,8 @@ loaded model gives that source's features at every size:
   dinov2_reg  DINOv2 hub files with registers (*_reg4)       bicubic to size (h, w), antialiased (offset 0)
   timm        timm VisionTransformer state dicts             bicubic to size (h, w), antialiased
               (resample_abs_pos_embed's defaults, dynamic_img_size=True)
+  dinov3      DINOv3 hub files (ViT-S/16, S+/16, B/16, L/16,  none: RoPE (rope.py) works at any multiple of 16
+              H+/16; the 7B's layout too)
   minidino    a minidino run or checkpoint                   its config's rule (DINO's by default)
 
 Layer: the run (README, "Read the code").
@@ -120,6 +122,15 @@ def backbone_state_dict(model_state: dict) -> dict:
 #   norm                                      norm
 #   -                                         head (classifier; Identity with num_classes=0)
 #
+#   minidino with --model.pos_embed=rope      DINOv3 hub files (dinov3/models/vision_transformer.py)
+#   register_tokens (1, R, C)                 storage_tokens (1, R, C)
+#   rope_embed.periods (D_head / 4)           rope_embed.periods (a buffer; no pos_embed)
+#   blocks.i.attn.qkv.bias                    blocks.i.attn.qkv.bias and .bias_mask (1, 0, 1 over q, k, v:
+#                                             mask_k_bias); read as bias * bias_mask
+#   blocks.i.mlp.w12 (SwiGLU)                 blocks.i.mlp.w1 and w2 (w12 is the two stacked)
+#   cls_norm, local_cls_norm                  same (untie_cls_and_patch_norms, untie_global_and_local_cls_norm)
+#   LayerNorm epsilon: 1e-5 in every released DINOv3 ViT (norm_layer "layernormbf16"), not in the file
+#
 # DINOv2 checkpoints saved with block_chunks > 0 hold blocks.{chunk}.{i}.*, i the block's own index.
 # Nothing here downloads anything: pass files you already have.
 
@@ -128,7 +139,44 @@ SOURCES = {  # source -> (interpolate_offset, interpolate_antialias) of its posi
     "dinov2": (0.1, False),  # dinov2 hub/backbones.py _make_dinov2_model defaults
     "dinov2_reg": (0.0, True),  # dinov2 hub/backbones.py: every *_reg model
     "timm": (0.0, True),  # timm layers/pos_embed.py resample_abs_pos_embed defaults
+    "dinov3": (0.1, False),  # no table (RoPE): the rule is never used
 }
+
+
+def is_dinov3(state: dict) -> bool:
+    return "rope_embed.periods" in state or "storage_tokens" in state
+
+
+def from_dinov3(state: dict) -> dict:
+    """DINOv3 hub state dict -> minidino keys (a state without DINOv3's keys is returned as it is): storage
+    tokens as registers, the masked key bias folded into the bias, SwiGLU's w1 and w2 stacked as w12, a zero
+    qkv bias where the file has none (the 7B's qkv_bias=False)."""
+    if not is_dinov3(state):
+        return state
+    out = {("register_tokens" if k == "storage_tokens" else k): v for k, v in state.items()}
+    for key in [k for k in out if k.endswith(".attn.qkv.bias_mask")]:
+        mask, bias = out.pop(key), key.removesuffix("_mask")
+        out[bias] = out[bias] * mask
+    for key in [k for k in out if ".mlp.w1." in k]:
+        out[key.replace(".w1.", ".w12.")] = torch.cat([out.pop(key), out.pop(key.replace(".w1.", ".w2."))])
+    for key in [k for k in out if k.endswith(".attn.qkv.weight")]:
+        out.setdefault(key.replace(".weight", ".bias"), out[key].new_zeros(out[key].shape[0]))
+    return out
+
+
+def to_dinov3(state: dict, mask_k_bias: bool = True) -> dict:
+    """minidino state dict of a RoPE ViT -> DINOv3 hub keys. Every released DINOv3 ViT is built with
+    mask_k_bias, whose bias_mask is read from the file: (1, 0, 1) over q, k, v for a run that held its key
+    bias at 0 (then written as 0), all ones for one that learnt it (the official model then uses it too)."""
+    out = {("storage_tokens" if k == "register_tokens" else k): v for k, v in state.items()}
+    for key in [k for k in out if k.endswith(".attn.qkv.bias")]:
+        keep = torch.ones(3, out[key].shape[0] // 3)
+        if mask_k_bias:
+            keep[1] = 0.0
+        out[key], out[f"{key}_mask"] = out[key] * keep.flatten(), keep.flatten().to(out[key].dtype)
+    for key in [k for k in out if ".mlp.w12." in k]:
+        out[key.replace(".w12.", ".w1.")], out[key.replace(".w12.", ".w2.")] = out.pop(key).chunk(2)
+    return out
 
 
 def is_timm(state: dict) -> bool:
@@ -148,6 +196,8 @@ def _has_class_position(pos_embed: torch.Tensor) -> bool:
 
 def weights_source(state: dict) -> str:
     """The source of a plain backbone state dict (before `from_timm`): one of SOURCES."""
+    if is_dinov3(state):
+        return "dinov3"
     if is_timm(state):
         return "timm"
     if "register_tokens" in state:
@@ -217,8 +267,8 @@ def plain_weights(state: dict) -> dict:
 
 def plain_backbone(state: dict) -> dict:
     """A backbone state dict in minidino's keys from any supported file (see `plain_weights`; timm's layout
-    converted, a missing iBOT mask token a zero one, as minidino initialises it)."""
-    return from_timm(plain_weights(state))
+    converted, DINOv3's too, a missing iBOT mask token a zero one, as minidino initialises it)."""
+    return from_timm(from_dinov3(plain_weights(state)))
 
 
 def model_config_of(state: dict, what: str, source: str = "dino") -> ModelConfig:
@@ -235,8 +285,14 @@ def model_config_of(state: dict, what: str, source: str = "dino") -> ModelConfig
     if arch is None:
         raise CheckpointError(f"{what}: no minidino arch is {dim} wide with {depth} blocks")
     patch = state["patch_embed.proj.weight"].shape[-1]
-    side = math.isqrt(state["pos_embed"].shape[1] - 1)
+    rope = "rope_embed.periods" in state
+    side = 224 // patch if rope else math.isqrt(state["pos_embed"].shape[1] - 1)  # RoPE: DINOv3's 224
     offset, antialias = SOURCES[source]
+    swiglu = "blocks.0.mlp.w12.weight" in state
+    hidden = state["blocks.0.mlp.w3.weight" if swiglu else "blocks.0.mlp.fc1.weight"].shape[
+        1 if swiglu else 0
+    ]
+    dinov3 = source == "dinov3"
     return ModelConfig(
         arch=arch,
         patch_size=patch,
@@ -244,10 +300,23 @@ def model_config_of(state: dict, what: str, source: str = "dino") -> ModelConfig
         drop_path=0.0,
         layerscale=1e-5 if "blocks.0.ls1.gamma" in state else 0.0,  # the loaded gammas replace the value
         n_registers=state["register_tokens"].shape[1] if "register_tokens" in state else 0,
-        ffn="swiglu" if "blocks.0.mlp.w12.weight" in state else "mlp",
+        ffn="swiglu" if swiglu else "mlp",
+        ffn_ratio=hidden * (1.5 if swiglu else 1) / dim,  # SwiGLU's hidden width is 2/3 of the ratio's
         interpolate_offset=offset,
         interpolate_antialias=antialias,
+        pos_embed="rope" if rope else "learned",
+        rope_rescale=2.0 if dinov3 else 0.0,  # dinov3 hub/backbones.py: pos_embed_rope_rescale_coords=2
+        norm_eps=1e-5 if dinov3 else 1e-6,  # dinov3 hub/backbones.py: norm_layer="layernormbf16"
+        mask_k_bias=dinov3 and _key_bias_is_zero(state),  # dinov3 hub/backbones.py: mask_k_bias=True
+        untie_cls_norm="cls_norm.weight" in state,
+        untie_local_cls_norm="local_cls_norm.weight" in state,
     )
+
+
+def _key_bias_is_zero(state: dict) -> bool:
+    """Whether every block's key bias is exactly 0: a DINOv3 file whose bias_mask (folded in) masks it."""
+    biases = [v for k, v in state.items() if k.endswith(".attn.qkv.bias")]
+    return all(not b[b.shape[0] // 3 : 2 * b.shape[0] // 3].any() for b in biases)
 
 
 def backbone_config(state: dict, path: str, source: str | None = None) -> ModelConfig:
@@ -258,7 +327,8 @@ def backbone_config(state: dict, path: str, source: str | None = None) -> ModelC
     if source is not None and source not in SOURCES:
         raise CheckpointError(f"source {source!r} of {path}: expected one of {', '.join(SOURCES)}")
     weights = plain_weights(state)
-    return model_config_of(from_timm(weights), f"checkpoint {path}", source or weights_source(weights))
+    plain = from_timm(from_dinov3(weights))
+    return model_config_of(plain, f"checkpoint {path}", source or weights_source(weights))
 
 
 def load_backbone(path: str, source: str | None = None):
@@ -275,14 +345,27 @@ def load_backbone(path: str, source: str | None = None):
     return backbone.eval()
 
 
-def export_backbone(state: dict, path: str, layout: str = "dinov2") -> str:
+def export_backbone(state: dict, path: str, layout: str | None = None) -> str:
     """Write the EMA teacher's backbone of a minidino checkpoint as a plain state dict: 'dinov2' (the keys of
-    DINOv2's hub files, mask token included: minidino's own layout) or 'timm' (timm's VisionTransformer).
-    Returns a note when the run resizes its position table by another rule than the layout's code does
-    (the features then agree at the run's own size only), else ''."""
-    weights = plain_backbone(state)
+    DINOv2's hub files, mask token included: minidino's own layout), 'timm' (timm's VisionTransformer) or,
+    for a RoPE ViT, 'dinov3' (DINOv3's hub files; None: the one that fits the run). Returns a note when the
+    code of the layout would compute other features (another resizing rule of the position table: they agree
+    at the run's own size only; another LayerNorm epsilon), else ''."""
+    weights, model = plain_backbone(state), backbone_config(state, path)
+    layout = layout or ("dinov3" if model.pos_embed == "rope" else "dinov2")
+    if (layout == "dinov3") != (model.pos_embed == "rope"):
+        raise CheckpointError(
+            f"--layout {layout}: the run has {model.pos_embed} positions, and only the dinov3 layout holds RoPE "
+            "ViTs (dinov2 and timm hold learnt tables)"
+        )
+    if layout == "dinov3":
+        save_checkpoint(to_dinov3(weights, model.mask_k_bias), path)
+        if model.norm_eps == 1e-5:
+            return ""
+        return (
+            f"note: DINOv3's ViTs use LayerNorm epsilon 1e-5, this run {model.norm_eps}: build it with that"
+        )
     save_checkpoint(to_timm(weights) if layout == "timm" else weights, path)
-    model = backbone_config(state, path)
     source = "timm" if layout == "timm" else "dinov2_reg" if model.n_registers else "dinov2"
     if SOURCES[source] == (model.interpolate_offset, model.interpolate_antialias):
         return ""

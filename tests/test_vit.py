@@ -157,7 +157,7 @@ def test_packed_efficient_stochastic_depth_keeps_whole_sequences_per_crop_size_u
     blk, packing = _packed_block(0.3)
     x, seen = torch.randn(38, 16), []
 
-    def branch(t, pk):
+    def branch(t, pk, rows):
         seen.append((t.shape[0], pk.lengths))
         return t
 
@@ -168,7 +168,7 @@ def test_packed_efficient_stochastic_depth_keeps_whole_sequences_per_crop_size_u
     assert all(torch.allclose(r, torch.full_like(r, f)) for r, f in zip(ratio, factors))  # whole sequences
     assert sorted(round(f, 4) for f in factors[:4]) == [1, 1, 3, 3]  # 1 + 4 / 2
     assert sorted(round(f, 4) for f in factors[4:]) == [1, 1, 2.5, 2.5, 2.5, 2.5]  # 1 + 6 / 4
-    mean = sum(blk.residual(x, lambda t, pk: t, nn.Identity(), packing) for _ in range(3000)) / 3000
+    mean = sum(blk.residual(x, lambda t, pk, rows: t, nn.Identity(), packing) for _ in range(3000)) / 3000
     torch.testing.assert_close(mean, 2 * x, atol=0.1, rtol=0.05)
 
 
