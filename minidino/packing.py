@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .kernels.attention_host import packed_offsets
+from .rope import packed_rope
 
 
 @dataclass
@@ -94,3 +95,23 @@ def packed_subset(packing: Packing, p: float) -> tuple[Tensor, Tensor, Packing]:
         scale.append(torch.full((keep * n,), count / keep, device=device))
         lengths += [n] * keep
     return torch.cat(index), torch.cat(scale), Packing.from_lengths(lengths, device)
+
+
+def forward_packed(vit, groups: list[tuple[Tensor, Tensor | None]]) -> list[dict[str, Tensor]]:
+    """A `VisionTransformer` over crops of all resolutions in one pass (`--model.pack_crops`). The tokens of
+    every crop are concatenated into one (T, C) tensor; the token-wise layers (norms, qkv, MLP) see one big
+    batch, and attention keeps each crop to itself through the packed (varlen) kernel. groups: (crops of one
+    size, their masks); the same outputs as one `vit.forward_features` per group."""
+    tokens = [vit.prepare_tokens(x, m) for x, m in groups]  # each (B_g, N_g, C)
+    lengths = [t.shape[1] for t in tokens for _ in range(t.shape[0])]
+    packing = Packing.from_lengths(lengths, tokens[0].device)
+    x = torch.cat([t.flatten(0, 1) for t in tokens])  # (T, C), T = sum of B_g * N_g
+    batch_sizes = [t.shape[0] for t in tokens]
+    for blk in vit.blocks:
+        tables = [vit.rope(image) for image, _ in groups]  # RoPE: each crop size's angles, per token
+        x = blk(x, packing, None if tables[0] is None else packed_rope(tables, batch_sizes))
+    parts = x.split([t.shape[0] * t.shape[1] for t in tokens])
+    return [
+        vit._outputs(vit.normed(part.view(t.shape), local=i > 0))
+        for i, (part, t) in enumerate(zip(parts, tokens))
+    ]  # (B_g, N_g, C) each

@@ -29,9 +29,9 @@ from .config import ModelConfig
 from .kernels.attention import attention_qkv
 from .kernels.drop_path import drop_add
 from .layers import LayerNorm, LayerScale, Mlp, SwiGLU
-from .packing import Packing, drop_path, kept_count, packed_subset
+from .packing import Packing, drop_path, forward_packed, kept_count, packed_subset
 from .positions import resize_pos_embed, sincos_2d
-from .rope import RopePositions, packed_rope, rotate_qk
+from .rope import RopePositions, rotate_qk
 
 ARCHS = {  # name -> (embed_dim, depth, num_heads); mlp ratio 4 throughout
     "vit_nano": (128, 4, 4),  # not a standard size: small enough to train on a laptop CPU in minutes
@@ -315,7 +315,7 @@ class VisionTransformer(nn.Module):
 
         Consecutive crops of equal size are concatenated and run as one batch (DINO's multi-crop trick): with
         2 global + 10 local crops the backbone runs twice, not twelve times. With `pack_crops`, it runs once:
-        see `forward_packed`.
+        see `packing.forward_packed`.
         """
         if isinstance(crops, Tensor):
             crops = [crops]
@@ -334,31 +334,13 @@ class VisionTransformer(nn.Module):
             )
             i = j
         if self.pack_crops and len(groups) > 1:
-            feats = self.forward_packed([(x, m) for x, m, _ in groups])
+            feats = forward_packed(self, [(x, m) for x, m, _ in groups])
         else:  # the groups after the first are local crops (DINOv3's untied local CLS norm)
             feats = [self.forward_features(x, m, local=i > 0) for i, (x, m, _) in enumerate(groups)]
         out = []
         for f, (_, _, sizes) in zip(feats, groups):
             out += [dict(zip(f, parts)) for parts in zip(*(f[k].split(sizes) for k in f))]
         return out
-
-    def forward_packed(self, groups: list[tuple[Tensor, Tensor | None]]) -> list[dict[str, Tensor]]:
-        """All resolutions in one pass. The tokens of every crop are concatenated into one (T, C) tensor; the
-        token-wise layers (norms, qkv, MLP) see one big batch, and attention keeps each crop to itself through
-        the packed (varlen) kernel. Same outputs as one `forward_features` per resolution."""
-        tokens = [self.prepare_tokens(x, m) for x, m in groups]  # each (B_g, N_g, C)
-        lengths = [t.shape[1] for t in tokens for _ in range(t.shape[0])]
-        packing = Packing.from_lengths(lengths, tokens[0].device)
-        x = torch.cat([t.flatten(0, 1) for t in tokens])  # (T, C), T = sum of B_g * N_g
-        batch_sizes = [t.shape[0] for t in tokens]
-        for blk in self.blocks:
-            tables = [self.rope(image) for image, _ in groups]
-            x = blk(x, packing, None if tables[0] is None else packed_rope(tables, batch_sizes))
-        parts = x.split([t.shape[0] * t.shape[1] for t in tokens])
-        return [
-            self._outputs(self.normed(part.view(t.shape), local=i > 0))
-            for i, (part, t) in enumerate(zip(parts, tokens))
-        ]  # (B_g, N_g, C) each
 
     def _cat_masks(self, crops: list[Tensor], masks: list[Tensor | None]) -> Tensor | None:
         """Masks of same-size crops as one (sum B, N) bool tensor; None entries become all-False."""

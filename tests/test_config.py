@@ -5,7 +5,7 @@ import torch
 
 from minidino import cli
 from minidino.config import Config, ConfigError, from_dict, options, save_json
-from minidino.presets import cifar10, dinov2, imagenet, lvd142m, shapes, size_for_data
+from minidino.presets import cifar10, dinov2, dinov3, imagenet, lvd142m, shapes, size_for_data
 
 
 def test_presets_and_overrides_are_typed():
@@ -137,10 +137,56 @@ DINOV2_VITL14 = [
 ]
 
 
+# facebookresearch/dinov3 @6876159: [pretrain] configs/train/dinov3_vit7b16_pretrain.yaml, [default]
+# ssl_default_config.yaml, [hub] hub/backbones.py, [im1k] configs/train/vitl_im1k_lin834.yaml
+DINOV3 = [
+    ("model.pos_embed", "rope", "[pretrain] student.pos_embed_type"),
+    ("model.rope_base", 100.0, "[pretrain] pos_embed_rope_base"),
+    ("model.rope_normalize", "separate", "[pretrain] pos_embed_rope_normalize_coords"),
+    ("model.rope_rescale", 2.0, "[pretrain] pos_embed_rope_rescale_coords; [hub] every ViT"),
+    ("model.rope_shift", 0.0, "[pretrain] pos_embed_rope_shift_coords: null"),
+    ("model.rope_jitter", 0.0, "[pretrain] pos_embed_rope_jitter_coords: null"),
+    ("model.n_registers", 4, "[pretrain] n_storage_tokens"),
+    ("model.mask_k_bias", True, "[pretrain] mask_k_bias"),
+    ("model.norm_eps", 1e-5, "[pretrain] norm_layer: layernormbf16"),
+    ("model.untie_local_cls_norm", True, "[pretrain] untie_global_and_local_cls_norm"),
+    ("model.untie_cls_norm", False, "[pretrain] untie_cls_and_patch_norms"),
+    ("model.layerscale", 1e-5, "[pretrain] layerscale"),
+    ("model.arch", "vit_large", "[im1k] student.arch"),
+    ("model.drop_path", 0.3, "[im1k] drop_path_rate"),
+    ("head.weight_norm", False, "[default] force_weight_norm: false; layers/dino_head.py: plain Linear"),
+    ("head.ibot_separate_head", True, "[default] ibot.separate_head"),
+    ("loss.centering", "sinkhorn", "[default] train.centering: sinkhorn_knopp"),
+    ("loss.koleo_weight", 0.1, "[default] dino.koleo_loss_weight"),
+    ("loss.ibot_weight", 1.0, "[default] ibot.loss_weight"),
+    ("loss.local_weight", 1.0, "[pretrain] reweight_dino_local_loss absent (false in [default])"),
+    ("loss.mask_probability", 0.5, "[default] ibot.mask_sample_probability"),
+    ("loss.mask_ratio", (0.1, 0.5), "[default] ibot.mask_ratio_min_max"),
+    ("data.global_crops_scale", (0.32, 1.0), "[default] crops.global_crops_scale"),
+    ("data.local_crops_scale", (0.05, 0.32), "[default] crops.local_crops_scale"),
+    ("data.local_crops_number", 8, "[default] crops.local_crops_number"),
+    ("optim.schedule", "constant", "[pretrain] schedules: peak == end"),
+    ("optim.weight_decay", 0.04, "[pretrain] schedules.weight_decay"),
+    ("optim.weight_decay_end", 0.04, "[pretrain] schedules.weight_decay"),
+    ("optim.momentum_teacher", 0.994, "[pretrain] schedules.momentum"),
+    ("optim.lr", 1e-3, "[im1k] optim.lr"),
+    ("optim.lr_scaling", "sqrt", "[im1k] scaling_rule: sqrt_wrt_1024"),
+    ("optim.batch_size", 2048, "[im1k] header: total batch 2048"),
+    ("optim.epoch_steps", 1250, "[im1k] OFFICIAL_EPOCH_LENGTH"),
+    ("optim.patch_embed_lr_mult", 0.2, "[default] optim.patch_embed_lr_mult"),
+    ("gram.weight", 0.0, "[pretrain] gram.use_loss: false (anchoring is a later phase)"),
+]
+
+
 @pytest.mark.parametrize(
     "preset, table",
-    [(imagenet, DINO_VITS16), (lambda: dinov2(imagenet()), DINOV2_DEFAULT), (lvd142m, DINOV2_VITL14)],
-    ids=["dino_vits16", "dinov2_default_yaml", "dinov2_vitl14_yaml"],
+    [
+        (imagenet, DINO_VITS16),
+        (lambda: dinov2(imagenet()), DINOV2_DEFAULT),
+        (lvd142m, DINOV2_VITL14),
+        (lambda: dinov3(imagenet()), DINOV3),
+    ],
+    ids=["dino_vits16", "dinov2_default_yaml", "dinov2_vitl14_yaml", "dinov3_recipe"],
 )
 def test_paper_presets_equal_their_sources_value_by_value(preset, table):
     cfg = preset()

@@ -202,3 +202,24 @@ def test_fused_dino_loss_compiles_as_one_graph_with_its_backward():
     torch.testing.assert_close(loss, ref)
     for g, r in zip(torch.autograd.grad(loss, student), torch.autograd.grad(ref, student)):
         torch.testing.assert_close(g, r)
+
+
+def test_local_crop_weight_scales_the_local_pairs_only_in_both_forms():
+    """DINOv3's reweight_dino_local_loss: its global and local means weighted by their pair counts, the local
+    one times w, which is the mean over all pairs with the local pairs counted w times; fused form alike."""
+    from minidino.losses import dino_loss_fused
+
+    student, teacher = _crops_and_targets("center")
+    n_global, n_all = 2, len(student)
+
+    def cross_entropy(t, s):  # one pair, batch mean
+        return (-t * F.log_softmax(s / 0.1, dim=-1)).sum(-1).mean()
+
+    local_sum = sum(cross_entropy(t, s) for t in teacher for s in student[n_global:])
+    n_pairs = n_global * (n_all - 1)
+    plain = dino_loss(student, teacher, 0.1)
+    global_sum = plain * n_pairs - local_sum
+    for w in (0.5, 0.0):
+        want = (global_sum + w * local_sum) / n_pairs
+        assert abs(dino_loss(student, teacher, 0.1, w).item() - want.item()) < 1e-12
+        assert abs(dino_loss_fused(student, teacher, 0.1, w).item() - want.item()) < 1e-12

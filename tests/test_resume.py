@@ -64,6 +64,16 @@ def _killed_after_checkpoint(monkeypatch, step: int):
         pytest.param(
             ["--model.drop_path=0.3", "--optim.accum_steps=2", "--loss.koleo_group=8"], id="dino-accumulation"
         ),
+        pytest.param(  # RoPE with its coordinate jitter; the Gram teacher taken at step 2, killed at step 4
+            ["--method=dinov3", "--model.drop_path=0.3", "--gram.weight=1", "--gram.start_epoch=1"]
+            + [
+                "--gram.refresh_every=2",
+                "--optim.accum_steps=2",
+                "--loss.koleo_group=8",
+                "--model.rope_jitter=1.5",
+            ],
+            id="dinov3-gram",
+        ),
     ],
 )
 def test_killed_and_resumed_with_stochastic_depth_equals_uninterrupted(tmp_path, monkeypatch, extra):
@@ -73,7 +83,7 @@ def test_killed_and_resumed_with_stochastic_depth_equals_uninterrupted(tmp_path,
     cases: `mask`)."""
     args = [*extra, "--optim.epochs=3", "--run.eval_at_end=false"]
     train.main(tiny_run(tmp_path / "a", *args))
-    killed = _killed_after_checkpoint(monkeypatch, step=2)
+    killed = _killed_after_checkpoint(monkeypatch, step=4 if "--gram.weight=1" in extra else 2)
     with pytest.raises(killed):
         train.main(tiny_run(tmp_path / "b", *args))
     monkeypatch.undo()
@@ -86,6 +96,11 @@ def test_killed_and_resumed_with_stochastic_depth_equals_uninterrupted(tmp_path,
         assert all(torch.equal(ca[part][k], cb[part][k]) for k in ca[part]), part
     sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
     assert all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
+    if "--gram.weight=1" in extra:  # the Gram loss ran from step 2 with the teacher the checkpoint kept
+        assert [("loss_gram" in r) for r in b] == [False, False, True, True, True, True]
+        assert torch.equal(
+            ca["losses"]["gram"]["teacher.cls_token"], cb["losses"]["gram"]["teacher.cls_token"]
+        )
 
 
 def _jpeg_folder(root, n=32):

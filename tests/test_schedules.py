@@ -50,3 +50,17 @@ def test_paper_schedules_from_imagenet_preset():
     assert s_t["teacher_temp"] == 0.07
     s_end = schedules(total - 1, total, spe, cfg.optim, cfg.loss, peak)
     assert abs(s_end["lr"] - 1e-6) < 1e-12 and abs(s_end["wd"] - 0.4) < 1e-12 and s_end["momentum"] == 1.0
+
+
+def test_constant_schedules_are_flat_after_their_warm_up():
+    """DINOv3 (dinov3_vit7b16_pretrain.yaml: peak == end): lr warms up then stays; weight decay and teacher
+    momentum never move; the teacher temperature still warms up."""
+    from minidino.config import LossConfig, OptimConfig
+    from minidino.schedules import schedules
+
+    optim = OptimConfig(schedule="constant", warmup_epochs=2, weight_decay=0.04, momentum_teacher=0.994)
+    loss = LossConfig(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3)
+    rows = [schedules(s, 37, 5, optim, loss, 1e-3) for s in range(37)]
+    assert rows[0]["lr"] == 0 and rows[5]["lr"] == 5e-4 and all(r["lr"] == 1e-3 for r in rows[10:])
+    assert {r["wd"] for r in rows} == {0.04} and {r["momentum"] for r in rows} == {0.994}
+    assert rows[0]["teacher_temp"] == 0.04 and rows[15]["teacher_temp"] == 0.07

@@ -150,8 +150,14 @@ def test_teacher_gets_no_gradient_and_moves_only_by_ema(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in student.named_parameters())  # the student moved
 
 
-def test_frozen_last_layer_does_not_move(tmp_path):
-    cfg, _, _ = cli.parse_args(tiny_run(tmp_path / "a"))
+@pytest.mark.parametrize("weight_norm", ["true", "false"])
+def test_frozen_last_layer_does_not_move(tmp_path, weight_norm):
+    """With DINO's weight-normalised prototypes and with DINOv3's plain linear layer (no gain to freeze)."""
+    cfg, _, _ = cli.parse_args(tiny_run(tmp_path / "a", f"--head.weight_norm={weight_norm}"))
+    assert (cfg.head.weight_norm, build_student_teacher(cfg)[0].head.last_layer_g is None) == (
+        weight_norm == "true",
+        weight_norm == "false",
+    )
 
     student, teacher = build_student_teacher(cfg)
     crops = [torch.randn(4, 3, 32, 32) for _ in range(2)]
