@@ -167,8 +167,13 @@ def from_dinov3(state: dict) -> dict:
 def to_dinov3(state: dict, mask_k_bias: bool = True) -> dict:
     """minidino state dict of a RoPE ViT -> DINOv3 hub keys. Every released DINOv3 ViT is built with
     mask_k_bias, whose bias_mask is read from the file: (1, 0, 1) over q, k, v for a run that held its key
-    bias at 0 (then written as 0), all ones for one that learnt it (the official model then uses it too)."""
-    out = {("storage_tokens" if k == "register_tokens" else k): v for k, v in state.items()}
+    bias at 0 (then written as 0), all ones for one that learnt it (the official model then uses it too).
+    The local crops' CLS norm (training only) is left out: the released ViT-S/B/L/H+ have none."""
+    out = {
+        ("storage_tokens" if k == "register_tokens" else k): v
+        for k, v in state.items()
+        if not k.startswith("local_cls_norm.")
+    }
     for key in [k for k in out if k.endswith(".attn.qkv.bias")]:
         keep = torch.ones(3, out[key].shape[0] // 3)
         if mask_k_bias:

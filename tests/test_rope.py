@@ -44,6 +44,7 @@ def test_scores_depend_only_on_the_offset_between_positions():
     same for every pair of patches with the same (row, column) offset, and differs between offsets."""
     h, w, d = 7, 5, 16
     sin, cos = _rope(d)(h, w)
+    torch.manual_seed(0)
     q, k = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
     rq = rotate(q.expand(h * w, d), sin.double(), cos.double())
     rk = rotate(k.expand(h * w, d), sin.double(), cos.double())
@@ -52,7 +53,7 @@ def test_scores_depend_only_on_the_offset_between_positions():
     for i, j, i2, j2 in torch.cartesian_prod(*(torch.arange(s) for s in (h, w, h, w))).tolist():
         by_offset.setdefault((i2 - i, j2 - j), []).append(scores[i, j, i2, j2])
     for offset, values in by_offset.items():
-        assert torch.allclose(torch.stack(values), values[0], atol=1e-6), offset  # fp32 angles
+        assert torch.allclose(torch.stack(values), values[0], atol=1e-5), offset  # fp32 angles
     assert not torch.allclose(torch.stack(by_offset[(0, 1)]), torch.stack(by_offset[(0, 0)][:1]))
 
 
@@ -199,3 +200,15 @@ def _config_of(vit, path):
     from minidino.weights import backbone_config
 
     return to_dict(Config(model=backbone_config(load_checkpoint(path), path)))
+
+
+def test_export_leaves_out_the_training_only_local_cls_norm():
+    """DINOv3's recipe unties the local crops' CLS norm; evaluation never uses it and the released ViT-S/B/L
+    have none, so the dinov3 layout leaves it out (and the file loads into their code)."""
+    from minidino.weights import to_dinov3
+
+    vit = rope_vit(untie_local_cls_norm=True, mask_k_bias=True)
+    assert "local_cls_norm.weight" in vit.state_dict()
+    out = to_dinov3(vit.state_dict())
+    assert not any(k.startswith("local_cls_norm") for k in out) and "storage_tokens" in out
+    assert torch.equal(out["blocks.0.attn.qkv.bias_mask"][128:256], torch.zeros(128))
