@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from minidino.config import ModelConfig
 from minidino.kernels.drop_path import drop_add
 from minidino.vit import ARCHS, Block
 
@@ -90,7 +91,9 @@ def block_rows(shapes: dict, device, impls: list[str], repeats: int, gpu: str) -
             base = None
             for impl in impls:
                 torch.manual_seed(0)
-                blk = Block(dim, heads, drop_path=p, layerscale=1e-5, drop_path_impl=impl).to(device).train()
+                blk = (
+                    Block(dim, heads, p, ModelConfig(layerscale=1e-5, drop_path_impl=impl)).to(device).train()
+                )
 
                 def step():
                     with autocast:

@@ -97,27 +97,17 @@ class Block(nn.Module):
     (`packed_subset`) and add back with index_add.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        drop_path: float = 0.0,
-        layerscale: float = 0.0,
-        ffn: str = "mlp",
-        attn_impl: str = "sdpa",
-        drop_path_impl: str = "mask",
-        bf16_residual: bool = False,
-        cfg: ModelConfig | None = None,
-    ):
+    def __init__(self, dim: int, num_heads: int, drop_path: float = 0.0, cfg: ModelConfig | None = None):
+        """cfg: the model's options (layerscale, ffn and ffn_ratio, attn_impl, drop_path_impl, norm_eps, ...)."""
         super().__init__()
-        cfg = cfg or ModelConfig()
-        self.norm1 = LayerNorm(dim, eps=cfg.norm_eps)
-        self.attn = Attention(dim, num_heads, attn_impl, cfg.mask_k_bias)
-        self.ls1 = LayerScale(dim, layerscale, bf16_residual) if layerscale else nn.Identity()
-        self.norm2 = LayerNorm(dim, eps=cfg.norm_eps)
-        self.mlp = (SwiGLU if ffn == "swiglu" else Mlp)(dim, int(dim * cfg.ffn_ratio))
-        self.ls2 = LayerScale(dim, layerscale, bf16_residual) if layerscale else nn.Identity()
-        self.drop_path, self.drop_path_impl = drop_path, drop_path_impl
+        c = cfg or ModelConfig()
+        self.norm1 = LayerNorm(dim, eps=c.norm_eps)
+        self.attn = Attention(dim, num_heads, c.attn_impl, c.mask_k_bias)
+        self.ls1 = LayerScale(dim, c.layerscale, c.bf16_residual) if c.layerscale else nn.Identity()
+        self.norm2 = LayerNorm(dim, eps=c.norm_eps)
+        self.mlp = (SwiGLU if c.ffn == "swiglu" else Mlp)(dim, int(dim * c.ffn_ratio))
+        self.ls2 = LayerScale(dim, c.layerscale, c.bf16_residual) if c.layerscale else nn.Identity()
+        self.drop_path, self.drop_path_impl = drop_path, c.drop_path_impl
 
     def residual(self, x: Tensor, branch, ls: nn.Module, packing: Packing | None = None) -> Tensor:
         """x + the scaled branch, with stochastic depth; branch(tokens, packing of those tokens, the rows of
@@ -191,20 +181,7 @@ class VisionTransformer(nn.Module):
             rates = [cfg.drop_path * i / max(depth - 1, 1) for i in range(depth)]
         else:
             rates = [cfg.drop_path] * depth
-        self.blocks = nn.ModuleList(
-            Block(
-                dim,
-                heads,
-                r,
-                cfg.layerscale,
-                cfg.ffn,
-                cfg.attn_impl,
-                cfg.drop_path_impl,
-                cfg.bf16_residual,
-                cfg,
-            )
-            for r in rates
-        )
+        self.blocks = nn.ModuleList(Block(dim, heads, r, cfg) for r in rates)
         self.norm = LayerNorm(dim, eps=cfg.norm_eps)
         # DINOv3's untied final norms: CLS and registers apart from the patches; the local crops' CLS apart
         # from the global crops' (training only: evaluation sees global views)

@@ -4,6 +4,7 @@ interpreter, on GPU when present) and the three stochastic-depth paths of vit.Bl
 import pytest
 import torch
 
+from minidino.config import ModelConfig
 from minidino.kernels.drop_path import drop_add, drop_add_ref
 from minidino.vit import Block, LayerScale
 
@@ -46,7 +47,7 @@ def test_reference_is_the_scaled_index_add():
 
 def _block(impl: str, p: float = 0.4) -> Block:
     torch.manual_seed(0)
-    return Block(24, 3, drop_path=p, layerscale=0.5, drop_path_impl=impl)
+    return Block(24, 3, p, ModelConfig(layerscale=0.5, drop_path_impl=impl))
 
 
 def test_subset_and_subset_triton_agree_with_the_same_draw():

@@ -144,7 +144,7 @@ def _packed_block(p: float):
     from minidino.vit import Block
 
     torch.manual_seed(0)
-    blk = Block(16, 2, drop_path=p, layerscale=0.5, drop_path_impl="subset").train()
+    blk = Block(16, 2, p, ModelConfig(layerscale=0.5, drop_path_impl="subset")).train()
     return blk, Packing.from_lengths([5] * 4 + [3] * 6, "cpu")  # 4 crops of 5 tokens, then 6 of 3: T = 38
 
 
