@@ -129,6 +129,8 @@ def adopt_backbone_file(cfg: Config, explicit: set[str]) -> tuple[Config, str]:
         return cfg, ""
     found = backbone_config(state, f"--run.init_from={path}")
     for field in FILE_FIELDS:
+        if field == "rope_rescale":  # training only (DINOv3's 2 by default): the command line may change it
+            continue
         if f"model.{field}" in explicit and getattr(cfg.model, field) != getattr(found, field):
             raise ConfigError(
                 f"option --model.{field}={getattr(cfg.model, field)} contradicts --run.init_from={path}, "

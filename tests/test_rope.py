@@ -212,3 +212,37 @@ def test_export_leaves_out_the_training_only_local_cls_norm():
     out = to_dinov3(vit.state_dict())
     assert not any(k.startswith("local_cls_norm") for k in out) and "storage_tokens" in out
     assert torch.equal(out["blocks.0.attn.qkv.bias_mask"][128:256], torch.zeros(128))
+
+
+def test_continued_pretraining_from_a_dinov3_file_starts_from_its_weights(tmp_path):
+    """--run.init_from with a DINOv3-layout file: the RoPE ViT's options are adopted (patch 16, 4 storage
+    tokens, epsilon 1e-5, DINOv3's coordinate rescaling), and with the backbone frozen the whole run the
+    trained student's backbone is the file's, its key bias masked (the heads alone were trained)."""
+    import train
+    from conftest import tiny_run
+    from minidino import cli
+
+    path = tmp_path / "dinov3_vits16_like.pth"
+    sd = official_layout(False)
+    torch.save(sd, path)
+    args = [f"--run.init_from={path}", "--optim.freeze_backbone_epochs=2", "--run.eval_at_end=false"]
+    cfg, _, _ = cli.parse_args(tiny_run(tmp_path / "run", *args))
+    m = cfg.model
+    assert (m.pos_embed, m.patch_size, m.n_registers, m.norm_eps, m.rope_rescale, m.mask_k_bias) == (
+        "rope",
+        16,
+        4,
+        1e-5,
+        2.0,
+        True,
+    )
+    train.main(tiny_run(tmp_path / "run", *args))
+    state = load_checkpoint(str(tmp_path / "run"))
+    student = {
+        k.removeprefix("backbone."): v for k, v in state["student"].items() if k.startswith("backbone.")
+    }
+    assert torch.equal(student["register_tokens"], sd["storage_tokens"])
+    assert torch.equal(student["blocks.3.mlp.fc2.weight"], sd["blocks.3.mlp.fc2.weight"])
+    assert torch.equal(
+        student["blocks.0.attn.qkv.bias"], sd["blocks.0.attn.qkv.bias"] * sd["blocks.0.attn.qkv.bias_mask"]
+    )
