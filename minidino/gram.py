@@ -10,7 +10,8 @@ matrix of its L2-normalised patch features) are pulled towards those of an earli
 per image (img_level) or over all patches of the batch. The "Gram teacher" is a frozen copy of the EMA
 teacher taken at `gram.start_epoch` and taken again every `gram.refresh_every` epochs, at most
 `gram.max_refreshes` times; it may see the crops at a higher resolution, its patch features then resized to
-the student's grid (DINOv3: twice the side, bicubic). The student's features are those of its (masked)
+the student's grid (DINOv3: twice the side, bicubic; dinov3 cuts those crops from the image without colour
+distortions, here the student's global crops are upsampled). The student's features are those of its (masked)
 global crops, as in dinov3/train/ssl_meta_arch.py.
 
 Layer: the method (README, "Read the code").
