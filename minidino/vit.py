@@ -50,6 +50,14 @@ POS_EMBED_INITS = ("random", "sincos")
 POS_EMBEDS = ("learned", "rope")
 
 
+def key_bias_keep(dim: int, masked: bool = True) -> Tensor:
+    """(3 dim,) factors of a qkv bias over q, k, v: 1, 0, 1 (DINOv3's mask_k_bias), or all 1 unmasked."""
+    keep = torch.ones(3, dim)
+    if masked:
+        keep[1] = 0.0
+    return keep.flatten()
+
+
 class Attention(nn.Module):
     """Multi-head self-attention; attn_impl: auto (Triton on CUDA, else sdpa), triton, sdpa or ref."""
 
@@ -61,8 +69,7 @@ class Attention(nn.Module):
         # DINOv3's mask_k_bias: the key bias multiplied by 0. Without RoPE it adds q . b_k to every score of a
         # query, which softmax ignores; with RoPE b_k turns with the key's position and would add a term that
         # depends on the position alone. Not saved: the weight files keep it as qkv.bias_mask (weights.py)
-        keep = torch.ones(3, dim).index_fill_(0, torch.tensor([1]), 0.0).flatten() if mask_k_bias else None
-        self.register_buffer("k_bias_keep", keep, persistent=False)
+        self.register_buffer("k_bias_keep", key_bias_keep(dim) if mask_k_bias else None, persistent=False)
 
     def forward(
         self,

@@ -174,11 +174,11 @@ def to_dinov3(state: dict, mask_k_bias: bool = True) -> dict:
         for k, v in state.items()
         if not k.startswith("local_cls_norm.")
     }
+    from .vit import key_bias_keep  # the mask the ViT applies (the architectures live with the ViT)
+
     for key in [k for k in out if k.endswith(".attn.qkv.bias")]:
-        keep = torch.ones(3, out[key].shape[0] // 3)
-        if mask_k_bias:
-            keep[1] = 0.0
-        out[key], out[f"{key}_mask"] = out[key] * keep.flatten(), keep.flatten().to(out[key].dtype)
+        keep = key_bias_keep(out[key].shape[0] // 3, mask_k_bias)
+        out[key], out[f"{key}_mask"] = out[key] * keep, keep.to(out[key].dtype)
     for key in [k for k in out if ".mlp.w12." in k]:
         out[key.replace(".w12.", ".w1.")], out[key.replace(".w12.", ".w2.")] = out.pop(key).chunk(2)
     return out
@@ -271,9 +271,15 @@ def plain_weights(state: dict) -> dict:
 
 
 def plain_backbone(state: dict) -> dict:
-    """A backbone state dict in minidino's keys from any supported file (see `plain_weights`; timm's layout
-    converted, DINOv3's too, a missing iBOT mask token a zero one, as minidino initialises it)."""
-    return from_timm(from_dinov3(plain_weights(state)))
+    """A backbone state dict in minidino's keys from any supported file (see `plain_weights` and
+    `minidino_keys`)."""
+    return minidino_keys(plain_weights(state))
+
+
+def minidino_keys(weights: dict) -> dict:
+    """A backbone's own state dict in minidino's keys: DINOv3's and timm's layouts converted, a missing iBOT
+    mask token a zero one, as minidino initialises it; minidino's and DINO/DINOv2's keys as they are."""
+    return from_timm(from_dinov3(weights))
 
 
 def model_config_of(state: dict, what: str, source: str = "dino") -> ModelConfig:
@@ -332,8 +338,7 @@ def backbone_config(state: dict, path: str, source: str | None = None) -> ModelC
     if source is not None and source not in SOURCES:
         raise CheckpointError(f"source {source!r} of {path}: expected one of {', '.join(SOURCES)}")
     weights = plain_weights(state)
-    plain = from_timm(from_dinov3(weights))
-    return model_config_of(plain, f"checkpoint {path}", source or weights_source(weights))
+    return model_config_of(minidino_keys(weights), f"checkpoint {path}", source or weights_source(weights))
 
 
 def load_backbone(path: str, source: str | None = None):
