@@ -107,8 +107,8 @@ def forward_packed(vit, groups: list[tuple[Tensor, Tensor | None]]) -> list[dict
     packing = Packing.from_lengths(lengths, tokens[0].device)
     x = torch.cat([t.flatten(0, 1) for t in tokens])  # (T, C), T = sum of B_g * N_g
     batch_sizes = [t.shape[0] for t in tokens]
-    for blk in vit.blocks:
-        tables = [vit.rope(image) for image, _ in groups]  # RoPE: each crop size's angles, per token
+    ropes = [vit.ropes(image) for image, _ in groups]  # RoPE: each crop size's angles, per block
+    for blk, *tables in zip(vit.blocks, *ropes):
         x = blk(x, packing, None if tables[0] is None else packed_rope(tables, batch_sizes))
     parts = x.split([t.shape[0] * t.shape[1] for t in tokens])
     return [

@@ -52,6 +52,12 @@ class RopePositions(nn.Module):
             periods = cfg.rope_base ** (2 * torch.arange(n, dtype=torch.float32) / (head_dim // 2))
         self.register_buffer("periods", periods.float())
 
+    @property
+    def augments(self) -> bool:
+        """Whether the coordinates are moved at random (training mode with shift, jitter or rescale on)."""
+        cfg = self.cfg
+        return self.training and bool(cfg.rope_shift or cfg.rope_jitter or cfg.rope_rescale)
+
     def coordinates(self, h: int, w: int) -> Tensor:
         """Patch centres in [-1, 1], (h w, 2) as (row, column); moved at random in training mode."""
         cfg = self.cfg

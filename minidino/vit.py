@@ -18,7 +18,9 @@ Layer: the method (README, "Read the code").
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -254,13 +256,16 @@ class VisionTransformer(nn.Module):
             x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1).to(dtype), x[:, 1:]], dim=1)
         return x
 
-    def rope(self, image: Tensor) -> tuple[Tensor, Tensor] | None:
-        """RoPE's (sin, cos) for the tokens of images like `image`, (1 + R + N, 1, D); None without RoPE.
-        Asked once per block, as DINOv3 does: in training each block draws its own coordinate augmentation."""
+    def ropes(self, image: Tensor) -> Iterator[tuple[Tensor, Tensor] | None]:
+        """RoPE's (sin, cos) for the tokens of images like `image`, (1 + R + N, 1, D), one per block (zip it
+        with the blocks); None without RoPE. While the coordinates are augmented each block draws its own, as
+        DINOv3 does; otherwise one table serves every block."""
         if self.rope_embed is None:
-            return None
+            return itertools.repeat(None)
         h, w = image.shape[-2] // self.patch_size, image.shape[-1] // self.patch_size
-        return self.rope_embed.tokens(h, w, 1 + self.n_registers)
+        if self.rope_embed.augments:
+            return (self.rope_embed.tokens(h, w, 1 + self.n_registers) for _ in self.blocks)
+        return itertools.repeat(self.rope_embed.tokens(h, w, 1 + self.n_registers))
 
     def forward_features(
         self, x: Tensor, masks: Tensor | None = None, local: bool = False
@@ -268,24 +273,24 @@ class VisionTransformer(nn.Module):
         """One resolution: returns {'cls': (B, C), 'patch': (B, N, C)} after the final norm(s); `local`: the
         crops are local ones (their own CLS norm with `untie_local_cls_norm`)."""
         image, x = x, self.prepare_tokens(x, masks)
-        for blk in self.blocks:
-            x = blk(x, rope=self.rope(image))
+        for blk, rope in zip(self.blocks, self.ropes(image)):
+            x = blk(x, rope=rope)
         return self._outputs(self.normed(x, local))
 
     def get_intermediate_layers(self, x: Tensor, n: int = 1) -> list[Tensor]:
         """The tokens after each of the last n blocks, each through the final norm: (B, 1 + R + N, C) each,
         oldest first (what DINO's linear evaluation reads)."""
         image, x, out = x, self.prepare_tokens(x), []
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, rope=self.rope(image))
+        for i, (blk, rope) in enumerate(zip(self.blocks, self.ropes(image))):
+            x = blk(x, rope=rope)
             if i >= len(self.blocks) - n:
                 out.append(self.normed(x))
         return out
 
     def normed(self, x: Tensor, local: bool = False) -> Tensor:
         """The final norm; with DINOv3's untied norms, CLS and registers go through their own."""
-        cls_norm = self.local_cls_norm if local and self.training else None
-        cls_norm = cls_norm or self.cls_norm
+        local_own = local and self.training and self.local_cls_norm is not None
+        cls_norm = self.local_cls_norm if local_own else self.cls_norm
         if cls_norm is None:
             return self.norm(x)
         prefix = 1 + self.n_registers
@@ -341,7 +346,7 @@ class VisionTransformer(nn.Module):
     @torch.no_grad()
     def get_last_selfattention(self, x: Tensor) -> Tensor:
         """Attention of the last block, (B, H, T, T) with T = 1 + R + N; computed only on request."""
-        image, x = x, self.prepare_tokens(x)
-        for blk in self.blocks[:-1]:
-            x = blk(x, rope=self.rope(image))
-        return self.blocks[-1].attn(self.blocks[-1].norm1(x), return_attention=True, rope=self.rope(image))
+        ropes, x = self.ropes(x), self.prepare_tokens(x)
+        for blk, rope in zip(self.blocks[:-1], ropes):
+            x = blk(x, rope=rope)
+        return self.blocks[-1].attn(self.blocks[-1].norm1(x), return_attention=True, rope=next(ropes))
